@@ -1,0 +1,250 @@
+//! Content addresses. A blob is named by the CRC64-NVME of its payload plus the payload's
+//! length; a second, independent digest (XXH3-128) is kept beside it in the manifest so
+//! that a (crc, len) match is confirmed before two payloads are treated as one.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// CRC64-NVME of a payload plus its length: the name-giving part of every blob.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ContentAddress {
+    /// CRC64-NVME of the payload bytes.
+    pub crc64: u64,
+    /// Payload length in bytes.
+    pub len: u64,
+}
+
+/// A 128-bit digest (XXH3-128), serialised as 32 hex digits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest128(pub u128);
+
+impl fmt::Display for Digest128 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl Serialize for Digest128 {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Digest128 {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.len() != 32 {
+            return Err(serde::de::Error::custom(format!(
+                "digest {s:?} is not 32 hex digits"
+            )));
+        }
+        u128::from_str_radix(&s, 16)
+            .map(Digest128)
+            .map_err(|e| serde::de::Error::custom(format!("digest {s:?}: {e}")))
+    }
+}
+
+/// Streaming hasher computing both digests of a payload in one pass.
+pub struct PayloadHasher {
+    crc: crc64fast_nvme::Digest,
+    xxh: xxhash_rust::xxh3::Xxh3,
+    len: u64,
+}
+
+impl Default for PayloadHasher {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PayloadHasher {
+    /// A hasher over zero bytes.
+    pub fn new() -> Self {
+        Self {
+            crc: crc64fast_nvme::Digest::new(),
+            xxh: xxhash_rust::xxh3::Xxh3::new(),
+            len: 0,
+        }
+    }
+
+    /// Feeds more payload bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.crc.write(bytes);
+        self.xxh.update(bytes);
+        self.len += bytes.len() as u64;
+    }
+
+    /// Bytes fed so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether no byte has been fed.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The content address and confirming digest of everything fed.
+    pub fn finish(&self) -> (ContentAddress, Digest128) {
+        (
+            ContentAddress {
+                crc64: self.crc.sum64(),
+                len: self.len,
+            },
+            Digest128(self.xxh.digest128()),
+        )
+    }
+}
+
+/// CRC64-NVME of a byte slice.
+pub fn crc64(bytes: &[u8]) -> u64 {
+    let mut d = crc64fast_nvme::Digest::new();
+    d.write(bytes);
+    d.sum64()
+}
+
+/// What a blob holds; part of its name and of its header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlobKind {
+    /// The full bytes of one chunk of a page source.
+    Base,
+    /// Changed pages of one chunk on top of a base (and earlier deltas).
+    Delta,
+    /// One sealed segment of a segment source.
+    Segment,
+}
+
+impl BlobKind {
+    /// The byte stored in the blob header.
+    pub fn code(self) -> u8 {
+        match self {
+            BlobKind::Base => 1,
+            BlobKind::Delta => 2,
+            BlobKind::Segment => 3,
+        }
+    }
+
+    /// The kind for a header byte.
+    pub fn from_code(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(BlobKind::Base),
+            2 => Some(BlobKind::Delta),
+            3 => Some(BlobKind::Segment),
+            _ => None,
+        }
+    }
+
+    /// The short word used in blob names.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BlobKind::Base => "base",
+            BlobKind::Delta => "delta",
+            BlobKind::Segment => "seg",
+        }
+    }
+}
+
+/// A reference to one immutable blob, as recorded in manifests and in the catalog.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct BlobRef {
+    /// What the blob holds.
+    pub kind: BlobKind,
+    /// CRC64-NVME of the payload.
+    pub crc64: u64,
+    /// Payload length.
+    pub len: u64,
+    /// XXH3-128 of the payload, confirming dedup hits.
+    pub xxh3: Digest128,
+    /// 0 normally; n > 0 when n other payloads with the same (crc64, len) but a different
+    /// XXH3-128 were already known, so the names never alias.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub alias: u32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+impl BlobRef {
+    /// The content address part.
+    pub fn address(&self) -> ContentAddress {
+        ContentAddress {
+            crc64: self.crc64,
+            len: self.len,
+        }
+    }
+
+    /// The blob's name, unique within a database's blob space:
+    /// `<kind>-<crc64 as 16 hex>-<len as hex>[-<alias>]`.
+    pub fn name(&self) -> String {
+        if self.alias == 0 {
+            format!("{}-{:016x}-{:x}", self.kind.as_str(), self.crc64, self.len)
+        } else {
+            format!(
+                "{}-{:016x}-{:x}-{}",
+                self.kind.as_str(),
+                self.crc64,
+                self.len,
+                self.alias
+            )
+        }
+    }
+
+    /// Size of the stored object: header + payload + footer.
+    pub fn object_len(&self) -> u64 {
+        crate::blob::HEADER_LEN as u64 + self.len + crate::blob::FOOTER_LEN as u64
+    }
+
+    /// Whether `other` names the same payload (all digests equal).
+    pub fn same_payload(&self, other: &BlobRef) -> bool {
+        self.kind == other.kind
+            && self.crc64 == other.crc64
+            && self.len == other.len
+            && self.xxh3 == other.xxh3
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc64_nvme_check_value() {
+        // The standard check value of CRC-64/NVME over "123456789".
+        assert_eq!(crc64(b"123456789"), 0xae8b_1486_0a79_9888);
+    }
+
+    #[test]
+    fn hasher_streams_like_one_shot() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut h = PayloadHasher::new();
+        for part in data.chunks(333) {
+            h.update(part);
+        }
+        let (addr, xxh) = h.finish();
+        assert_eq!(addr.crc64, crc64(&data));
+        assert_eq!(addr.len, data.len() as u64);
+        assert_eq!(xxh.0, xxhash_rust::xxh3::xxh3_128(&data));
+    }
+
+    #[test]
+    fn names_and_digest_serde() {
+        let r = BlobRef {
+            kind: BlobKind::Base,
+            crc64: 0xab,
+            len: 4096,
+            xxh3: Digest128(7),
+            alias: 0,
+        };
+        assert_eq!(r.name(), "base-00000000000000ab-1000");
+        let r2 = BlobRef { alias: 2, ..r };
+        assert_eq!(r2.name(), "base-00000000000000ab-1000-2");
+        let j = serde_json::to_string(&r).unwrap();
+        assert!(!j.contains("alias"));
+        let back: BlobRef = serde_json::from_str(&j).unwrap();
+        assert_eq!(back, r);
+        assert!(serde_json::from_str::<Digest128>("\"zz\"").is_err());
+    }
+}

@@ -1,0 +1,20 @@
+//! Cairn's core vocabulary: identifiers, content addresses, and the byte layout of every
+//! blob and manifest Cairn writes (see `docs/FORMATS.md`).
+//!
+//! This crate is pure: no async, no I/O backends. Everything here is a function of its
+//! inputs, so the planner, the executor and the store can share it without pulling in
+//! RocksDB or `object_store`.
+
+pub mod address;
+pub mod blob;
+pub mod error;
+pub mod ids;
+pub mod keys;
+pub mod manifest;
+
+pub use address::{BlobKind, BlobRef, ContentAddress, Digest128, PayloadHasher};
+pub use error::CoreError;
+pub use ids::{ChunkId, DbId, Generation, JobId, Lsn, PageNo, TenantId};
+pub use manifest::{
+    ChunkState, Manifest, ManifestBody, PagesState, SegmentEntry, SegmentsState, SourceKind,
+};

@@ -1,0 +1,171 @@
+//! Assembling restored files and directories.
+//!
+//! Contract: a restore writes into `<target>.cairn-restore` (a file or a directory beside
+//! the target) and only [`FileAssembler::commit`] / [`DirAssembler::commit`] fsync it and
+//! rename it over the target, so the target is either untouched or the complete restore.
+//! Crash: a leftover `.cairn-restore` is overwritten by the next restore. No retries here.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::ExecError;
+
+fn staging_path(target: &Path) -> PathBuf {
+    let mut s = target.as_os_str().to_os_string();
+    s.push(".cairn-restore");
+    PathBuf::from(s)
+}
+
+fn fsync_parent(path: &Path) -> Result<(), ExecError> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    File::open(&parent)
+        .and_then(|d| d.sync_all())
+        .map_err(ExecError::io("fsync directory", &parent))
+}
+
+/// A restored file being assembled from pieces written at offsets.
+#[derive(Debug)]
+pub struct FileAssembler {
+    target: PathBuf,
+    tmp: PathBuf,
+    file: File,
+}
+
+impl FileAssembler {
+    /// Starts assembling a file of `len` bytes that will replace `target`.
+    pub fn create(target: &Path, len: u64) -> Result<Self, ExecError> {
+        if target.is_dir() {
+            return Err(ExecError::BadSource {
+                path: target.display().to_string(),
+                reason: "restore target is a directory; expected a file path".into(),
+            });
+        }
+        if let Some(parent) = target.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(ExecError::io("create restore directory", parent))?;
+        }
+        let tmp = staging_path(target);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(ExecError::io("create restore file", &tmp))?;
+        file.set_len(len)
+            .map_err(ExecError::io("size restore file", &tmp))?;
+        Ok(Self {
+            target: target.to_path_buf(),
+            tmp,
+            file,
+        })
+    }
+
+    /// Writes `bytes` at `offset`.
+    pub fn write_at(&self, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+        self.file.write_all_at(bytes, offset)
+    }
+
+    /// Reads back `buf.len()` bytes at `offset` (for applying deltas in place).
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    /// Fsyncs the file and renames it over the target.
+    pub fn commit(self) -> Result<PathBuf, ExecError> {
+        self.file
+            .sync_all()
+            .map_err(ExecError::io("fsync restore file", &self.tmp))?;
+        std::fs::rename(&self.tmp, &self.target).map_err(ExecError::io(
+            "rename restore file into place",
+            &self.target,
+        ))?;
+        fsync_parent(&self.target)?;
+        Ok(self.target)
+    }
+
+    /// Discards the partial file.
+    pub fn abort(self) {
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+/// A restored segment directory being assembled file by file.
+#[derive(Debug)]
+pub struct DirAssembler {
+    target: PathBuf,
+    tmp: PathBuf,
+}
+
+impl DirAssembler {
+    /// Starts assembling a directory that will replace `target`.
+    pub fn create(target: &Path) -> Result<Self, ExecError> {
+        if target.is_file() {
+            return Err(ExecError::BadSource {
+                path: target.display().to_string(),
+                reason: "restore target is a file; a segments restore writes a directory".into(),
+            });
+        }
+        let tmp = staging_path(target);
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)
+                .map_err(ExecError::io("remove stale restore directory", &tmp))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(ExecError::io("create restore directory", &tmp))?;
+        Ok(Self {
+            target: target.to_path_buf(),
+            tmp,
+        })
+    }
+
+    /// Creates a file of `len` bytes named `name` inside the directory.
+    pub fn file(&self, name: &str, len: u64) -> Result<SegmentWriter, ExecError> {
+        let path = self.tmp.join(name);
+        let file = File::create(&path).map_err(ExecError::io("create restored segment", &path))?;
+        file.set_len(len)
+            .map_err(ExecError::io("size restored segment", &path))?;
+        Ok(SegmentWriter { path, file })
+    }
+
+    /// Fsyncs the directory and moves it into place, replacing any previous target.
+    pub fn commit(self) -> Result<PathBuf, ExecError> {
+        File::open(&self.tmp)
+            .and_then(|d| d.sync_all())
+            .map_err(ExecError::io("fsync restore directory", &self.tmp))?;
+        if self.target.exists() {
+            std::fs::remove_dir_all(&self.target)
+                .map_err(ExecError::io("replace restore target", &self.target))?;
+        }
+        std::fs::rename(&self.tmp, &self.target).map_err(ExecError::io(
+            "rename restore directory into place",
+            &self.target,
+        ))?;
+        fsync_parent(&self.target)?;
+        Ok(self.target)
+    }
+}
+
+/// One file of a [`DirAssembler`].
+#[derive(Debug)]
+pub struct SegmentWriter {
+    path: PathBuf,
+    file: File,
+}
+
+impl SegmentWriter {
+    /// Writes `bytes` at `offset`.
+    pub fn write_at(&self, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+        self.file.write_all_at(bytes, offset)
+    }
+
+    /// Fsyncs the file.
+    pub fn finish(self) -> Result<(), ExecError> {
+        self.file
+            .sync_all()
+            .map_err(ExecError::io("fsync restored segment", &self.path))
+    }
+}

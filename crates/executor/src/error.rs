@@ -1,0 +1,74 @@
+//! The executor's error type.
+
+/// Errors from reading sources, staging blobs and assembling restored files.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// A local file operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The path involved.
+        path: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The source cannot be checkpointed as asked.
+    #[error("source {path}: {reason}")]
+    BadSource {
+        /// The source path.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// SQLite refused an operation on a database.
+    #[error("SQLite database {path}: {source}")]
+    Sqlite {
+        /// The database path.
+        path: String,
+        /// The underlying error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// A source changed between two reads of the same checkpoint.
+    #[error("source {path} changed while it was being checkpointed: {detail}")]
+    SourceChanged {
+        /// The source path.
+        path: String,
+        /// What changed.
+        detail: String,
+    },
+    /// The scratch space budget is exhausted.
+    #[error("scratch space: {0}")]
+    Quota(#[from] cairn_quota::QuotaError),
+}
+
+impl ExecError {
+    /// Whether retrying could succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ExecError::Io { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::Interrupted
+                    | std::io::ErrorKind::TimedOut
+                    | std::io::ErrorKind::WouldBlock
+            ),
+            ExecError::Sqlite { source, .. } => matches!(
+                source.sqlite_error_code(),
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+            ),
+            ExecError::SourceChanged { .. } => true,
+            ExecError::Quota(q) => q.is_retryable(),
+            ExecError::BadSource { .. } => false,
+        }
+    }
+
+    pub(crate) fn io(
+        op: &'static str,
+        path: &std::path::Path,
+    ) -> impl FnOnce(std::io::Error) -> ExecError {
+        let path = path.display().to_string();
+        move |source| ExecError::Io { op, path, source }
+    }
+}

@@ -1,0 +1,15 @@
+//! The executor: reads sources, stages blobs in per-job scratch directories (streamed,
+//! checksummed, fsynced, write-then-rename) and assembles restored files. It never talks to
+//! RocksDB; the orchestrator decides what to stage and records what was staged.
+
+pub mod assemble;
+pub mod error;
+pub mod scratch;
+pub mod source;
+
+pub use assemble::{DirAssembler, FileAssembler};
+pub use error::ExecError;
+pub use scratch::{JobScratch, Scratch, StagedBlob};
+pub use source::{
+    hash_range, list_segments, sqlite_integrity_check, sqlite_snapshot, PageFile, SegmentFile,
+};

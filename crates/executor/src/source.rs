@@ -1,0 +1,232 @@
+//! Reading sources: raw page files, SQLite databases (snapshotted with SQLite's online
+//! backup API) and directories of sealed segments.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use cairn_core::{ContentAddress, Digest128, PayloadHasher};
+
+use crate::error::ExecError;
+
+/// Read buffer size for streaming reads; memory use per stream does not grow beyond it.
+pub const IO_BUF: usize = 1 << 20;
+
+/// A quiescent file of fixed-size pages.
+#[derive(Debug)]
+pub struct PageFile {
+    /// Where it is.
+    pub path: PathBuf,
+    /// Open handle.
+    pub file: File,
+    /// Length in bytes (a multiple of the page size).
+    pub len: u64,
+    /// Page size in bytes.
+    pub page_size: u32,
+}
+
+impl PageFile {
+    /// Opens a page file and checks its length is a whole number of pages.
+    pub fn open(path: &Path, page_size: u32) -> Result<Self, ExecError> {
+        if page_size == 0 || !page_size.is_power_of_two() || !(512..=65536).contains(&page_size) {
+            return Err(ExecError::BadSource {
+                path: path.display().to_string(),
+                reason: format!(
+                    "page size {page_size} is not a power of two between 512 and 65536"
+                ),
+            });
+        }
+        let file = File::open(path).map_err(ExecError::io("open source", path))?;
+        let meta = file
+            .metadata()
+            .map_err(ExecError::io("stat source", path))?;
+        if !meta.is_file() {
+            return Err(ExecError::BadSource {
+                path: path.display().to_string(),
+                reason: "not a regular file".into(),
+            });
+        }
+        let len = meta.len();
+        if len % u64::from(page_size) != 0 {
+            return Err(ExecError::BadSource {
+                path: path.display().to_string(),
+                reason: format!(
+                    "length {len} is not a multiple of the page size {page_size} (wrong --page-size?)"
+                ),
+            });
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            len,
+            page_size,
+        })
+    }
+}
+
+/// Reads `len` bytes at `offset` in `IO_BUF` pieces, handing each to `f`.
+pub fn read_range(
+    file: &File,
+    path: &Path,
+    offset: u64,
+    len: u64,
+    mut f: impl FnMut(&[u8]) -> Result<(), ExecError>,
+) -> Result<(), ExecError> {
+    let mut buf = vec![0u8; IO_BUF.min(usize::try_from(len).unwrap_or(IO_BUF)).max(1)];
+    let mut done = 0u64;
+    while done < len {
+        let want = usize::try_from(len - done)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let piece = &mut buf[..want];
+        file.read_exact_at(piece, offset + done).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                ExecError::SourceChanged {
+                    path: path.display().to_string(),
+                    detail: format!("file ended before byte {}", offset + len),
+                }
+            } else {
+                ExecError::Io {
+                    op: "read source",
+                    path: path.display().to_string(),
+                    source: e,
+                }
+            }
+        })?;
+        f(piece)?;
+        done += want as u64;
+    }
+    Ok(())
+}
+
+/// Computes the content address and confirming digest of a byte range of a file.
+pub fn hash_range(
+    file: &File,
+    path: &Path,
+    offset: u64,
+    len: u64,
+) -> Result<(ContentAddress, Digest128), ExecError> {
+    let mut h = PayloadHasher::new();
+    read_range(file, path, offset, len, |p| {
+        h.update(p);
+        Ok(())
+    })?;
+    Ok(h.finish())
+}
+
+/// Takes a consistent snapshot of a live SQLite database into `dest` with SQLite's online
+/// backup API, and returns it opened as a page file with the database's page size.
+pub fn sqlite_snapshot(src: &Path, dest: &Path) -> Result<PageFile, ExecError> {
+    use rusqlite::{Connection, OpenFlags};
+    let sql = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| ExecError::Sqlite { path, source }
+    };
+    let meta = std::fs::metadata(src).map_err(ExecError::io("open source", src))?;
+    if !meta.is_file() {
+        return Err(ExecError::BadSource {
+            path: src.display().to_string(),
+            reason: "not a regular file".into(),
+        });
+    }
+    let source = Connection::open_with_flags(
+        src,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(sql(src))?;
+    // Fails with "file is not a database" for anything that is not SQLite.
+    let page_size: u32 = source
+        .query_row("PRAGMA page_size", [], |r| r.get(0))
+        .map_err(sql(src))?;
+    if dest.exists() {
+        std::fs::remove_file(dest).map_err(ExecError::io("remove stale snapshot", dest))?;
+    }
+    {
+        let mut out = Connection::open(dest).map_err(sql(dest))?;
+        out.execute_batch(&format!(
+            "PRAGMA page_size = {page_size}; PRAGMA journal_mode = DELETE;"
+        ))
+        .map_err(sql(dest))?;
+        let backup = rusqlite::backup::Backup::new(&source, &mut out).map_err(sql(src))?;
+        backup
+            .run_to_completion(4096, std::time::Duration::from_millis(0), None)
+            .map_err(sql(src))?;
+    }
+    drop(source);
+    let f = File::open(dest).map_err(ExecError::io("open snapshot", dest))?;
+    f.sync_all()
+        .map_err(ExecError::io("fsync snapshot", dest))?;
+    PageFile::open(dest, page_size)
+}
+
+/// One file of a segment directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentFile {
+    /// File name.
+    pub name: String,
+    /// Length in bytes.
+    pub len: u64,
+    /// Full path.
+    pub path: PathBuf,
+}
+
+/// Lists the sealed segments of a directory, in name order. Every entry must be a regular
+/// file with a plain name; anything else is an error naming it.
+pub fn list_segments(dir: &Path) -> Result<Vec<SegmentFile>, ExecError> {
+    let meta = std::fs::metadata(dir).map_err(ExecError::io("open segment directory", dir))?;
+    if !meta.is_dir() {
+        return Err(ExecError::BadSource {
+            path: dir.display().to_string(),
+            reason: "not a directory (a segments source is a directory of segment files)".into(),
+        });
+    }
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(ExecError::io("list segment directory", dir))? {
+        let entry = entry.map_err(ExecError::io("list segment directory", dir))?;
+        let path = entry.path();
+        let name = entry
+            .file_name()
+            .into_string()
+            .map_err(|n| ExecError::BadSource {
+                path: dir.display().to_string(),
+                reason: format!("segment name {n:?} is not UTF-8"),
+            })?;
+        if !cairn_core::manifest::valid_segment_name(&name) {
+            return Err(ExecError::BadSource {
+                path: path.display().to_string(),
+                reason: "segment names must be printable ASCII without separators".into(),
+            });
+        }
+        let m = std::fs::metadata(&path).map_err(ExecError::io("stat segment", &path))?;
+        if !m.is_file() {
+            return Err(ExecError::BadSource {
+                path: path.display().to_string(),
+                reason: "not a regular file (segment directories hold only segment files)".into(),
+            });
+        }
+        out.push(SegmentFile {
+            name,
+            len: m.len(),
+            path,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// Runs `PRAGMA integrity_check` on a SQLite file and returns its findings (empty = ok).
+pub fn sqlite_integrity_check(path: &Path) -> Result<Vec<String>, ExecError> {
+    use rusqlite::{Connection, OpenFlags};
+    let err = |source| ExecError::Sqlite {
+        path: path.display().to_string(),
+        source,
+    };
+    let c = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(err)?;
+    let mut stmt = c.prepare("PRAGMA integrity_check").map_err(err)?;
+    let rows: Vec<String> = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .map_err(err)?
+        .collect::<Result<_, _>>()
+        .map_err(err)?;
+    Ok(rows.into_iter().filter(|r| r != "ok").collect())
+}

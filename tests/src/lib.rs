@@ -1,0 +1,3 @@
+//! Shared helpers for Cairn end-to-end tests.
+
+pub mod s3;
