@@ -12,7 +12,9 @@
 //! after pip succeeded) both exist, so an interrupted build is repaired by the next one.
 //!
 //! moto does not check signatures, so the harness itself speaks plain HTTP/1.1 over a
-//! `TcpStream` ([`S3Server::request`]); clients under test use [`S3Server::env`].
+//! `TcpStream` ([`S3Server::request`]); clients under test use [`S3Server::env`]. moto does
+//! treat a request *without* an `Authorization` header as anonymous (and refuses, e.g.,
+//! overwriting an object with 403), so raw requests carry a dummy SigV4 header.
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -32,6 +34,9 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// before moto binds it, in which case we try again with a new one.
 const PORT_ATTEMPTS: usize = 3;
 const READY_MARKER: &str = ".cairn-ready";
+/// Signed-looking but unverified credentials (moto does not check signatures).
+const DUMMY_AUTHORIZATION: &str = "Authorization: AWS4-HMAC-SHA256 \
+    Credential=test/20240101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0\r\n";
 
 /// Why the S3 test server could not be provided; the message says what to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -342,6 +347,9 @@ fn log_tail(log: &Path) -> String {
         Ok(bytes) => {
             let text = String::from_utf8_lossy(&bytes);
             let lines: Vec<&str> = text.lines().collect();
+            if lines.is_empty() {
+                return "(empty)".to_owned();
+            }
             lines[lines.len().saturating_sub(LINES)..].join("\n")
         }
         Err(e) => format!("(cannot read {}: {e})", log.display()),
@@ -364,6 +372,13 @@ fn http(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
     );
+    let has = |n: &str| headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(n));
+    if !has("authorization") {
+        req.push_str(DUMMY_AUTHORIZATION);
+    }
+    if !has("content-type") {
+        req.push_str("Content-Type: application/octet-stream\r\n");
+    }
     for (name, value) in headers {
         req.push_str(&format!("{name}: {value}\r\n"));
     }

@@ -78,9 +78,7 @@ impl Scratch {
                     .map_err(ExecError::io("remove partial staged file", &p))?;
             }
         }
-        let budget = self
-            .budget
-            .child(&format!("job:{job}"), self.budget.limit());
+        let budget = self.budget.child(format!("job:{job}"), self.budget.limit());
         Ok(JobScratch { dir, budget })
     }
 

@@ -1,1 +1,168 @@
-//! cairn-manifest
+//! The source of truth: the local RocksDB catalog and the published remote manifests.
+//!
+//! Contract: [`StateDb`] holds, per tenant and database, every known generation's manifest,
+//! the catalog of blobs those manifests reference (for dedup, confirmed by XXH3-128), the
+//! latest generation, and an append-only change log. Every state change that must be
+//! atomic is one synced RocksDB write batch. [`publish`] creates the remote manifest object
+//! with a conditional create and only then records it locally, so the local state never
+//! claims a generation the store lacks.
+//!
+//! Crash: after the remote create and before the local batch, the store holds a generation
+//! the local state does not; the next [`sync_from_remote`] imports it, so nothing is lost or
+//! published twice. Retries: a conditional create that reports "already exists" is resolved
+//! by reading the object back: identical bytes mean our earlier attempt won.
+//! Cancellation: dropping a future between the two steps is the crash case above.
+
+mod error;
+mod state;
+
+pub use error::ManifestError;
+pub use state::{BlobLookup, DbRecord, StateDb};
+
+use bytes::Bytes;
+use cairn_core::{keys, DbId, Generation, Manifest, TenantId};
+use cairn_remote_store::{CreateOutcome, RemoteStore};
+
+/// Publishes `manifest`: conditional create of its object, then one local batch.
+///
+/// Fails with [`ManifestError::Fenced`] if another writer already published that
+/// generation; nothing is recorded locally in that case.
+pub async fn publish(
+    state: &StateDb,
+    store: &RemoteStore,
+    manifest: &Manifest,
+) -> Result<(), ManifestError> {
+    let key = keys::manifest_key(&manifest.tenant, &manifest.db, manifest.generation);
+    manifest.validate(&key)?;
+    let bytes = manifest.encode();
+    match store
+        .create_if_absent(&key, Bytes::from(bytes.clone()))
+        .await?
+    {
+        CreateOutcome::Created => {}
+        CreateOutcome::AlreadyExists => {
+            let existing = store.get_bytes(&key).await?;
+            if existing.as_ref() != bytes.as_slice() {
+                let winner = Manifest::decode(&key, &existing)
+                    .map(|m| m.writer)
+                    .unwrap_or_else(|_| "unknown".into());
+                return Err(ManifestError::Fenced {
+                    tenant: manifest.tenant.clone(),
+                    db: manifest.db.clone(),
+                    generation: manifest.generation,
+                    winner,
+                });
+            }
+            // Our own earlier attempt created it (its response was lost): idempotent.
+        }
+    }
+    state.record_generation(manifest)?;
+    Ok(())
+}
+
+/// Imports every generation published in the store that the local state lacks, so a fresh
+/// state directory (or one that lost a race to another writer) catches up. Returns the
+/// generations present remotely, ascending.
+pub async fn sync_from_remote(
+    state: &StateDb,
+    store: &RemoteStore,
+    tenant: &TenantId,
+    db: &DbId,
+) -> Result<Vec<Generation>, ManifestError> {
+    let listed = store.list(&keys::manifests_prefix(tenant, db)).await?;
+    let mut gens = Vec::with_capacity(listed.len());
+    for obj in listed {
+        let Some(generation) = keys::parse_manifest_key(&obj.key) else {
+            continue;
+        };
+        gens.push(generation);
+        if state.has_generation(tenant, db, generation)? {
+            continue;
+        }
+        let bytes = store.get_bytes(&obj.key).await?;
+        let m = Manifest::decode(&obj.key, &bytes)?;
+        if &m.tenant != tenant || &m.db != db || m.generation != generation {
+            return Err(ManifestError::Corrupt {
+                key: obj.key.clone(),
+                reason: format!(
+                    "manifest describes {}/{} generation {}, not the database and generation its key names",
+                    m.tenant, m.db, m.generation
+                ),
+            });
+        }
+        state.record_generation(&m)?;
+    }
+    gens.sort();
+    Ok(gens)
+}
+
+/// Databases of a tenant that have published manifests in the store.
+pub async fn remote_databases(
+    store: &RemoteStore,
+    tenant: &TenantId,
+) -> Result<Vec<DbId>, ManifestError> {
+    let prefix = keys::dbs_prefix(tenant);
+    let listed = store.list(&prefix).await?;
+    let mut out: Vec<DbId> = listed
+        .iter()
+        .filter_map(|o| {
+            let rest = o.key.strip_prefix(&prefix)?;
+            let (db, tail) = rest.split_once('/')?;
+            tail.starts_with("manifests/")
+                .then(|| DbId::new(db).ok())
+                .flatten()
+        })
+        .collect();
+    out.dedup();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_core::{ManifestBody, SegmentsState};
+
+    fn m(writer: &str) -> Manifest {
+        Manifest {
+            format: 1,
+            tenant: TenantId::new("t").unwrap(),
+            db: DbId::new("d").unwrap(),
+            generation: Generation(1),
+            parent: None,
+            writer: writer.into(),
+            created_unix_ms: 1,
+            body: ManifestBody::Segments(SegmentsState {
+                segments: vec![],
+                lsn_end: cairn_core::Lsn(0),
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn publish_is_fenced_and_idempotent() {
+        let store = RemoteStore::open("memory://publish-fence").unwrap();
+        let (da, db_) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b) = (
+            StateDb::open(da.path()).unwrap(),
+            StateDb::open(db_.path()).unwrap(),
+        );
+        publish(&a, &store, &m("a")).await.unwrap();
+        // Same bytes again (a lost response retried): accepted, not published twice.
+        publish(&a, &store, &m("a")).await.unwrap();
+        let err = publish(&b, &store, &m("b")).await.unwrap_err();
+        assert!(matches!(err, ManifestError::Fenced { .. }), "{err}");
+        assert!(err.to_string().contains("another writer (a)"), "{err}");
+        let t = TenantId::new("t").unwrap();
+        let d = DbId::new("d").unwrap();
+        assert!(b.generations(&t, &d).unwrap().is_empty());
+        assert_eq!(
+            sync_from_remote(&b, &store, &t, &d).await.unwrap(),
+            vec![Generation(1)]
+        );
+        assert_eq!(
+            b.manifest(&t, &d, Generation(1)).unwrap().unwrap().writer,
+            "a"
+        );
+        assert_eq!(remote_databases(&store, &t).await.unwrap(), vec![d]);
+    }
+}

@@ -58,7 +58,7 @@ pub enum StoreError {
         retryable: bool,
         /// The underlying error.
         #[source]
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
     /// A local file could not be read or written.
     #[error("{op} {path}: {source}")]
@@ -117,7 +117,7 @@ impl StoreError {
                     key: key.to_string(),
                     store: store.to_string(),
                     retryable,
-                    source: other,
+                    source: Box::new(other),
                 }
             }
         }

@@ -1,0 +1,518 @@
+//! The local state database (RocksDB).
+//!
+//! Column families and keys (`\0` separates tenant and database names, which never
+//! contain it; numbers are big-endian so keys sort numerically):
+//!
+//! | family | key | value |
+//! |---|---|---|
+//! | `meta` | `writer_id`, `changelog_seq` | writer identity, last change-log number |
+//! | `dbs` | tenant `\0` db | [`DbRecord`] (JSON) |
+//! | `generations` | tenant `\0` db `\0` generation | encoded manifest |
+//! | `catalog` | tenant `\0` db `\0` blob name | [`cairn_core::BlobRef`] (JSON) |
+//! | `changelog` | sequence number | change event (JSON) |
+//! | `jobs`, `leases`, `pins` | reserved for the job queue, leases and pins |
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use cairn_core::{BlobKind, BlobRef, DbId, Digest128, Generation, Manifest, SourceKind, TenantId};
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch,
+    WriteOptions, DB,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ManifestError;
+
+const CFS: &[&str] = &[
+    "meta",
+    "dbs",
+    "generations",
+    "catalog",
+    "changelog",
+    "jobs",
+    "leases",
+    "pins",
+];
+
+/// What the catalog knows of one database.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DbRecord {
+    /// Source kind of the database.
+    pub kind: SourceKind,
+    /// Latest generation known (published by anyone).
+    pub latest: Generation,
+}
+
+/// Result of a dedup lookup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlobLookup {
+    /// A blob with the same CRC64, length and XXH3-128 is already stored.
+    Found(BlobRef),
+    /// Not stored; use this alias so the name cannot collide with a different payload
+    /// that shares the CRC64 and length.
+    New {
+        /// The alias to give the new blob.
+        alias: u32,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+struct ChangeEvent<'a> {
+    event: &'a str,
+    tenant: &'a str,
+    db: &'a str,
+    generation: u64,
+}
+
+/// The local state database.
+pub struct StateDb {
+    db: DB,
+    path: PathBuf,
+    seq_lock: Mutex<()>,
+}
+
+impl std::fmt::Debug for StateDb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateDb").field("path", &self.path).finish()
+    }
+}
+
+fn db_key(tenant: &TenantId, db: &DbId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(tenant.as_str().len() + db.as_str().len() + 1);
+    k.extend_from_slice(tenant.as_str().as_bytes());
+    k.push(0);
+    k.extend_from_slice(db.as_str().as_bytes());
+    k
+}
+
+fn sub_key(tenant: &TenantId, db: &DbId, rest: &[u8]) -> Vec<u8> {
+    let mut k = db_key(tenant, db);
+    k.push(0);
+    k.extend_from_slice(rest);
+    k
+}
+
+impl StateDb {
+    /// Opens (creating) the state database in `<state_dir>/db`.
+    pub fn open(state_dir: &Path) -> Result<Self, ManifestError> {
+        let path = state_dir.join("db");
+        std::fs::create_dir_all(&path).map_err(|e| ManifestError::Corrupt {
+            key: path.display().to_string(),
+            reason: format!("cannot create state directory: {e}"),
+        })?;
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        let cfs = CFS
+            .iter()
+            .map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, &path, cfs).map_err(|e| {
+            let msg = e.to_string();
+            if msg.contains("lock") || msg.contains("Resource temporarily unavailable") {
+                ManifestError::Locked {
+                    path: state_dir.display().to_string(),
+                }
+            } else {
+                ManifestError::Rocks {
+                    op: "open",
+                    path: path.display().to_string(),
+                    source: e,
+                }
+            }
+        })?;
+        Ok(Self {
+            db,
+            path,
+            seq_lock: Mutex::new(()),
+        })
+    }
+
+    fn cf(&self, name: &'static str) -> Result<&ColumnFamily, ManifestError> {
+        self.db
+            .cf_handle(name)
+            .ok_or_else(|| ManifestError::Corrupt {
+                key: name.to_string(),
+                reason: "column family missing".into(),
+            })
+    }
+
+    fn rocks(&self, op: &'static str) -> impl FnOnce(rocksdb::Error) -> ManifestError + '_ {
+        move |source| ManifestError::Rocks {
+            op,
+            path: self.path.display().to_string(),
+            source,
+        }
+    }
+
+    fn get(&self, cf: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, ManifestError> {
+        self.db
+            .get_cf(self.cf(cf)?, key)
+            .map_err(self.rocks("read"))
+    }
+
+    fn write(&self, batch: WriteBatch) -> Result<(), ManifestError> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db
+            .write_opt(batch, &wo)
+            .map_err(self.rocks("write batch"))
+    }
+
+    /// This state directory's writer identity, created from `fresh` on first use.
+    pub fn writer_id(&self, fresh: impl FnOnce() -> u64) -> Result<String, ManifestError> {
+        if let Some(v) = self.get("meta", b"writer_id")? {
+            return String::from_utf8(v).map_err(|_| ManifestError::Corrupt {
+                key: "meta/writer_id".into(),
+                reason: "not UTF-8".into(),
+            });
+        }
+        let id = format!("{:016x}", fresh());
+        let mut b = WriteBatch::default();
+        b.put_cf(self.cf("meta")?, b"writer_id", id.as_bytes());
+        self.write(b)?;
+        Ok(id)
+    }
+
+    /// What the catalog knows of a database.
+    pub fn db_record(
+        &self,
+        tenant: &TenantId,
+        db: &DbId,
+    ) -> Result<Option<DbRecord>, ManifestError> {
+        match self.get("dbs", &db_key(tenant, db))? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| ManifestError::Corrupt {
+                    key: format!("dbs/{tenant}/{db}"),
+                    reason: e.to_string(),
+                }),
+        }
+    }
+
+    /// Databases of a tenant known locally.
+    pub fn databases(&self, tenant: &TenantId) -> Result<Vec<DbId>, ManifestError> {
+        let mut prefix = tenant.as_str().as_bytes().to_vec();
+        prefix.push(0);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf("dbs")?,
+            IteratorMode::From(&prefix, Direction::Forward),
+        ) {
+            let (k, _) = item.map_err(self.rocks("scan databases"))?;
+            let Some(rest) = k.strip_prefix(prefix.as_slice()) else {
+                break;
+            };
+            if let Ok(name) = std::str::from_utf8(rest) {
+                if let Ok(id) = DbId::new(name) {
+                    out.push(id);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether a generation's manifest is recorded locally.
+    pub fn has_generation(
+        &self,
+        tenant: &TenantId,
+        db: &DbId,
+        g: Generation,
+    ) -> Result<bool, ManifestError> {
+        Ok(self
+            .get("generations", &sub_key(tenant, db, &g.0.to_be_bytes()))?
+            .is_some())
+    }
+
+    /// The manifest of a generation, if recorded locally.
+    pub fn manifest(
+        &self,
+        tenant: &TenantId,
+        db: &DbId,
+        g: Generation,
+    ) -> Result<Option<Manifest>, ManifestError> {
+        match self.get("generations", &sub_key(tenant, db, &g.0.to_be_bytes()))? {
+            None => Ok(None),
+            Some(v) => Ok(Some(Manifest::decode(
+                &format!("local generation {g} of {tenant}/{db}"),
+                &v,
+            )?)),
+        }
+    }
+
+    /// Generations recorded locally, ascending.
+    pub fn generations(
+        &self,
+        tenant: &TenantId,
+        db: &DbId,
+    ) -> Result<Vec<Generation>, ManifestError> {
+        let prefix = sub_key(tenant, db, &[]);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf("generations")?,
+            IteratorMode::From(&prefix, Direction::Forward),
+        ) {
+            let (k, _) = item.map_err(self.rocks("scan generations"))?;
+            let Some(rest) = k.strip_prefix(prefix.as_slice()) else {
+                break;
+            };
+            let bytes: [u8; 8] = rest.try_into().map_err(|_| ManifestError::Corrupt {
+                key: format!("generations/{tenant}/{db}"),
+                reason: "malformed generation key".into(),
+            })?;
+            out.push(Generation(u64::from_be_bytes(bytes)));
+        }
+        Ok(out)
+    }
+
+    /// Looks up a payload in the catalog by content address, confirmed by XXH3-128.
+    pub fn find_blob(
+        &self,
+        tenant: &TenantId,
+        db: &DbId,
+        kind: BlobKind,
+        crc64: u64,
+        len: u64,
+        xxh3: Digest128,
+    ) -> Result<BlobLookup, ManifestError> {
+        let base = BlobRef {
+            kind,
+            crc64,
+            len,
+            xxh3,
+            alias: 0,
+        };
+        let prefix = sub_key(tenant, db, base.name().as_bytes());
+        let mut aliases = 0u32;
+        for item in self.db.iterator_cf(
+            self.cf("catalog")?,
+            IteratorMode::From(&prefix, Direction::Forward),
+        ) {
+            let (k, v) = item.map_err(self.rocks("scan catalog"))?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            // Names are `<base name>` or `<base name>-<alias>`; skip longer lengths that
+            // merely share a hex prefix.
+            let rest = &k[prefix.len()..];
+            if !(rest.is_empty() || rest.first() == Some(&b'-')) {
+                continue;
+            }
+            let known: BlobRef =
+                serde_json::from_slice(&v).map_err(|e| ManifestError::Corrupt {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    reason: e.to_string(),
+                })?;
+            if known.same_payload(&base) {
+                return Ok(BlobLookup::Found(known));
+            }
+            aliases = aliases.max(known.alias + 1);
+        }
+        Ok(BlobLookup::New { alias: aliases })
+    }
+
+    /// Records a blob in the catalog (used before a generation references it, e.g. when a
+    /// blob is known to be uploaded).
+    pub fn record_blob(
+        &self,
+        tenant: &TenantId,
+        db: &DbId,
+        blob: &BlobRef,
+    ) -> Result<(), ManifestError> {
+        let mut b = WriteBatch::default();
+        self.put_blob(&mut b, tenant, db, blob)?;
+        self.write(b)
+    }
+
+    fn put_blob(
+        &self,
+        b: &mut WriteBatch,
+        tenant: &TenantId,
+        db: &DbId,
+        blob: &BlobRef,
+    ) -> Result<(), ManifestError> {
+        let v = serde_json::to_vec(blob).map_err(|e| ManifestError::Corrupt {
+            key: blob.name(),
+            reason: e.to_string(),
+        })?;
+        b.put_cf(
+            self.cf("catalog")?,
+            sub_key(tenant, db, blob.name().as_bytes()),
+            v,
+        );
+        Ok(())
+    }
+
+    /// Records a published generation in one atomic batch: its manifest, the blobs it
+    /// references, the database's latest generation and a change-log event.
+    pub fn record_generation(&self, m: &Manifest) -> Result<(), ManifestError> {
+        let _seq = self.seq_lock.lock().map_err(|_| ManifestError::Corrupt {
+            key: "meta/changelog_seq".into(),
+            reason: "lock poisoned".into(),
+        })?;
+        let mut b = WriteBatch::default();
+        b.put_cf(
+            self.cf("generations")?,
+            sub_key(&m.tenant, &m.db, &m.generation.0.to_be_bytes()),
+            m.encode(),
+        );
+        for blob in m.blobs() {
+            self.put_blob(&mut b, &m.tenant, &m.db, &blob)?;
+        }
+        let latest = match self.db_record(&m.tenant, &m.db)? {
+            Some(r) if r.latest > m.generation => r.latest,
+            _ => m.generation,
+        };
+        let rec = DbRecord {
+            kind: m.kind(),
+            latest,
+        };
+        let rec = serde_json::to_vec(&rec).map_err(|e| ManifestError::Corrupt {
+            key: format!("dbs/{}/{}", m.tenant, m.db),
+            reason: e.to_string(),
+        })?;
+        b.put_cf(self.cf("dbs")?, db_key(&m.tenant, &m.db), rec);
+        let seq = match self.get("meta", b"changelog_seq")? {
+            Some(v) => v.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0) + 1,
+            None => 1,
+        };
+        b.put_cf(self.cf("meta")?, b"changelog_seq", seq.to_be_bytes());
+        let ev = ChangeEvent {
+            event: "generation_published",
+            tenant: m.tenant.as_str(),
+            db: m.db.as_str(),
+            generation: m.generation.0,
+        };
+        let ev = serde_json::to_vec(&ev).map_err(|e| ManifestError::Corrupt {
+            key: "changelog".into(),
+            reason: e.to_string(),
+        })?;
+        b.put_cf(self.cf("changelog")?, seq.to_be_bytes(), ev);
+        self.write(b)
+    }
+
+    /// Change-log events after `after` (sequence number, JSON), oldest first.
+    pub fn changes_since(&self, after: u64) -> Result<Vec<(u64, String)>, ManifestError> {
+        let start = (after + 1).to_be_bytes();
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf("changelog")?,
+            IteratorMode::From(&start, Direction::Forward),
+        ) {
+            let (k, v) = item.map_err(self.rocks("scan change log"))?;
+            let seq = k.as_ref().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            out.push((seq, String::from_utf8_lossy(&v).into_owned()));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_core::{ManifestBody, SegmentEntry, SegmentsState};
+
+    fn manifest(g: u64, blobs: &[BlobRef]) -> Manifest {
+        let mut lsn = 0;
+        let segments = blobs
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let e = SegmentEntry {
+                    name: format!("s{i:03}"),
+                    lsn_start: cairn_core::Lsn(lsn),
+                    len: b.len,
+                    blob: *b,
+                };
+                lsn += b.len;
+                e
+            })
+            .collect();
+        Manifest {
+            format: 1,
+            tenant: TenantId::new("t").unwrap(),
+            db: DbId::new("d").unwrap(),
+            generation: Generation(g),
+            parent: (g > 1).then(|| Generation(g - 1)),
+            writer: "w".into(),
+            created_unix_ms: 0,
+            body: ManifestBody::Segments(SegmentsState {
+                segments,
+                lsn_end: cairn_core::Lsn(lsn),
+            }),
+        }
+    }
+
+    fn blob(crc: u64, len: u64, x: u128, alias: u32) -> BlobRef {
+        BlobRef {
+            kind: BlobKind::Segment,
+            crc64: crc,
+            len,
+            xxh3: Digest128(x),
+            alias,
+        }
+    }
+
+    #[test]
+    fn generations_catalog_and_changelog() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDb::open(dir.path()).unwrap();
+        let t = TenantId::new("t").unwrap();
+        let d = DbId::new("d").unwrap();
+        let w = s.writer_id(|| 42).unwrap();
+        assert_eq!(w, s.writer_id(|| 7).unwrap());
+        s.record_generation(&manifest(1, &[blob(5, 10, 1, 0)]))
+            .unwrap();
+        s.record_generation(&manifest(2, &[blob(5, 10, 1, 0), blob(6, 10, 2, 0)]))
+            .unwrap();
+        assert_eq!(
+            s.generations(&t, &d).unwrap(),
+            vec![Generation(1), Generation(2)]
+        );
+        assert_eq!(s.db_record(&t, &d).unwrap().unwrap().latest, Generation(2));
+        assert_eq!(
+            s.manifest(&t, &d, Generation(2)).unwrap().unwrap(),
+            manifest(2, &[blob(5, 10, 1, 0), blob(6, 10, 2, 0)])
+        );
+        assert_eq!(s.databases(&t).unwrap(), vec![d.clone()]);
+        assert_eq!(s.changes_since(0).unwrap().len(), 2);
+        assert_eq!(s.changes_since(1).unwrap()[0].0, 2);
+        // Dedup: same address and digest is found; same address, other digest gets an alias.
+        assert_eq!(
+            s.find_blob(&t, &d, BlobKind::Segment, 5, 10, Digest128(1))
+                .unwrap(),
+            BlobLookup::Found(blob(5, 10, 1, 0))
+        );
+        assert_eq!(
+            s.find_blob(&t, &d, BlobKind::Segment, 5, 10, Digest128(9))
+                .unwrap(),
+            BlobLookup::New { alias: 1 }
+        );
+        s.record_blob(&t, &d, &blob(5, 10, 9, 1)).unwrap();
+        assert_eq!(
+            s.find_blob(&t, &d, BlobKind::Segment, 5, 10, Digest128(9))
+                .unwrap(),
+            BlobLookup::Found(blob(5, 10, 9, 1))
+        );
+        assert_eq!(
+            s.find_blob(&t, &d, BlobKind::Segment, 5, 10, Digest128(3))
+                .unwrap(),
+            BlobLookup::New { alias: 2 }
+        );
+        // A length that shares a hex prefix (0x10 vs 0x100) is a different address.
+        assert_eq!(
+            s.find_blob(&t, &d, BlobKind::Segment, 5, 16, Digest128(1))
+                .unwrap(),
+            BlobLookup::New { alias: 0 }
+        );
+    }
+
+    #[test]
+    fn second_open_is_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let _a = StateDb::open(dir.path()).unwrap();
+        let err = StateDb::open(dir.path()).unwrap_err();
+        assert!(matches!(err, ManifestError::Locked { .. }), "{err}");
+    }
+}
