@@ -28,8 +28,8 @@ pub struct Scratch {
     budget: Budget,
 }
 
-/// One job's scratch directory.
-#[derive(Debug)]
+/// One job's scratch directory (cheap to clone: a path and a budget handle).
+#[derive(Clone, Debug)]
 pub struct JobScratch {
     dir: PathBuf,
     budget: Budget,

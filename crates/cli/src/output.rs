@@ -1,0 +1,137 @@
+//! Human and JSON renderings of the library's reports.
+
+use cairn_core::DbId;
+use cairn_orchestrator::{CheckpointReport, GenerationInfo, RestoreReport, VerifyReport};
+use serde::Serialize;
+
+fn print_json<T: Serialize>(v: &T) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("error: cannot render JSON: {e}"),
+    }
+}
+
+/// `1234567` → `1.18 MiB`.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+pub fn checkpoint(json: bool, r: &CheckpointReport) {
+    if json {
+        return print_json(r);
+    }
+    println!(
+        "published generation {} of {}/{} ({}): {} source, {} blob(s) uploaded ({}), {} reused, {} ms",
+        r.generation,
+        r.tenant,
+        r.db,
+        r.kind,
+        bytes(r.source_bytes),
+        r.blobs_uploaded,
+        bytes(r.bytes_uploaded),
+        r.blobs_reused,
+        r.duration_ms
+    );
+}
+
+pub fn restore(json: bool, r: &RestoreReport) {
+    if json {
+        return print_json(r);
+    }
+    println!(
+        "restored generation {} of {} ({}) to {}: {} written from {} verified blob(s), {} ms",
+        r.generation,
+        r.db,
+        r.kind,
+        r.path,
+        bytes(r.bytes_written),
+        r.blobs_read,
+        r.duration_ms
+    );
+}
+
+pub fn verify(json: bool, r: &VerifyReport) {
+    if json {
+        print_json(r);
+    } else if r.ok {
+        println!(
+            "generation {} of {}: ok, {} blob(s) checked{}",
+            r.generation,
+            r.db,
+            r.blobs_checked,
+            if r.deep {
+                format!(", {} re-read and checksummed", bytes(r.bytes_read))
+            } else {
+                String::new()
+            }
+        );
+    } else {
+        println!(
+            "generation {} of {}: {} problem(s)",
+            r.generation,
+            r.db,
+            r.errors.len()
+        );
+    }
+    for e in &r.errors {
+        eprintln!("bad blob: {e}");
+    }
+}
+
+pub fn generations(json: bool, gens: &[GenerationInfo]) {
+    if json {
+        return print_json(&gens);
+    }
+    println!(
+        "{:>10}  {:<24}  {:<8}  {:>12}  {:>6}",
+        "generation", "created", "kind", "size", "blobs"
+    );
+    for g in gens {
+        println!(
+            "{:>10}  {:<24}  {:<8}  {:>12}  {:>6}",
+            g.generation,
+            utc(g.created_unix_ms),
+            g.kind,
+            bytes(g.logical_bytes),
+            g.blobs
+        );
+    }
+}
+
+pub fn databases(json: bool, dbs: &[DbId]) {
+    if json {
+        return print_json(&dbs);
+    }
+    for d in dbs {
+        println!("{d}");
+    }
+}
+
+/// Milliseconds since the epoch as RFC 3339 (UTC, seconds).
+fn utc(ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats() {
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(1536), "1.50 KiB");
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+    }
+}
