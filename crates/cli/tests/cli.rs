@@ -1,0 +1,183 @@
+//! The `cairn` command's contract, run as a child process: against the embedded default
+//! store and against a real S3 server (moto) on 127.0.0.1 started by the test itself.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use cairn_tests::fixtures;
+use cairn_tests::s3::S3Server;
+use rand::SeedableRng;
+use serde_json::Value;
+
+fn cairn(state: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_cairn"));
+    c.arg("--state").arg(state);
+    c
+}
+
+fn run_ok(cmd: &mut Command) -> Value {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{cmd:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{cmd:?}: bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn run_err(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success(), "{cmd:?} should have failed");
+    out
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// checkpoint → ls → verify → restore for every kind, with the JSON contract checked.
+fn exercise_all_kinds(dir: &Path, store: Option<&str>, s3: Option<&S3Server>) {
+    let state = dir.join("state");
+    // The embedded default store is file://<state>/store; a fresh state directory reaches
+    // the same objects by naming it.
+    let default_store = format!("file://{}", state.join("store").display());
+    let cmd = |s: &Path| {
+        let mut c = cairn(s);
+        match store {
+            Some(u) => {
+                c.arg("--store").arg(u);
+            }
+            None if s != state => {
+                c.arg("--store").arg(&default_store);
+            }
+            None => {}
+        }
+        if let Some(s) = s3 {
+            s.apply_env(&mut c);
+        }
+        c
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let pages = dir.join("pages.bin");
+    let data = fixtures::write_page_file(&pages, 300, 4096, &mut rng).unwrap();
+    let wal = dir.join("wal");
+    fixtures::write_segments(&wal, 0, 4, 300_000, &mut rng).unwrap();
+    let sqlite = dir.join("app.db");
+    fixtures::build_sqlite(&sqlite, 2000, 1).unwrap();
+    let rows = fixtures::sqlite_rows(&sqlite).unwrap();
+
+    for (db, kind, src) in [("pg", "pages", &pages), ("wal", "segments", &wal), ("app", "sqlite", &sqlite)] {
+        // Global options after the subcommand too.
+        let j = run_ok(cmd(&state).args(["checkpoint", "--db", db, "--kind", kind, "--chunk-size", "262144", "--json"]).arg("--source").arg(src));
+        for field in ["generation", "kind", "source_bytes", "bytes_uploaded", "blobs_uploaded", "blobs_reused", "duration_ms"] {
+            assert!(j.get(field).is_some(), "checkpoint JSON lacks {field}: {j}");
+        }
+        assert_eq!(j["generation"], 1);
+        assert_eq!(j["kind"], kind);
+        let again = run_ok(cmd(&state).args(["--json", "checkpoint", "--db", db, "--kind", kind, "--chunk-size", "262144"]).arg("--source").arg(src));
+        assert_eq!(again["generation"], 2);
+        assert_eq!(again["blobs_uploaded"], 0, "unchanged source uploads no blob: {again}");
+        let ls = run_ok(cmd(&state).args(["ls", "--db", db, "--json"]));
+        assert_eq!(ls.as_array().unwrap().len(), 2);
+        let v = run_ok(cmd(&state).args(["verify", "--db", db, "--deep", "--json"]));
+        assert_eq!(v["ok"], true, "{v}");
+        assert!(v["blobs_checked"].as_u64().unwrap() > 0);
+        assert_eq!(v["errors"].as_array().unwrap().len(), 0);
+    }
+
+    // Restore everything from a fresh, empty state directory: the store alone suffices.
+    let fresh = dir.join("fresh-state");
+    let out = dir.join("pages.out");
+    let r = run_ok(cmd(&fresh).args(["restore", "--db", "pg", "--generation", "1", "--json"]).arg("--to").arg(&out));
+    assert_eq!(r["generation"], 1);
+    assert_eq!(r["bytes_written"], data.len() as u64);
+    assert!(r.get("duration_ms").is_some());
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+    let wal_out = dir.join("wal.out");
+    run_ok(cmd(&fresh).args(["restore", "--db", "wal", "--json"]).arg("--to").arg(&wal_out));
+    assert_eq!(fixtures::read_dir_files(&wal_out).unwrap(), fixtures::read_dir_files(&wal).unwrap());
+    let db_out = dir.join("app.out.db");
+    run_ok(cmd(&fresh).args(["restore", "--db", "app", "--json"]).arg("--to").arg(&db_out));
+    assert_eq!(fixtures::integrity(&db_out).unwrap(), vec!["ok".to_string()]);
+    assert_eq!(fixtures::sqlite_rows(&db_out).unwrap(), rows);
+
+    // Unknown database and generation are named.
+    let e = run_err(cmd(&fresh).args(["restore", "--db", "nope"]).arg("--to").arg(dir.join("x")));
+    assert!(stderr(&e).contains("nope"), "{}", stderr(&e));
+    let e = run_err(cmd(&fresh).args(["restore", "--db", "pg", "--generation", "9"]).arg("--to").arg(dir.join("x")));
+    assert!(stderr(&e).contains("generation 9"), "{}", stderr(&e));
+}
+
+#[test]
+fn all_kinds_on_the_embedded_default_store() {
+    let dir = tempfile::tempdir().unwrap();
+    exercise_all_kinds(dir.path(), None, None);
+    // The default store lives under the state directory.
+    assert!(dir.path().join("state/store/tenants/default/dbs/pg/manifests").is_dir());
+}
+
+#[test]
+fn all_kinds_through_s3_on_a_local_server() {
+    let server = S3Server::start().unwrap_or_else(|e| panic!("S3 server: {e}"));
+    let dir = tempfile::tempdir().unwrap();
+    let url = server.url("cairn-cli");
+    exercise_all_kinds(dir.path(), Some(&url), Some(&server));
+    // Objects really are in the bucket.
+    let listing = server.request("GET", &format!("/{}?list-type=2&prefix=cairn-cli/tenants/default/dbs/pg/manifests/", server.bucket()), &[], b"").unwrap();
+    assert_eq!(listing.status, 200);
+    assert!(listing.body.contains("00000000000000000002.cmf"), "{}", listing.body);
+}
+
+#[test]
+fn bad_input_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let missing = dir.path().join("does-not-exist.db");
+    let e = run_err(cairn(&state).args(["checkpoint", "--db", "x", "--kind", "sqlite"]).arg("--source").arg(&missing));
+    assert!(stderr(&e).contains("does-not-exist.db"), "{}", stderr(&e));
+    let e = run_err(cairn(&state).args(["--store", "ftp://nowhere/x", "ls", "--db", "x"]));
+    assert!(stderr(&e).contains("ftp://nowhere/x"), "{}", stderr(&e));
+    let odd = dir.path().join("odd.bin");
+    std::fs::write(&odd, vec![1u8; 5000]).unwrap();
+    let e = run_err(cairn(&state).args(["checkpoint", "--db", "x", "--kind", "pages"]).arg("--source").arg(&odd));
+    assert!(stderr(&e).contains("odd.bin") && stderr(&e).contains("page size"), "{}", stderr(&e));
+    let e = run_err(cairn(&state).args(["checkpoint", "--db", "../x", "--kind", "pages"]).arg("--source").arg(&odd));
+    assert!(stderr(&e).contains("../x"), "{}", stderr(&e));
+    let not_sqlite = dir.path().join("junk.db");
+    std::fs::write(&not_sqlite, vec![7u8; 8192]).unwrap();
+    let e = run_err(cairn(&state).args(["checkpoint", "--db", "x", "--kind", "sqlite"]).arg("--source").arg(&not_sqlite));
+    assert!(stderr(&e).contains("junk.db"), "{}", stderr(&e));
+}
+
+#[test]
+fn verify_and_restore_name_a_corrupt_blob() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let src = dir.path().join("p.bin");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    fixtures::write_page_file(&src, 64, 4096, &mut rng).unwrap();
+    run_ok(cairn(&state).args(["checkpoint", "--db", "c", "--kind", "pages", "--chunk-size", "65536", "--json"]).arg("--source").arg(&src));
+    let blobs = state.join("store/tenants/default/dbs/c/blobs");
+    let victim = std::fs::read_dir(&blobs).unwrap().next().unwrap().unwrap();
+    let name = victim.file_name().to_string_lossy().into_owned();
+    let mut bytes = std::fs::read(victim.path()).unwrap();
+    bytes[40] ^= 0x10;
+    std::fs::write(victim.path(), bytes).unwrap();
+    let out = run_err(cairn(&state).args(["verify", "--db", "c", "--deep", "--json"]));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], false);
+    assert!(stderr(&out).contains(&name), "{}", stderr(&out));
+    let out = run_err(cairn(&state).args(["restore", "--db", "c"]).arg("--to").arg(dir.path().join("r")));
+    assert!(stderr(&out).contains(&name), "{}", stderr(&out));
+}
+
+#[test]
+fn demo_runs_and_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(["demo", "--rows", "20000", "--json", "--dir"])
+        .arg(dir.path().join("demo"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["restores"].as_array().unwrap().len(), 2);
+}
