@@ -8,7 +8,12 @@ use rand::{Rng, RngCore};
 
 /// Writes `pages` random pages of `page_size` bytes, with some repeated and zero pages so
 /// dedup paths are exercised.
-pub fn write_page_file(path: &Path, pages: usize, page_size: usize, rng: &mut impl RngCore) -> std::io::Result<Vec<u8>> {
+pub fn write_page_file(
+    path: &Path,
+    pages: usize,
+    page_size: usize,
+    rng: &mut impl RngCore,
+) -> std::io::Result<Vec<u8>> {
     let mut data = vec![0u8; pages * page_size];
     for p in 0..pages {
         let page = &mut data[p * page_size..(p + 1) * page_size];
@@ -24,7 +29,13 @@ pub fn write_page_file(path: &Path, pages: usize, page_size: usize, rng: &mut im
 
 /// Creates `dir` with `count` segment files of random sizes named `seg-00000000`, … starting
 /// at `first`.
-pub fn write_segments(dir: &Path, first: usize, count: usize, max_len: usize, rng: &mut impl RngCore) -> std::io::Result<()> {
+pub fn write_segments(
+    dir: &Path,
+    first: usize,
+    count: usize,
+    max_len: usize,
+    rng: &mut impl RngCore,
+) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     for i in first..first + count {
         let len = rng.gen_range(1..=max_len);
@@ -40,7 +51,10 @@ pub fn read_dir_files(dir: &Path) -> std::io::Result<BTreeMap<String, Vec<u8>>> 
     let mut out = BTreeMap::new();
     for e in std::fs::read_dir(dir)? {
         let e = e?;
-        out.insert(e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path())?);
+        out.insert(
+            e.file_name().to_string_lossy().into_owned(),
+            std::fs::read(e.path())?,
+        );
     }
     Ok(out)
 }
@@ -60,7 +74,11 @@ pub fn build_sqlite(path: &Path, rows: i64, seed: u64) -> rusqlite::Result<()> {
         for _ in 0..rows {
             let mut v = vec![0u8; rng.gen_range(10..400)];
             rng.fill_bytes(&mut v);
-            ins.execute(rusqlite::params![format!("key-{}", rng.gen::<u32>()), v, rng.gen_range(0..1000i64)])?;
+            ins.execute(rusqlite::params![
+                format!("key-{}", rng.gen::<u32>()),
+                v,
+                rng.gen_range(0..1000i64)
+            ])?;
         }
     }
     tx.commit()?;
@@ -69,9 +87,13 @@ pub fn build_sqlite(path: &Path, rows: i64, seed: u64) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// One row of the fixture table: id, key, value, number.
+pub type Row = (i64, String, Vec<u8>, i64);
+
 /// All rows of the fixture table, in key order.
-pub fn sqlite_rows(path: &Path) -> rusqlite::Result<Vec<(i64, String, Vec<u8>, i64)>> {
-    let c = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+pub fn sqlite_rows(path: &Path) -> rusqlite::Result<Vec<Row>> {
+    let c =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     let mut s = c.prepare("SELECT id, k, v, n FROM items ORDER BY id")?;
     let rows = s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
     rows.collect()
@@ -79,7 +101,8 @@ pub fn sqlite_rows(path: &Path) -> rusqlite::Result<Vec<(i64, String, Vec<u8>, i
 
 /// `PRAGMA integrity_check` result lines.
 pub fn integrity(path: &Path) -> rusqlite::Result<Vec<String>> {
-    let c = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let c =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
     let mut s = c.prepare("PRAGMA integrity_check")?;
     let rows = s.query_map([], |r| r.get::<_, String>(0))?;
     rows.collect()

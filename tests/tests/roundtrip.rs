@@ -15,7 +15,12 @@ fn open(state: &Path, store: &str, chunk: u64) -> Checkpointer {
     let mut cfg = Config::new(state).unwrap();
     cfg.chunk_size = chunk;
     cfg.store_url = Some(store.to_string());
-    Checkpointer::open_with(cfg, RemoteStore::open(store).unwrap(), Env::fixed(1_700_000_000_000, 7)).unwrap()
+    Checkpointer::open_with(
+        cfg,
+        RemoteStore::open(store).unwrap(),
+        Env::fixed(1_700_000_000_000, 7),
+    )
+    .unwrap()
 }
 
 fn file_url(dir: &Path) -> String {
@@ -32,7 +37,10 @@ async fn pages_roundtrip_with_partial_last_chunk_and_dedup() {
     // 83 pages of 4 KiB: 5 full 64 KiB chunks and one of 3 pages.
     let data = fixtures::write_page_file(&src, 83, 4096, &mut rng).unwrap();
     let db = DbId::new("pages").unwrap();
-    let source = Source::Pages { path: src.clone(), page_size: 4096 };
+    let source = Source::Pages {
+        path: src.clone(),
+        page_size: 4096,
+    };
     let r1 = cp.checkpoint(&db, &source).await.unwrap();
     assert_eq!(r1.generation, 1);
     assert_eq!(r1.source_bytes, data.len() as u64);
@@ -83,11 +91,20 @@ async fn segments_roundtrip_across_appends_and_head_truncation() {
     for (g, want) in [(1, &g1_files), (2, &g2_files)] {
         let out = dir.path().join(format!("restored-{g}"));
         cp.restore(&db, Some(Generation(g)), &out).await.unwrap();
-        assert_eq!(&fixtures::read_dir_files(&out).unwrap(), want, "generation {g}");
+        assert_eq!(
+            &fixtures::read_dir_files(&out).unwrap(),
+            want,
+            "generation {g}"
+        );
     }
     let m = cp.manifest(&db, Some(Generation(2))).await.unwrap();
-    let cairn_core::ManifestBody::Segments(s) = m.body else { panic!("not segments") };
-    assert_eq!(s.segments[0].lsn_start.0, g1_files["seg-00000000"].len() as u64);
+    let cairn_core::ManifestBody::Segments(s) = m.body else {
+        panic!("not segments")
+    };
+    assert_eq!(
+        s.segments[0].lsn_start.0,
+        g1_files["seg-00000000"].len() as u64
+    );
     // A sealed segment that changed is refused, naming it.
     std::fs::write(src.join("seg-00000003"), b"rewritten").unwrap();
     let err = cp.checkpoint(&db, &source).await.unwrap_err().to_string();
@@ -103,11 +120,15 @@ async fn sqlite_roundtrip_with_integrity_check() {
     fixtures::build_sqlite(&src, 3000, 3).unwrap();
     let rows1 = fixtures::sqlite_rows(&src).unwrap();
     let db = DbId::new("app").unwrap();
-    cp.checkpoint(&db, &Source::Sqlite(src.clone())).await.unwrap();
+    cp.checkpoint(&db, &Source::Sqlite(src.clone()))
+        .await
+        .unwrap();
     fixtures::build_sqlite(&src, 500, 4).unwrap();
     let rows2 = fixtures::sqlite_rows(&src).unwrap();
     assert_ne!(rows1, rows2);
-    cp.checkpoint(&db, &Source::Sqlite(src.clone())).await.unwrap();
+    cp.checkpoint(&db, &Source::Sqlite(src.clone()))
+        .await
+        .unwrap();
     for (g, want) in [(1, &rows1), (2, &rows2)] {
         let out = dir.path().join(format!("r{g}.db"));
         cp.restore(&db, Some(Generation(g)), &out).await.unwrap();
@@ -128,7 +149,15 @@ async fn fresh_state_restores_from_the_store_alone() {
     let db = DbId::new("p").unwrap();
     {
         let cp = open(&dir.path().join("state"), &store, 32 * 1024);
-        cp.checkpoint(&db, &Source::Pages { path: src.clone(), page_size: 4096 }).await.unwrap();
+        cp.checkpoint(
+            &db,
+            &Source::Pages {
+                path: src.clone(),
+                page_size: 4096,
+            },
+        )
+        .await
+        .unwrap();
     }
     std::fs::remove_dir_all(dir.path().join("state")).unwrap();
     let fresh = dir.path().join("fresh");
@@ -150,7 +179,15 @@ async fn corrupt_or_missing_blobs_are_named_by_verify_and_restore() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(6);
     fixtures::write_page_file(&src, 16, 4096, &mut rng).unwrap();
     let db = DbId::new("c").unwrap();
-    cp.checkpoint(&db, &Source::Pages { path: src.clone(), page_size: 4096 }).await.unwrap();
+    cp.checkpoint(
+        &db,
+        &Source::Pages {
+            path: src.clone(),
+            page_size: 4096,
+        },
+    )
+    .await
+    .unwrap();
     let m = cp.manifest(&db, None).await.unwrap();
     let blobs = m.blobs();
     let tenant = cp.config().tenant.clone();
@@ -169,12 +206,26 @@ async fn corrupt_or_missing_blobs_are_named_by_verify_and_restore() {
     assert!(shallow.errors[0].contains(&missing_key));
     let deep = cp.verify(&db, None, true).await.unwrap();
     assert_eq!(deep.errors.len(), 2, "{deep:?}");
-    assert!(deep.errors.iter().any(|e| e.contains(&corrupt_key) && e.contains("CRC64")), "{deep:?}");
-    assert!(deep.errors.iter().any(|e| e.contains(&missing_key)), "{deep:?}");
+    assert!(
+        deep.errors
+            .iter()
+            .any(|e| e.contains(&corrupt_key) && e.contains("CRC64")),
+        "{deep:?}"
+    );
+    assert!(
+        deep.errors.iter().any(|e| e.contains(&missing_key)),
+        "{deep:?}"
+    );
     let out = dir.path().join("out");
     let err = cp.restore(&db, None, &out).await.unwrap_err().to_string();
-    assert!(err.contains(&corrupt_key) || err.contains(&missing_key), "{err}");
-    assert!(!out.exists(), "a failed restore must not leave a target behind");
+    assert!(
+        err.contains(&corrupt_key) || err.contains(&missing_key),
+        "{err}"
+    );
+    assert!(
+        !out.exists(),
+        "a failed restore must not leave a target behind"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,7 +235,8 @@ async fn two_publishers_of_one_generation_exactly_one_wins() {
     let a = open(&dir.path().join("a"), &store, 64 * 1024);
     let mut cfg = Config::new(dir.path().join("b")).unwrap();
     cfg.chunk_size = 64 * 1024;
-    let b = Checkpointer::open_with(cfg, RemoteStore::open(&store).unwrap(), Env::fixed(1, 99)).unwrap();
+    let b = Checkpointer::open_with(cfg, RemoteStore::open(&store).unwrap(), Env::fixed(1, 99))
+        .unwrap();
     let src_a = dir.path().join("a.bin");
     let src_b = dir.path().join("b.bin");
     let mut rng = rand::rngs::StdRng::seed_from_u64(8);
@@ -192,8 +244,14 @@ async fn two_publishers_of_one_generation_exactly_one_wins() {
     fixtures::write_page_file(&src_b, 200, 4096, &mut rng).unwrap();
     let db = DbId::new("contested").unwrap();
     let (sa, sb) = (
-        Source::Pages { path: src_a.clone(), page_size: 4096 },
-        Source::Pages { path: src_b.clone(), page_size: 4096 },
+        Source::Pages {
+            path: src_a.clone(),
+            page_size: 4096,
+        },
+        Source::Pages {
+            path: src_b.clone(),
+            page_size: 4096,
+        },
     );
     let (ra, rb) = tokio::join!(a.checkpoint(&db, &sa), b.checkpoint(&db, &sb));
     let results = [ra, rb];
@@ -206,13 +264,25 @@ async fn two_publishers_of_one_generation_exactly_one_wins() {
     assert_eq!(won.len(), 1, "exactly one publisher wins: {results:?}");
     assert_eq!(won[0].generation, 1);
     assert_eq!(fenced.len(), 1, "{results:?}");
-    assert!(fenced[0].to_string().contains("another writer"), "{}", fenced[0]);
+    assert!(
+        fenced[0].to_string().contains("another writer"),
+        "{}",
+        fenced[0]
+    );
     // The loser's next attempt builds on the winner's generation.
     let loser = if results[0].is_ok() { &b } else { &a };
     let loser_src = if results[0].is_ok() { &src_b } else { &src_a };
-    let r = loser.checkpoint(&db, &Source::Pages { path: loser_src.clone(), page_size: 4096 }).await.unwrap();
+    let r = loser
+        .checkpoint(
+            &db,
+            &Source::Pages {
+                path: loser_src.clone(),
+                page_size: 4096,
+            },
+        )
+        .await
+        .unwrap();
     assert_eq!(r.generation, 2);
     let m = loser.manifest(&db, Some(Generation(2))).await.unwrap();
     assert_eq!(m.parent, Some(Generation(1)));
 }
-

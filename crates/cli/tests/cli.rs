@@ -18,8 +18,17 @@ fn cairn(state: &Path) -> Command {
 
 fn run_ok(cmd: &mut Command) -> Value {
     let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{cmd:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{cmd:?}: bad JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{cmd:?}: bad JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }
 
 fn run_err(cmd: &mut Command) -> Output {
@@ -63,17 +72,60 @@ fn exercise_all_kinds(dir: &Path, store: Option<&str>, s3: Option<&S3Server>) {
     fixtures::build_sqlite(&sqlite, 2000, 1).unwrap();
     let rows = fixtures::sqlite_rows(&sqlite).unwrap();
 
-    for (db, kind, src) in [("pg", "pages", &pages), ("wal", "segments", &wal), ("app", "sqlite", &sqlite)] {
+    for (db, kind, src) in [
+        ("pg", "pages", &pages),
+        ("wal", "segments", &wal),
+        ("app", "sqlite", &sqlite),
+    ] {
         // Global options after the subcommand too.
-        let j = run_ok(cmd(&state).args(["checkpoint", "--db", db, "--kind", kind, "--chunk-size", "262144", "--json"]).arg("--source").arg(src));
-        for field in ["generation", "kind", "source_bytes", "bytes_uploaded", "blobs_uploaded", "blobs_reused", "duration_ms"] {
+        let j = run_ok(
+            cmd(&state)
+                .args([
+                    "checkpoint",
+                    "--db",
+                    db,
+                    "--kind",
+                    kind,
+                    "--chunk-size",
+                    "262144",
+                    "--json",
+                ])
+                .arg("--source")
+                .arg(src),
+        );
+        for field in [
+            "generation",
+            "kind",
+            "source_bytes",
+            "bytes_uploaded",
+            "blobs_uploaded",
+            "blobs_reused",
+            "duration_ms",
+        ] {
             assert!(j.get(field).is_some(), "checkpoint JSON lacks {field}: {j}");
         }
         assert_eq!(j["generation"], 1);
         assert_eq!(j["kind"], kind);
-        let again = run_ok(cmd(&state).args(["--json", "checkpoint", "--db", db, "--kind", kind, "--chunk-size", "262144"]).arg("--source").arg(src));
+        let again = run_ok(
+            cmd(&state)
+                .args([
+                    "--json",
+                    "checkpoint",
+                    "--db",
+                    db,
+                    "--kind",
+                    kind,
+                    "--chunk-size",
+                    "262144",
+                ])
+                .arg("--source")
+                .arg(src),
+        );
         assert_eq!(again["generation"], 2);
-        assert_eq!(again["blobs_uploaded"], 0, "unchanged source uploads no blob: {again}");
+        assert_eq!(
+            again["blobs_uploaded"], 0,
+            "unchanged source uploads no blob: {again}"
+        );
         let ls = run_ok(cmd(&state).args(["ls", "--db", db, "--json"]));
         assert_eq!(ls.as_array().unwrap().len(), 2);
         let v = run_ok(cmd(&state).args(["verify", "--db", db, "--deep", "--json"]));
@@ -85,23 +137,54 @@ fn exercise_all_kinds(dir: &Path, store: Option<&str>, s3: Option<&S3Server>) {
     // Restore everything from a fresh, empty state directory: the store alone suffices.
     let fresh = dir.join("fresh-state");
     let out = dir.join("pages.out");
-    let r = run_ok(cmd(&fresh).args(["restore", "--db", "pg", "--generation", "1", "--json"]).arg("--to").arg(&out));
+    let r = run_ok(
+        cmd(&fresh)
+            .args(["restore", "--db", "pg", "--generation", "1", "--json"])
+            .arg("--to")
+            .arg(&out),
+    );
     assert_eq!(r["generation"], 1);
     assert_eq!(r["bytes_written"], data.len() as u64);
     assert!(r.get("duration_ms").is_some());
     assert_eq!(std::fs::read(&out).unwrap(), data);
     let wal_out = dir.join("wal.out");
-    run_ok(cmd(&fresh).args(["restore", "--db", "wal", "--json"]).arg("--to").arg(&wal_out));
-    assert_eq!(fixtures::read_dir_files(&wal_out).unwrap(), fixtures::read_dir_files(&wal).unwrap());
+    run_ok(
+        cmd(&fresh)
+            .args(["restore", "--db", "wal", "--json"])
+            .arg("--to")
+            .arg(&wal_out),
+    );
+    assert_eq!(
+        fixtures::read_dir_files(&wal_out).unwrap(),
+        fixtures::read_dir_files(&wal).unwrap()
+    );
     let db_out = dir.join("app.out.db");
-    run_ok(cmd(&fresh).args(["restore", "--db", "app", "--json"]).arg("--to").arg(&db_out));
-    assert_eq!(fixtures::integrity(&db_out).unwrap(), vec!["ok".to_string()]);
+    run_ok(
+        cmd(&fresh)
+            .args(["restore", "--db", "app", "--json"])
+            .arg("--to")
+            .arg(&db_out),
+    );
+    assert_eq!(
+        fixtures::integrity(&db_out).unwrap(),
+        vec!["ok".to_string()]
+    );
     assert_eq!(fixtures::sqlite_rows(&db_out).unwrap(), rows);
 
     // Unknown database and generation are named.
-    let e = run_err(cmd(&fresh).args(["restore", "--db", "nope"]).arg("--to").arg(dir.join("x")));
+    let e = run_err(
+        cmd(&fresh)
+            .args(["restore", "--db", "nope"])
+            .arg("--to")
+            .arg(dir.join("x")),
+    );
     assert!(stderr(&e).contains("nope"), "{}", stderr(&e));
-    let e = run_err(cmd(&fresh).args(["restore", "--db", "pg", "--generation", "9"]).arg("--to").arg(dir.join("x")));
+    let e = run_err(
+        cmd(&fresh)
+            .args(["restore", "--db", "pg", "--generation", "9"])
+            .arg("--to")
+            .arg(dir.join("x")),
+    );
     assert!(stderr(&e).contains("generation 9"), "{}", stderr(&e));
 }
 
@@ -110,7 +193,10 @@ fn all_kinds_on_the_embedded_default_store() {
     let dir = tempfile::tempdir().unwrap();
     exercise_all_kinds(dir.path(), None, None);
     // The default store lives under the state directory.
-    assert!(dir.path().join("state/store/tenants/default/dbs/pg/manifests").is_dir());
+    assert!(dir
+        .path()
+        .join("state/store/tenants/default/dbs/pg/manifests")
+        .is_dir());
 }
 
 #[test]
@@ -120,9 +206,23 @@ fn all_kinds_through_s3_on_a_local_server() {
     let url = server.url("cairn-cli");
     exercise_all_kinds(dir.path(), Some(&url), Some(&server));
     // Objects really are in the bucket.
-    let listing = server.request("GET", &format!("/{}?list-type=2&prefix=cairn-cli/tenants/default/dbs/pg/manifests/", server.bucket()), &[], b"").unwrap();
+    let listing = server
+        .request(
+            "GET",
+            &format!(
+                "/{}?list-type=2&prefix=cairn-cli/tenants/default/dbs/pg/manifests/",
+                server.bucket()
+            ),
+            &[],
+            b"",
+        )
+        .unwrap();
     assert_eq!(listing.status, 200);
-    assert!(listing.body.contains("00000000000000000002.cmf"), "{}", listing.body);
+    assert!(
+        listing.body.contains("00000000000000000002.cmf"),
+        "{}",
+        listing.body
+    );
 }
 
 #[test]
@@ -130,19 +230,43 @@ fn bad_input_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let missing = dir.path().join("does-not-exist.db");
-    let e = run_err(cairn(&state).args(["checkpoint", "--db", "x", "--kind", "sqlite"]).arg("--source").arg(&missing));
+    let e = run_err(
+        cairn(&state)
+            .args(["checkpoint", "--db", "x", "--kind", "sqlite"])
+            .arg("--source")
+            .arg(&missing),
+    );
     assert!(stderr(&e).contains("does-not-exist.db"), "{}", stderr(&e));
     let e = run_err(cairn(&state).args(["--store", "ftp://nowhere/x", "ls", "--db", "x"]));
     assert!(stderr(&e).contains("ftp://nowhere/x"), "{}", stderr(&e));
     let odd = dir.path().join("odd.bin");
     std::fs::write(&odd, vec![1u8; 5000]).unwrap();
-    let e = run_err(cairn(&state).args(["checkpoint", "--db", "x", "--kind", "pages"]).arg("--source").arg(&odd));
-    assert!(stderr(&e).contains("odd.bin") && stderr(&e).contains("page size"), "{}", stderr(&e));
-    let e = run_err(cairn(&state).args(["checkpoint", "--db", "../x", "--kind", "pages"]).arg("--source").arg(&odd));
+    let e = run_err(
+        cairn(&state)
+            .args(["checkpoint", "--db", "x", "--kind", "pages"])
+            .arg("--source")
+            .arg(&odd),
+    );
+    assert!(
+        stderr(&e).contains("odd.bin") && stderr(&e).contains("page size"),
+        "{}",
+        stderr(&e)
+    );
+    let e = run_err(
+        cairn(&state)
+            .args(["checkpoint", "--db", "../x", "--kind", "pages"])
+            .arg("--source")
+            .arg(&odd),
+    );
     assert!(stderr(&e).contains("../x"), "{}", stderr(&e));
     let not_sqlite = dir.path().join("junk.db");
     std::fs::write(&not_sqlite, vec![7u8; 8192]).unwrap();
-    let e = run_err(cairn(&state).args(["checkpoint", "--db", "x", "--kind", "sqlite"]).arg("--source").arg(&not_sqlite));
+    let e = run_err(
+        cairn(&state)
+            .args(["checkpoint", "--db", "x", "--kind", "sqlite"])
+            .arg("--source")
+            .arg(&not_sqlite),
+    );
     assert!(stderr(&e).contains("junk.db"), "{}", stderr(&e));
 }
 
@@ -153,7 +277,21 @@ fn verify_and_restore_name_a_corrupt_blob() {
     let src = dir.path().join("p.bin");
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
     fixtures::write_page_file(&src, 64, 4096, &mut rng).unwrap();
-    run_ok(cairn(&state).args(["checkpoint", "--db", "c", "--kind", "pages", "--chunk-size", "65536", "--json"]).arg("--source").arg(&src));
+    run_ok(
+        cairn(&state)
+            .args([
+                "checkpoint",
+                "--db",
+                "c",
+                "--kind",
+                "pages",
+                "--chunk-size",
+                "65536",
+                "--json",
+            ])
+            .arg("--source")
+            .arg(&src),
+    );
     let blobs = state.join("store/tenants/default/dbs/c/blobs");
     let victim = std::fs::read_dir(&blobs).unwrap().next().unwrap().unwrap();
     let name = victim.file_name().to_string_lossy().into_owned();
@@ -164,7 +302,12 @@ fn verify_and_restore_name_a_corrupt_blob() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["ok"], false);
     assert!(stderr(&out).contains(&name), "{}", stderr(&out));
-    let out = run_err(cairn(&state).args(["restore", "--db", "c"]).arg("--to").arg(dir.path().join("r")));
+    let out = run_err(
+        cairn(&state)
+            .args(["restore", "--db", "c"])
+            .arg("--to")
+            .arg(dir.path().join("r")),
+    );
     assert!(stderr(&out).contains(&name), "{}", stderr(&out));
 }
 
@@ -176,7 +319,11 @@ fn demo_runs_and_passes() {
         .arg(dir.path().join("demo"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["ok"], true, "{v}");
     assert_eq!(v["restores"].as_array().unwrap().len(), 2);

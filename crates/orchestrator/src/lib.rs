@@ -185,7 +185,7 @@ impl Checkpointer {
 
     /// Opens with an explicit store and environment (tests, embedding).
     pub fn open_with(cfg: Config, store: RemoteStore, env: Env) -> Result<Self, CairnError> {
-        if cfg.chunk_size == 0 || cfg.chunk_size % 512 != 0 {
+        if cfg.chunk_size == 0 || !cfg.chunk_size.is_multiple_of(512) {
             return Err(CairnError::Config {
                 what: "chunk size".into(),
                 reason: format!("{} is not a positive multiple of 512 bytes", cfg.chunk_size),

@@ -115,7 +115,7 @@ pub fn plan_pages(
 ) -> Result<PagesPlan, PlanError> {
     if input.page_size == 0
         || input.chunk_size == 0
-        || input.chunk_size % u64::from(input.page_size) != 0
+        || !input.chunk_size.is_multiple_of(u64::from(input.page_size))
     {
         return Err(PlanError::BadChunkSize {
             chunk_size: input.chunk_size,
