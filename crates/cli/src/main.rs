@@ -19,7 +19,7 @@ use clap::{Parser, Subcommand};
 )]
 struct Cli {
     /// Object store URL: file:///abs/dir, s3://bucket/prefix or memory://name
-    /// [default: file://<state>/store]
+    /// (default: `file://<state>/store`)
     #[arg(long, global = true, env = "CAIRN_STORE")]
     store: Option<String>,
     /// State directory (local catalog, job state, scratch).
