@@ -7,12 +7,15 @@
 
 pub mod address;
 pub mod blob;
+pub mod delta;
+pub mod dirty;
 pub mod error;
 pub mod ids;
 pub mod keys;
 pub mod manifest;
 
 pub use address::{BlobKind, BlobRef, ContentAddress, Digest128, PayloadHasher};
+pub use dirty::{DirtySet, DirtyTracker};
 pub use error::CoreError;
 pub use ids::{ChunkId, DbId, Generation, JobId, Lsn, PageNo, TenantId};
 pub use manifest::{

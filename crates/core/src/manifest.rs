@@ -59,8 +59,11 @@ impl std::str::FromStr for SourceKind {
 /// One chunk of a page source at this generation: a base plus an ordered delta chain.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkState {
-    /// Chunk index: the chunk covers bytes `[index * chunk_size, …)` of the file.
+    /// Chunk index: the chunk covers bytes `[index * chunk_size, index * chunk_size + len)`.
     pub index: u64,
+    /// Length of the chunk at this generation (the base's length if there are no deltas;
+    /// a delta may grow or shrink it).
+    pub len: u64,
     /// Full bytes of the chunk as of the base.
     pub base: BlobRef,
     /// Deltas to apply on top of the base, oldest first.
@@ -209,7 +212,13 @@ impl Manifest {
                     if c.index != i as u64 {
                         return Err(bad(format!("chunk at position {i} has index {}", c.index)));
                     }
-                    if c.base.kind != BlobKind::Base || c.base.len != want {
+                    if c.len != want {
+                        return Err(bad(format!("chunk {i} has length {}, expected {want}", c.len)));
+                    }
+                    if c.base.kind != BlobKind::Base
+                        || c.base.len > p.chunk_size
+                        || (c.deltas.is_empty() && c.base.len != want)
+                    {
                         return Err(bad(format!(
                             "chunk {i}: base {} must be a base blob of {want} bytes",
                             c.base.name()
@@ -374,11 +383,13 @@ mod tests {
                 chunks: vec![
                     ChunkState {
                         index: 0,
+                        len: 8192,
                         base: blob(BlobKind::Base, 8192, 1),
                         deltas: vec![],
                     },
                     ChunkState {
                         index: 1,
+                        len: 4096,
                         base: blob(BlobKind::Base, 4096, 2),
                         deltas: vec![],
                     },

@@ -230,3 +230,96 @@ pub fn sqlite_integrity_check(path: &Path) -> Result<Vec<String>, ExecError> {
         .map_err(err)?;
     Ok(rows.into_iter().filter(|r| r != "ok").collect())
 }
+
+/// The digest of one page used to find changed pages: XXH3-128.
+pub fn page_digest(page: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(page)
+}
+
+/// What one read of a chunk found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkScan {
+    /// One digest per page.
+    pub digests: Vec<u128>,
+    /// Content address and confirming digest of the whole chunk, if asked for.
+    pub whole: Option<(ContentAddress, Digest128)>,
+}
+
+/// Reads a chunk once, computing every page's digest and, with `whole`, the chunk's
+/// content address. `len` must be a multiple of `page_size`.
+pub fn scan_chunk(
+    file: &File,
+    path: &Path,
+    offset: u64,
+    len: u64,
+    page_size: u32,
+    whole: bool,
+) -> Result<ChunkScan, ExecError> {
+    let ps = page_size as usize;
+    let mut digests = Vec::with_capacity(usize::try_from(len / u64::from(page_size)).unwrap_or(0));
+    let mut hasher = whole.then(PayloadHasher::new);
+    // IO_BUF is a multiple of every supported page size, so pieces hold whole pages.
+    read_range(file, path, offset, len, |piece| {
+        if let Some(h) = hasher.as_mut() {
+            h.update(piece);
+        }
+        digests.extend(piece.chunks(ps).map(page_digest));
+        Ok(())
+    })?;
+    Ok(ChunkScan {
+        digests,
+        whole: hasher.map(|h| h.finish()),
+    })
+}
+
+/// Reads the given pages (numbers within the chunk at `chunk_offset`, ascending) and
+/// returns their bytes concatenated; runs of adjacent pages are read with one call.
+pub fn read_pages(file: &File, path: &Path, chunk_offset: u64, page_size: u32, pages: &[u32]) -> Result<Vec<u8>, ExecError> {
+    let ps = u64::from(page_size);
+    let mut out = Vec::with_capacity(pages.len() * page_size as usize);
+    let mut i = 0;
+    while i < pages.len() {
+        let mut j = i + 1;
+        while j < pages.len() && pages[j] == pages[j - 1] + 1 && (j - i) < 256 {
+            j += 1;
+        }
+        let start = chunk_offset + u64::from(pages[i]) * ps;
+        read_range(file, path, start, (j - i) as u64 * ps, |piece| {
+            out.extend_from_slice(piece);
+            Ok(())
+        })?;
+        i = j;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scan_and_read_pages_agree() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let data: Vec<u8> = (0..(3 << 20) + 8192).map(|i| (i % 241) as u8 ^ (i >> 12) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let f = File::open(&p).unwrap();
+        let off = 4096 * 3;
+        let len = (data.len() - off) as u64;
+        let s = scan_chunk(&f, &p, off as u64, len, 4096, true).unwrap();
+        assert_eq!(s.digests.len() as u64, len / 4096);
+        assert_eq!(s.digests[5], page_digest(&data[off + 5 * 4096..off + 6 * 4096]));
+        let (addr, _) = s.whole.unwrap();
+        assert_eq!(addr.crc64, cairn_core::address::crc64(&data[off..]));
+        let got = read_pages(&f, &p, off as u64, 4096, &[0, 1, 2, 9, 700]).unwrap();
+        let want: Vec<u8> = [0usize, 1, 2, 9, 700]
+            .iter()
+            .flat_map(|pg| data[off + pg * 4096..off + (pg + 1) * 4096].to_vec())
+            .collect();
+        assert_eq!(got, want);
+        assert!(matches!(
+            read_pages(&f, &p, off as u64, 4096, &[100_000]),
+            Err(ExecError::SourceChanged { .. })
+        ));
+    }
+}

@@ -17,7 +17,7 @@ mod error;
 mod state;
 
 pub use error::ManifestError;
-pub use state::{BlobLookup, DbRecord, StateDb};
+pub use state::{BlobLookup, ChunkDigests, DbRecord, StateDb};
 
 use bytes::Bytes;
 use cairn_core::{keys, DbId, Generation, Manifest, TenantId};
@@ -31,6 +31,18 @@ pub async fn publish(
     state: &StateDb,
     store: &RemoteStore,
     manifest: &Manifest,
+) -> Result<(), ManifestError> {
+    publish_with(state, store, manifest, &[], None).await
+}
+
+/// [`publish`], also recording this writer's page digests in the same local batch
+/// (see [`StateDb::record_generation_with`]).
+pub async fn publish_with(
+    state: &StateDb,
+    store: &RemoteStore,
+    manifest: &Manifest,
+    digests: &[ChunkDigests],
+    chunks: Option<u64>,
 ) -> Result<(), ManifestError> {
     let key = keys::manifest_key(&manifest.tenant, &manifest.db, manifest.generation);
     manifest.validate(&key)?;
@@ -56,7 +68,7 @@ pub async fn publish(
             // Our own earlier attempt created it (its response was lost): idempotent.
         }
     }
-    state.record_generation(manifest)?;
+    state.record_generation_with(manifest, digests, chunks)?;
     Ok(())
 }
 

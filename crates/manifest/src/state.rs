@@ -10,6 +10,7 @@
 //! | `generations` | tenant `\0` db `\0` generation | encoded manifest |
 //! | `catalog` | tenant `\0` db `\0` blob name | [`cairn_core::BlobRef`] (JSON) |
 //! | `changelog` | sequence number | change event (JSON) |
+//! | `pagedigests` | tenant `\0` db `\0` chunk index | [`ChunkDigests`] of this writer's latest generation |
 //! | `jobs`, `leases`, `pins` | reserved for the job queue, leases and pins |
 
 use std::path::{Path, PathBuf};
@@ -30,10 +31,64 @@ const CFS: &[&str] = &[
     "generations",
     "catalog",
     "changelog",
+    "pagedigests",
     "jobs",
     "leases",
     "pins",
 ];
+
+/// Per-page XXH3-128 digests of one chunk, valid for the chain whose newest blob is `tip`.
+/// They let a checkpoint without the engine's dirty marks find changed pages by reading the
+/// chunk once, without downloading anything.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkDigests {
+    /// Chunk index.
+    pub index: u64,
+    /// Name of the newest blob of the chunk's chain (base or last delta) these digests
+    /// describe; stale digests (another writer's generation, a crash) never match.
+    pub tip: String,
+    /// Page size the digests were taken with.
+    pub page_size: u32,
+    /// One digest per page of the chunk.
+    pub digests: Vec<u128>,
+}
+
+impl ChunkDigests {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(8 + self.tip.len() + 16 * self.digests.len());
+        v.extend_from_slice(&(self.tip.len() as u32).to_le_bytes());
+        v.extend_from_slice(self.tip.as_bytes());
+        v.extend_from_slice(&self.page_size.to_le_bytes());
+        for d in &self.digests {
+            v.extend_from_slice(&d.to_le_bytes());
+        }
+        v
+    }
+
+    fn decode(index: u64, v: &[u8]) -> Option<Self> {
+        let n = u32::from_le_bytes(v.get(0..4)?.try_into().ok()?) as usize;
+        let tip = std::str::from_utf8(v.get(4..4 + n)?).ok()?.to_string();
+        let page_size = u32::from_le_bytes(v.get(4 + n..8 + n)?.try_into().ok()?);
+        let rest = v.get(8 + n..)?;
+        if rest.len() % 16 != 0 {
+            return None;
+        }
+        let digests = rest
+            .chunks_exact(16)
+            .map(|c| {
+                let mut a = [0u8; 16];
+                a.copy_from_slice(c);
+                u128::from_le_bytes(a)
+            })
+            .collect();
+        Some(Self {
+            index,
+            tip,
+            page_size,
+            digests,
+        })
+    }
+}
 
 /// What the catalog knows of one database.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -344,9 +399,28 @@ impl StateDb {
         Ok(())
     }
 
+    /// The page digests recorded for chunk `index`, if any (undecodable records count as
+    /// absent: they only cost a rescan).
+    pub fn chunk_digests(&self, tenant: &TenantId, db: &DbId, index: u64) -> Result<Option<ChunkDigests>, ManifestError> {
+        Ok(self
+            .get("pagedigests", &sub_key(tenant, db, &index.to_be_bytes()))?
+            .and_then(|v| ChunkDigests::decode(index, &v)))
+    }
+
     /// Records a published generation in one atomic batch: its manifest, the blobs it
     /// references, the database's latest generation and a change-log event.
     pub fn record_generation(&self, m: &Manifest) -> Result<(), ManifestError> {
+        self.record_generation_with(m, &[], None)
+    }
+
+    /// Like [`StateDb::record_generation`], also replacing page digests: `digests` are
+    /// written and, with `chunks = Some(n)`, digests of chunks `n..` are deleted.
+    pub fn record_generation_with(
+        &self,
+        m: &Manifest,
+        digests: &[ChunkDigests],
+        chunks: Option<u64>,
+    ) -> Result<(), ManifestError> {
         let _seq = self.seq_lock.lock().map_err(|_| ManifestError::Corrupt {
             key: "meta/changelog_seq".into(),
             reason: "lock poisoned".into(),
@@ -389,6 +463,17 @@ impl StateDb {
             reason: e.to_string(),
         })?;
         b.put_cf(self.cf("changelog")?, seq.to_be_bytes(), ev);
+        let pd = self.cf("pagedigests")?;
+        for d in digests {
+            b.put_cf(pd, sub_key(&m.tenant, &m.db, &d.index.to_be_bytes()), d.encode());
+        }
+        if let Some(n) = chunks {
+            b.delete_range_cf(
+                pd,
+                sub_key(&m.tenant, &m.db, &n.to_be_bytes()),
+                sub_key(&m.tenant, &m.db, &u64::MAX.to_be_bytes()),
+            );
+        }
         self.write(b)
     }
 
@@ -506,6 +591,21 @@ mod tests {
                 .unwrap(),
             BlobLookup::New { alias: 0 }
         );
+    }
+
+    #[test]
+    fn page_digests_are_replaced_and_truncated_with_the_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDb::open(dir.path()).unwrap();
+        let t = TenantId::new("t").unwrap();
+        let d = DbId::new("d").unwrap();
+        let cd = |i: u64, tip: &str| ChunkDigests { index: i, tip: tip.into(), page_size: 4096, digests: vec![i.into(), 7] };
+        s.record_generation_with(&manifest(1, &[]), &[cd(0, "a"), cd(1, "b"), cd(2, "c")], Some(3)).unwrap();
+        assert_eq!(s.chunk_digests(&t, &d, 1).unwrap(), Some(cd(1, "b")));
+        s.record_generation_with(&manifest(2, &[]), &[cd(0, "z")], Some(1)).unwrap();
+        assert_eq!(s.chunk_digests(&t, &d, 0).unwrap(), Some(cd(0, "z")));
+        assert_eq!(s.chunk_digests(&t, &d, 1).unwrap(), None);
+        assert_eq!(s.chunk_digests(&t, &d, 2).unwrap(), None);
     }
 
     #[test]

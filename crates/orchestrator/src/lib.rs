@@ -33,7 +33,8 @@ use rand::{RngCore, SeedableRng};
 use serde::Serialize;
 
 pub use cairn_executor::{sqlite_integrity_check, ExecError};
-pub use checkpoint::{CheckpointReport, Source};
+pub use cairn_planner::CostModel;
+pub use checkpoint::{CheckpointOptions, CheckpointReport, Source};
 pub use error::CairnError;
 pub use restore::RestoreReport;
 pub use verify::VerifyReport;
@@ -117,6 +118,10 @@ pub struct Config {
     pub upload_concurrency: usize,
     /// Blob downloads in flight at once during restore and verify.
     pub download_concurrency: usize,
+    /// Chunks read and analysed at once during a checkpoint.
+    pub scan_concurrency: usize,
+    /// The delta-or-rewrite cost model.
+    pub cost_model: CostModel,
 }
 
 impl Config {
@@ -130,6 +135,8 @@ impl Config {
             scratch_limit: 8 * 1024 * 1024 * 1024,
             upload_concurrency: 4,
             download_concurrency: 8,
+            scan_concurrency: 2,
+            cost_model: CostModel::default(),
         })
     }
 }
@@ -191,7 +198,7 @@ impl Checkpointer {
                 reason: format!("{} is not a positive multiple of 512 bytes", cfg.chunk_size),
             });
         }
-        if cfg.upload_concurrency == 0 || cfg.download_concurrency == 0 {
+        if cfg.upload_concurrency == 0 || cfg.download_concurrency == 0 || cfg.scan_concurrency == 0 {
             return Err(CairnError::Config {
                 what: "concurrency".into(),
                 reason: "must be at least 1".into(),

@@ -4,7 +4,8 @@
 
 use std::time::Instant;
 
-use cairn_core::{keys, BlobRef, DbId, Generation, SourceKind};
+use cairn_core::delta::DeltaView;
+use cairn_core::{keys, BlobRef, DbId, Generation, ManifestBody, SourceKind};
 use futures::stream::{self, StreamExt};
 use serde::Serialize;
 
@@ -42,16 +43,40 @@ impl Checkpointer {
         let started = Instant::now();
         let m = self.manifest(db, generation).await?;
         let tenant = &self.cfg.tenant;
-        let mut blobs: Vec<BlobRef> = m.blobs();
-        blobs.sort_by_key(|b| b.name());
-        blobs.dedup_by_key(|b| b.name());
+        // Every distinct blob, with what a delta must be checked against.
+        let mut blobs: Vec<(BlobRef, Option<(u64, u64, u32)>)> = match &m.body {
+            ManifestBody::Pages(p) => p
+                .chunks
+                .iter()
+                .flat_map(|c| {
+                    std::iter::once((c.base, None)).chain(
+                        c.deltas
+                            .iter()
+                            .map(move |d| (*d, Some((c.index, c.base.crc64, p.page_size)))),
+                    )
+                })
+                .collect(),
+            ManifestBody::Segments(_) => m.blobs().into_iter().map(|b| (b, None)).collect(),
+        };
+        blobs.sort_by_key(|(b, _)| b.name());
+        blobs.dedup_by_key(|(b, _)| b.name());
         let checks = stream::iter(blobs.iter())
-            .map(|b| async move {
+            .map(|(b, delta)| async move {
                 let key = keys::blob_key(tenant, db, b);
                 if deep {
-                    match self.store.get_blob(&key, b, |_, _| Ok(())).await {
-                        Ok(_) => Ok(b.object_len()),
-                        Err(e) => Err(format!("{key}: {e}")),
+                    match delta {
+                        None => match self.store.get_blob(&key, b, |_, _| Ok(())).await {
+                            Ok(_) => Ok(b.object_len()),
+                            Err(e) => Err(format!("{key}: {e}")),
+                        },
+                        Some((chunk, base_crc, page_size)) => {
+                            match crate::restore::fetch_blob(&self.store, &key, b).await {
+                                Ok(payload) => DeltaView::parse(&key, &payload, *chunk, *base_crc, *page_size)
+                                    .map(|_| b.object_len())
+                                    .map_err(|e| format!("{key}: {e}")),
+                                Err(e) => Err(format!("{key}: {e}")),
+                            }
+                        }
                     }
                 } else {
                     match self.store.head(&key).await {

@@ -3,10 +3,14 @@
 //! inputs always give the same plan, which is why a plan can be persisted and a resumed job
 //! produces the same blob names.
 
+mod cost;
+
 use std::collections::BTreeMap;
 
 use cairn_core::{Lsn, PagesState, SegmentEntry, SegmentsState, SourceKind};
 use serde::{Deserialize, Serialize};
+
+pub use cost::{decide_chunk, ChainInfo, ChunkDecision, ChunkInput, CostModel, FullReason};
 
 /// Planning errors: the source contradicts the previous generation.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
