@@ -21,6 +21,10 @@ struct Step {
     bytes_uploaded: u64,
     blobs_uploaded: u64,
     blobs_reused: u64,
+    chunks_delta: u64,
+    chunks_full: u64,
+    chunks_unchanged: u64,
+    bytes_dirty: u64,
     duration_ms: u64,
 }
 
@@ -126,17 +130,17 @@ fn change_workload(path: &Path, rows: u64, rng: &mut impl Rng) -> Result<(), Cai
         let mut upd = tx
             .prepare("UPDATE orders SET status = 'refunded', amount_cents = amount_cents / 2 WHERE id = ?1")
             .map_err(&e)?;
-        for _ in 0..rows / 50 {
+        for _ in 0..rows / 500 {
             upd.execute([rng.gen_range(1..=rows) as i64]).map_err(&e)?;
         }
         let mut del = tx.prepare("DELETE FROM orders WHERE id = ?1").map_err(&e)?;
-        for _ in 0..rows / 100 {
+        for _ in 0..rows / 1000 {
             del.execute([rng.gen_range(1..=rows) as i64]).map_err(&e)?;
         }
         let mut ins = tx
             .prepare("INSERT INTO orders (customer_id, amount_cents, status, note, created_at) VALUES (?1, ?2, 'new', ?3, ?4)")
             .map_err(&e)?;
-        for i in 0..rows / 20 {
+        for i in 0..rows / 100 {
             let note = sentence(rng, 8);
             ins.execute(rusqlite::params![
                 1i64,
@@ -231,12 +235,16 @@ pub async fn run(dir: Option<PathBuf>, rows: u64, json: bool) -> Result<bool, Ca
         let r = cp.checkpoint(&db, &Source::Sqlite(db_path.clone())).await?;
         digests.push((Generation(r.generation), content_digest(&db_path)?));
         say(format!(
-            "  checkpoint {} ({label}): {} source, {} blob(s) uploaded ({}), {} reused, {} ms",
+            "  checkpoint {} ({label}): {} source, {} dirty, {} uploaded in {} blob(s) \
+             ({} chunk(s) as deltas, {} rewritten, {} unchanged), {} ms",
             r.generation,
             bytes(r.source_bytes),
-            r.blobs_uploaded,
+            bytes(r.bytes_dirty),
             bytes(r.bytes_uploaded),
-            r.blobs_reused,
+            r.blobs_uploaded,
+            r.chunks_delta,
+            r.chunks_full,
+            r.chunks_unchanged,
             r.duration_ms
         ));
         steps.push(Step {
@@ -246,6 +254,10 @@ pub async fn run(dir: Option<PathBuf>, rows: u64, json: bool) -> Result<bool, Ca
             bytes_uploaded: r.bytes_uploaded,
             blobs_uploaded: r.blobs_uploaded,
             blobs_reused: r.blobs_reused,
+            chunks_delta: r.chunks_delta,
+            chunks_full: r.chunks_full,
+            chunks_unchanged: r.chunks_unchanged,
+            bytes_dirty: r.bytes_dirty,
             duration_ms: r.duration_ms,
         });
     }

@@ -43,6 +43,16 @@ pub fn checkpoint(json: bool, r: &CheckpointReport) {
         r.blobs_reused,
         r.duration_ms
     );
+    if r.kind != "segments" {
+        println!(
+            "  chunks: {} as deltas, {} rewritten, {} unchanged; {} pages dirty ({})",
+            r.chunks_delta,
+            r.chunks_full,
+            r.chunks_unchanged,
+            r.pages_dirty,
+            bytes(r.bytes_dirty)
+        );
+    }
 }
 
 pub fn restore(json: bool, r: &RestoreReport) {
