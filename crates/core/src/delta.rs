@@ -54,13 +54,18 @@ pub fn encode_delta(h: &DeltaHeader, pages: &[u32], bytes: &[u8]) -> Result<Vec<
         reason,
     };
     if bytes.len() as u64 != pages.len() as u64 * u64::from(h.page_size) {
-        return Err(bad(format!("{} page bytes for {} pages", bytes.len(), pages.len())));
+        return Err(bad(format!(
+            "{} page bytes for {} pages",
+            bytes.len(),
+            pages.len()
+        )));
     }
     if pages.windows(2).any(|w| w[0] >= w[1]) {
         return Err(bad("page numbers not strictly ascending".into()));
     }
     let count = u32::try_from(pages.len()).map_err(|_| bad("too many pages".into()))?;
-    let mut out = Vec::with_capacity(usize::try_from(delta_len(h.page_size, pages.len())).unwrap_or(0));
+    let mut out =
+        Vec::with_capacity(usize::try_from(delta_len(h.page_size, pages.len())).unwrap_or(0));
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&DELTA_VERSION.to_le_bytes());
     out.extend_from_slice(&0u16.to_le_bytes());
@@ -103,7 +108,13 @@ impl<'a> DeltaView<'a> {
     /// Parses `payload` (named `name` in errors) and checks it is a delta for `chunk` on top
     /// of the base with CRC64 `base_crc64`, with pages of `page_size` bytes, every page
     /// number inside the chunk.
-    pub fn parse(name: &str, payload: &'a [u8], chunk: u64, base_crc64: u64, page_size: u32) -> Result<Self, CoreError> {
+    pub fn parse(
+        name: &str,
+        payload: &'a [u8],
+        chunk: u64,
+        base_crc64: u64,
+        page_size: u32,
+    ) -> Result<Self, CoreError> {
         let bad = |reason: String| CoreError::CorruptBlob {
             name: name.to_string(),
             reason: format!("delta: {reason}"),
@@ -131,10 +142,16 @@ impl<'a> DeltaView<'a> {
             chunk_len: u64_at(payload, 40),
         };
         if header.page_size != page_size {
-            return Err(bad(format!("page size {} differs from the manifest's {page_size}", header.page_size)));
+            return Err(bad(format!(
+                "page size {} differs from the manifest's {page_size}",
+                header.page_size
+            )));
         }
         if header.chunk != chunk {
-            return Err(bad(format!("written for chunk {}, referenced by chunk {chunk}", header.chunk)));
+            return Err(bad(format!(
+                "written for chunk {}, referenced by chunk {chunk}",
+                header.chunk
+            )));
         }
         if header.base_crc64 != base_crc64 {
             return Err(bad(format!(
@@ -157,7 +174,9 @@ impl<'a> DeltaView<'a> {
         for i in 0..count {
             let p = u32_at(directory, 4 * i);
             if prev.is_some_and(|q| q >= p) {
-                return Err(bad(format!("directory not strictly ascending at entry {i} (page {p})")));
+                return Err(bad(format!(
+                    "directory not strictly ascending at entry {i} (page {p})"
+                )));
             }
             if u64::from(p) >= pages_in_chunk {
                 return Err(bad(format!(

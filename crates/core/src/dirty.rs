@@ -41,7 +41,9 @@ pub struct DirtySet {
 
 impl std::fmt::Debug for DirtyTracker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DirtyTracker").field("capacity", &self.capacity).finish()
+        f.debug_struct("DirtyTracker")
+            .field("capacity", &self.capacity)
+            .finish()
     }
 }
 

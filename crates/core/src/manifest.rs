@@ -213,7 +213,10 @@ impl Manifest {
                         return Err(bad(format!("chunk at position {i} has index {}", c.index)));
                     }
                     if c.len != want {
-                        return Err(bad(format!("chunk {i} has length {}, expected {want}", c.len)));
+                        return Err(bad(format!(
+                            "chunk {i} has length {}, expected {want}",
+                            c.len
+                        )));
                     }
                     if c.base.kind != BlobKind::Base
                         || c.base.len > p.chunk_size

@@ -274,7 +274,13 @@ pub fn scan_chunk(
 
 /// Reads the given pages (numbers within the chunk at `chunk_offset`, ascending) and
 /// returns their bytes concatenated; runs of adjacent pages are read with one call.
-pub fn read_pages(file: &File, path: &Path, chunk_offset: u64, page_size: u32, pages: &[u32]) -> Result<Vec<u8>, ExecError> {
+pub fn read_pages(
+    file: &File,
+    path: &Path,
+    chunk_offset: u64,
+    page_size: u32,
+    pages: &[u32],
+) -> Result<Vec<u8>, ExecError> {
     let ps = u64::from(page_size);
     let mut out = Vec::with_capacity(pages.len() * page_size as usize);
     let mut i = 0;
@@ -301,14 +307,19 @@ mod tests {
     fn scan_and_read_pages_agree() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
-        let data: Vec<u8> = (0..(3 << 20) + 8192).map(|i| (i % 241) as u8 ^ (i >> 12) as u8).collect();
+        let data: Vec<u8> = (0..(3 << 20) + 8192)
+            .map(|i| (i % 241) as u8 ^ (i >> 12) as u8)
+            .collect();
         std::fs::write(&p, &data).unwrap();
         let f = File::open(&p).unwrap();
         let off = 4096 * 3;
         let len = (data.len() - off) as u64;
         let s = scan_chunk(&f, &p, off as u64, len, 4096, true).unwrap();
         assert_eq!(s.digests.len() as u64, len / 4096);
-        assert_eq!(s.digests[5], page_digest(&data[off + 5 * 4096..off + 6 * 4096]));
+        assert_eq!(
+            s.digests[5],
+            page_digest(&data[off + 5 * 4096..off + 6 * 4096])
+        );
         let (addr, _) = s.whole.unwrap();
         assert_eq!(addr.crc64, cairn_core::address::crc64(&data[off..]));
         let got = read_pages(&f, &p, off as u64, 4096, &[0, 1, 2, 9, 700]).unwrap();

@@ -401,7 +401,12 @@ impl StateDb {
 
     /// The page digests recorded for chunk `index`, if any (undecodable records count as
     /// absent: they only cost a rescan).
-    pub fn chunk_digests(&self, tenant: &TenantId, db: &DbId, index: u64) -> Result<Option<ChunkDigests>, ManifestError> {
+    pub fn chunk_digests(
+        &self,
+        tenant: &TenantId,
+        db: &DbId,
+        index: u64,
+    ) -> Result<Option<ChunkDigests>, ManifestError> {
         Ok(self
             .get("pagedigests", &sub_key(tenant, db, &index.to_be_bytes()))?
             .and_then(|v| ChunkDigests::decode(index, &v)))
@@ -465,7 +470,11 @@ impl StateDb {
         b.put_cf(self.cf("changelog")?, seq.to_be_bytes(), ev);
         let pd = self.cf("pagedigests")?;
         for d in digests {
-            b.put_cf(pd, sub_key(&m.tenant, &m.db, &d.index.to_be_bytes()), d.encode());
+            b.put_cf(
+                pd,
+                sub_key(&m.tenant, &m.db, &d.index.to_be_bytes()),
+                d.encode(),
+            );
         }
         if let Some(n) = chunks {
             b.delete_range_cf(
@@ -599,10 +608,21 @@ mod tests {
         let s = StateDb::open(dir.path()).unwrap();
         let t = TenantId::new("t").unwrap();
         let d = DbId::new("d").unwrap();
-        let cd = |i: u64, tip: &str| ChunkDigests { index: i, tip: tip.into(), page_size: 4096, digests: vec![i.into(), 7] };
-        s.record_generation_with(&manifest(1, &[]), &[cd(0, "a"), cd(1, "b"), cd(2, "c")], Some(3)).unwrap();
+        let cd = |i: u64, tip: &str| ChunkDigests {
+            index: i,
+            tip: tip.into(),
+            page_size: 4096,
+            digests: vec![i.into(), 7],
+        };
+        s.record_generation_with(
+            &manifest(1, &[]),
+            &[cd(0, "a"), cd(1, "b"), cd(2, "c")],
+            Some(3),
+        )
+        .unwrap();
         assert_eq!(s.chunk_digests(&t, &d, 1).unwrap(), Some(cd(1, "b")));
-        s.record_generation_with(&manifest(2, &[]), &[cd(0, "z")], Some(1)).unwrap();
+        s.record_generation_with(&manifest(2, &[]), &[cd(0, "z")], Some(1))
+            .unwrap();
         assert_eq!(s.chunk_digests(&t, &d, 0).unwrap(), Some(cd(0, "z")));
         assert_eq!(s.chunk_digests(&t, &d, 1).unwrap(), None);
         assert_eq!(s.chunk_digests(&t, &d, 2).unwrap(), None);

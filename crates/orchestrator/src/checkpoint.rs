@@ -9,16 +9,17 @@ use std::time::Instant;
 
 use cairn_core::delta::{encode_delta, DeltaHeader};
 use cairn_core::{
-    keys, BlobKind, BlobRef, ChunkState, ContentAddress, DbId, Digest128, DirtySet, Generation, Manifest,
-    ManifestBody, PagesState, PayloadHasher, SegmentEntry, SegmentsState, SourceKind,
+    keys, BlobKind, BlobRef, ChunkState, ContentAddress, DbId, Digest128, DirtySet, Generation,
+    Manifest, ManifestBody, PagesState, PayloadHasher, SegmentEntry, SegmentsState, SourceKind,
 };
 use cairn_executor::{
-    list_segments, page_digest, read_pages, scan_chunk, sqlite_snapshot, JobScratch, PageFile, StagedBlob,
+    list_segments, page_digest, read_pages, scan_chunk, sqlite_snapshot, JobScratch, PageFile,
+    StagedBlob,
 };
 use cairn_manifest::{BlobLookup, ChunkDigests, StateDb};
 use cairn_planner::{
-    decide_chunk, plan_pages, plan_segments, ChainInfo, ChunkDecision, ChunkInput, ChunkPlan, CostModel,
-    PagesInput, SegmentAction, SegmentInput,
+    decide_chunk, plan_pages, plan_segments, ChainInfo, ChunkDecision, ChunkInput, ChunkPlan,
+    CostModel, PagesInput, SegmentAction, SegmentInput,
 };
 use cairn_remote_store::RemoteStore;
 use futures::stream::{self, FuturesUnordered, StreamExt};
@@ -59,7 +60,9 @@ impl Source {
 pub struct CheckpointOptions {
     /// Pages the engine marked dirty since its previous checkpoint (a
     /// [`cairn_core::DirtyTracker`] drain), as file-wide page numbers. Pages outside the set
-    /// are trusted to be unchanged and are not read. `None` (or an overflowed set) means
+    /// are trusted to be unchanged and are not read, so every page written since the
+    /// previous checkpoint must be marked; only pages past the previous checkpoint's end of
+    /// file need no mark. `None` (or an overflowed set) means
     /// the checkpointer finds changed pages itself by comparing page digests.
     pub dirty: Option<DirtySet>,
 }
@@ -148,7 +151,11 @@ impl BlobSink<'_> {
         stage: Stage,
     ) -> Result<BlobRef, CairnError> {
         let tenant = &self.cp.cfg.tenant;
-        let alias = match self.cp.state.find_blob(tenant, self.db, kind, addr.crc64, addr.len, xxh3)? {
+        let alias = match self
+            .cp
+            .state
+            .find_blob(tenant, self.db, kind, addr.crc64, addr.len, xxh3)?
+        {
             BlobLookup::Found(b) => {
                 self.report.blobs_reused += 1;
                 return Ok(b);
@@ -174,17 +181,22 @@ impl BlobSink<'_> {
             self.report.blobs_reused += 1;
             return Ok(blob);
         }
-        self.drain_to(self.cp.cfg.upload_concurrency.saturating_sub(1)).await?;
+        self.drain_to(self.cp.cfg.upload_concurrency.saturating_sub(1))
+            .await?;
         let job = self.scratch.clone();
         let staged: StagedBlob = tokio::task::spawn_blocking(move || match stage {
-            Stage::Range { file, path, offset } => job.stage_range(kind, &file, &path, offset, blob.len, Some(&blob)),
+            Stage::Range { file, path, offset } => {
+                job.stage_range(kind, &file, &path, offset, blob.len, Some(&blob))
+            }
             Stage::Bytes(payload) => job.stage_bytes(kind, &payload, blob.alias),
         })
         .await
         .map_err(task_err)??;
         let store: RemoteStore = self.cp.store.clone();
         self.in_flight.push(tokio::spawn(async move {
-            store.put_blob_file(&key, &staged.path, &staged.blob).await?;
+            store
+                .put_blob_file(&key, &staged.path, &staged.blob)
+                .await?;
             let size = staged.blob.object_len();
             let _ = std::fs::remove_file(&staged.path);
             drop(staged);
@@ -196,8 +208,13 @@ impl BlobSink<'_> {
 
 impl Checkpointer {
     /// Checkpoints `source` as the next generation of `db` and publishes it.
-    pub async fn checkpoint(&self, db: &DbId, source: &Source) -> Result<CheckpointReport, CairnError> {
-        self.checkpoint_with(db, source, &CheckpointOptions::default()).await
+    pub async fn checkpoint(
+        &self,
+        db: &DbId,
+        source: &Source,
+    ) -> Result<CheckpointReport, CairnError> {
+        self.checkpoint_with(db, source, &CheckpointOptions::default())
+            .await
     }
 
     /// [`Checkpointer::checkpoint`] with options (the engine's dirty pages).
@@ -227,7 +244,9 @@ impl Checkpointer {
         }
         let job = cairn_core::JobId(self.env.next_u64());
         let scratch = self.scratch.job(job)?;
-        let result = self.checkpoint_in(db, source, prev.as_ref(), &scratch, opts).await;
+        let result = self
+            .checkpoint_in(db, source, prev.as_ref(), &scratch, opts)
+            .await;
         // Scratch goes whatever happened; published or not, nothing in it is needed.
         let cleanup = self.scratch.remove_job(job);
         let mut report = result?;
@@ -344,7 +363,11 @@ fn analyze(ctx: ChunkCtx) -> Result<Analysis, CairnError> {
         let prev_pages = usize::try_from(prev.len / ps).unwrap_or(usize::MAX);
         match &ctx.hint {
             Some(hint) => {
-                let mut dirty: Vec<u32> = hint.iter().copied().filter(|p| (*p as usize) < pages_now).collect();
+                let mut dirty: Vec<u32> = hint
+                    .iter()
+                    .copied()
+                    .filter(|p| (*p as usize) < pages_now)
+                    .collect();
                 dirty.extend((prev_pages..pages_now).filter_map(|p| u32::try_from(p).ok()));
                 dirty.sort_unstable();
                 dirty.dedup();
@@ -352,12 +375,20 @@ fn analyze(ctx: ChunkCtx) -> Result<Analysis, CairnError> {
                 let mut digests = stored.digests.clone();
                 digests.resize(pages_now, 0);
                 for (i, p) in dirty.iter().enumerate() {
-                    digests[*p as usize] = page_digest(&bytes[i * ps as usize..(i + 1) * ps as usize]);
+                    digests[*p as usize] =
+                        page_digest(&bytes[i * ps as usize..(i + 1) * ps as usize]);
                 }
                 known = Some((dirty, digests, Some(bytes)));
             }
             None => {
-                let scan = scan_chunk(&ctx.file, &ctx.path, plan.offset, plan.len, ctx.page_size, false)?;
+                let scan = scan_chunk(
+                    &ctx.file,
+                    &ctx.path,
+                    plan.offset,
+                    plan.len,
+                    ctx.page_size,
+                    false,
+                )?;
                 let dirty: Vec<u32> = scan
                     .digests
                     .iter()
@@ -405,8 +436,17 @@ fn analyze(ctx: ChunkCtx) -> Result<Analysis, CairnError> {
             })
         }
         (_, known, _) => {
-            let scan = scan_chunk(&ctx.file, &ctx.path, plan.offset, plan.len, ctx.page_size, true)?;
-            let (addr, xxh3) = scan.whole.ok_or_else(|| CairnError::Task("chunk scan lost its hash".into()))?;
+            let scan = scan_chunk(
+                &ctx.file,
+                &ctx.path,
+                plan.offset,
+                plan.len,
+                ctx.page_size,
+                true,
+            )?;
+            let (addr, xxh3) = scan
+                .whole
+                .ok_or_else(|| CairnError::Task("chunk scan lost its hash".into()))?;
             let dirty = known.map_or(pages_now as u64, |k| k.0.len() as u64);
             Ok(Analysis::Full {
                 addr,
@@ -455,10 +495,14 @@ async fn pages_body(
     let model = sink.cp.cfg.cost_model;
     let mut contexts = Vec::with_capacity(plan.chunks.len());
     for c in &plan.chunks {
-        let prev_chunk = aligned.and_then(|p| p.chunks.get(c.index as usize)).cloned();
+        let prev_chunk = aligned
+            .and_then(|p| p.chunks.get(c.index as usize))
+            .cloned();
         let stored = match &prev_chunk {
             Some(pc) => state.chunk_digests(&tenant, &db, c.index)?.filter(|d| {
-                d.tip == tip(pc) && d.page_size == plan.page_size && d.digests.len() as u64 * u64::from(plan.page_size) == pc.len
+                d.tip == tip(pc)
+                    && d.page_size == plan.page_size
+                    && d.digests.len() as u64 * u64::from(plan.page_size) == pc.len
             }),
             None => None,
         };
@@ -466,7 +510,10 @@ async fn pages_body(
             let first = c.index * pages_per_chunk;
             let lo = h.pages.partition_point(|p| *p < first);
             let hi = h.pages.partition_point(|p| *p < first + pages_per_chunk);
-            h.pages[lo..hi].iter().filter_map(|p| u32::try_from(p - first).ok()).collect()
+            h.pages[lo..hi]
+                .iter()
+                .filter_map(|p| u32::try_from(p - first).ok())
+                .collect()
         });
         contexts.push(ChunkCtx {
             plan: *c,
@@ -533,7 +580,9 @@ async fn pages_body(
                 let mut h = PayloadHasher::new();
                 h.update(&payload);
                 let (addr, xxh3) = h.finish();
-                let delta = sink.put(BlobKind::Delta, addr, xxh3, Stage::Bytes(payload)).await?;
+                let delta = sink
+                    .put(BlobKind::Delta, addr, xxh3, Stage::Bytes(payload))
+                    .await?;
                 sink.report.chunks_delta += 1;
                 sink.report.pages_dirty += dirty;
                 updates.push(ChunkDigests {
@@ -596,17 +645,25 @@ async fn segments_body(
                 sink.report.blobs_reused += 1;
                 segments.push(e);
             }
-            SegmentAction::Upload { name, lsn_start, len } => {
+            SegmentAction::Upload {
+                name,
+                lsn_start,
+                len,
+            } => {
                 let path = dir.join(&name);
-                let f = Arc::new(File::open(&path).map_err(|e| cairn_executor::ExecError::Io {
-                    op: "open segment",
-                    path: path.display().to_string(),
-                    source: e,
-                })?);
+                let f = Arc::new(
+                    File::open(&path).map_err(|e| cairn_executor::ExecError::Io {
+                        op: "open segment",
+                        path: path.display().to_string(),
+                        source: e,
+                    })?,
+                );
                 let (fh, ph) = (Arc::clone(&f), path.clone());
-                let (addr, xxh3) = tokio::task::spawn_blocking(move || cairn_executor::hash_range(&fh, &ph, 0, len))
-                    .await
-                    .map_err(task_err)??;
+                let (addr, xxh3) = tokio::task::spawn_blocking(move || {
+                    cairn_executor::hash_range(&fh, &ph, 0, len)
+                })
+                .await
+                .map_err(task_err)??;
                 let stage = Stage::Range {
                     file: f,
                     path: path.clone(),

@@ -198,7 +198,8 @@ impl Checkpointer {
                 reason: format!("{} is not a positive multiple of 512 bytes", cfg.chunk_size),
             });
         }
-        if cfg.upload_concurrency == 0 || cfg.download_concurrency == 0 || cfg.scan_concurrency == 0 {
+        if cfg.upload_concurrency == 0 || cfg.download_concurrency == 0 || cfg.scan_concurrency == 0
+        {
             return Err(CairnError::Config {
                 what: "concurrency".into(),
                 reason: "must be at least 1".into(),

@@ -5,9 +5,11 @@ use std::path::Path;
 use std::time::Instant;
 
 use cairn_core::delta::DeltaView;
-use cairn_core::{keys, BlobRef, ChunkState, DbId, Generation, Manifest, ManifestBody, PagesState, TenantId};
-use cairn_remote_store::RemoteStore;
+use cairn_core::{
+    keys, BlobRef, ChunkState, DbId, Generation, Manifest, ManifestBody, PagesState, TenantId,
+};
 use cairn_executor::{DirAssembler, FileAssembler};
+use cairn_remote_store::RemoteStore;
 use futures::stream::{self, TryStreamExt};
 use serde::Serialize;
 
@@ -33,7 +35,11 @@ pub struct RestoreReport {
 }
 
 /// Fetches a whole blob into memory, verified.
-pub(crate) async fn fetch_blob(store: &RemoteStore, key: &str, blob: &BlobRef) -> Result<Vec<u8>, CairnError> {
+pub(crate) async fn fetch_blob(
+    store: &RemoteStore,
+    key: &str,
+    blob: &BlobRef,
+) -> Result<Vec<u8>, CairnError> {
     let mut buf = Vec::with_capacity(usize::try_from(blob.len).unwrap_or(0));
     store
         .get_blob(key, blob, |_, bytes| {
@@ -62,7 +68,9 @@ impl Checkpointer {
             if off >= limit {
                 return Ok(());
             }
-            let n = usize::try_from(limit - off).unwrap_or(usize::MAX).min(bytes.len());
+            let n = usize::try_from(limit - off)
+                .unwrap_or(usize::MAX)
+                .min(bytes.len());
             asm.write_at(offset + off, &bytes[..n])
         });
         let deltas = futures::future::try_join_all(c.deltas.iter().map(|d| async move {
@@ -70,7 +78,8 @@ impl Checkpointer {
             let payload = fetch_blob(&self.store, &key, d).await?;
             Ok::<_, CairnError>((key, payload))
         }));
-        let (_, deltas) = futures::try_join!(async { base.await.map_err(CairnError::from) }, deltas)?;
+        let (_, deltas) =
+            futures::try_join!(async { base.await.map_err(CairnError::from) }, deltas)?;
         let ps = u64::from(p.page_size);
         for (i, (key, payload)) in deltas.iter().enumerate() {
             let view = DeltaView::parse(key, payload, c.index, c.base.crc64, p.page_size)?;
@@ -86,11 +95,15 @@ impl Checkpointer {
             for (page, bytes) in view.iter() {
                 let at = u64::from(page) * ps;
                 if at < limit {
-                    let n = usize::try_from(limit - at).unwrap_or(usize::MAX).min(bytes.len());
-                    asm.write_at(offset + at, &bytes[..n]).map_err(|e| cairn_executor::ExecError::Io {
-                        op: "write restored page",
-                        path: key.clone(),
-                        source: e,
+                    let n = usize::try_from(limit - at)
+                        .unwrap_or(usize::MAX)
+                        .min(bytes.len());
+                    asm.write_at(offset + at, &bytes[..n]).map_err(|e| {
+                        cairn_executor::ExecError::Io {
+                            op: "write restored page",
+                            path: key.clone(),
+                            source: e,
+                        }
                     })?;
                 }
             }

@@ -71,9 +71,11 @@ impl Checkpointer {
                         },
                         Some((chunk, base_crc, page_size)) => {
                             match crate::restore::fetch_blob(&self.store, &key, b).await {
-                                Ok(payload) => DeltaView::parse(&key, &payload, *chunk, *base_crc, *page_size)
-                                    .map(|_| b.object_len())
-                                    .map_err(|e| format!("{key}: {e}")),
+                                Ok(payload) => {
+                                    DeltaView::parse(&key, &payload, *chunk, *base_crc, *page_size)
+                                        .map(|_| b.object_len())
+                                        .map_err(|e| format!("{key}: {e}"))
+                                }
                                 Err(e) => Err(format!("{key}: {e}")),
                             }
                         }

@@ -119,8 +119,13 @@ pub fn decide_chunk(input: &ChunkInput, model: &CostModel) -> ChunkDecision {
         return ChunkDecision::Full(FullReason::TooDirty);
     }
     let obj = model.object_cost_bytes as f64;
-    let d = delta_len(input.page_size, usize::try_from(dirty).unwrap_or(usize::MAX)) as f64;
-    let extra_read = prev.delta_bytes as f64 + d + prev.base_len.saturating_sub(input.chunk_len) as f64
+    let d = delta_len(
+        input.page_size,
+        usize::try_from(dirty).unwrap_or(usize::MAX),
+    ) as f64;
+    let extra_read = prev.delta_bytes as f64
+        + d
+        + prev.base_len.saturating_sub(input.chunk_len) as f64
         + (prev.depth as f64 + 1.0) * obj;
     let cost_delta = d + obj + model.restore_weight * extra_read;
     let cost_full = input.chunk_len as f64 + obj;
@@ -155,22 +160,46 @@ mod tests {
     #[test]
     fn few_dirty_pages_give_a_delta() {
         let m = CostModel::default();
-        assert_eq!(decide_chunk(&chunk(0, 0, Some(1)), &m), ChunkDecision::Delta);
-        assert_eq!(decide_chunk(&chunk(5, 3 * MIB, Some(164)), &m), ChunkDecision::Delta);
-        assert_eq!(decide_chunk(&chunk(3, 0, Some(0)), &m), ChunkDecision::Unchanged);
+        assert_eq!(
+            decide_chunk(&chunk(0, 0, Some(1)), &m),
+            ChunkDecision::Delta
+        );
+        assert_eq!(
+            decide_chunk(&chunk(5, 3 * MIB, Some(164)), &m),
+            ChunkDecision::Delta
+        );
+        assert_eq!(
+            decide_chunk(&chunk(3, 0, Some(0)), &m),
+            ChunkDecision::Unchanged
+        );
     }
 
     #[test]
     fn heavy_churn_or_deep_chain_gives_a_rewrite() {
         let m = CostModel::default();
-        assert_eq!(decide_chunk(&chunk(0, 0, Some(12_000)), &m), ChunkDecision::Full(FullReason::TooDirty));
-        assert_eq!(decide_chunk(&chunk(32, MIB, Some(1)), &m), ChunkDecision::Full(FullReason::ChainTooDeep));
-        assert_eq!(decide_chunk(&chunk(0, 0, None), &m), ChunkDecision::Full(FullReason::DirtyUnknown));
+        assert_eq!(
+            decide_chunk(&chunk(0, 0, Some(12_000)), &m),
+            ChunkDecision::Full(FullReason::TooDirty)
+        );
+        assert_eq!(
+            decide_chunk(&chunk(32, MIB, Some(1)), &m),
+            ChunkDecision::Full(FullReason::ChainTooDeep)
+        );
+        assert_eq!(
+            decide_chunk(&chunk(0, 0, None), &m),
+            ChunkDecision::Full(FullReason::DirtyUnknown)
+        );
         let mut new = chunk(0, 0, Some(1));
         new.prev = None;
-        assert_eq!(decide_chunk(&new, &m), ChunkDecision::Full(FullReason::NoChain));
+        assert_eq!(
+            decide_chunk(&new, &m),
+            ChunkDecision::Full(FullReason::NoChain)
+        );
         // A long chain whose deltas already add up to most of a chunk: rewriting is cheaper.
-        assert_eq!(decide_chunk(&chunk(20, 300 * MIB, Some(100)), &m), ChunkDecision::Full(FullReason::Cheaper));
+        assert_eq!(
+            decide_chunk(&chunk(20, 300 * MIB, Some(100)), &m),
+            ChunkDecision::Full(FullReason::Cheaper)
+        );
     }
 
     #[test]
@@ -179,7 +208,12 @@ mod tests {
         let input = ChunkInput {
             chunk_len: 40 * MIB + 8192,
             page_size: 4096,
-            prev: Some(ChainInfo { depth: 0, base_len: 40 * MIB, delta_bytes: 0, chunk_len: 40 * MIB }),
+            prev: Some(ChainInfo {
+                depth: 0,
+                base_len: 40 * MIB,
+                delta_bytes: 0,
+                chunk_len: 40 * MIB,
+            }),
             dirty_pages: Some(2),
         };
         assert_eq!(decide_chunk(&input, &m), ChunkDecision::Delta);
