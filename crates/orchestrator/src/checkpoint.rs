@@ -348,6 +348,14 @@ enum Analysis {
     },
 }
 
+/// Pages of a chunk that changed, the chunk's new page digests and, if they were read
+/// already, the changed pages' bytes.
+struct Dirty {
+    pages: Vec<u32>,
+    digests: Vec<u128>,
+    bytes: Option<Vec<u8>>,
+}
+
 fn tip(c: &ChunkState) -> String {
     c.deltas.last().unwrap_or(&c.base).name()
 }
@@ -358,7 +366,7 @@ fn analyze(ctx: ChunkCtx) -> Result<Analysis, CairnError> {
     let pages_now = usize::try_from(plan.len / ps).unwrap_or(usize::MAX);
     // Dirty pages within the chunk, with new digests for the whole chunk and, when the
     // dirty pages were read already, their bytes.
-    let mut known: Option<(Vec<u32>, Vec<u128>, Option<Vec<u8>>)> = None;
+    let mut known: Option<Dirty> = None;
     if let (Some(prev), Some(stored)) = (&ctx.prev, &ctx.stored) {
         let prev_pages = usize::try_from(prev.len / ps).unwrap_or(usize::MAX);
         match &ctx.hint {
@@ -378,7 +386,11 @@ fn analyze(ctx: ChunkCtx) -> Result<Analysis, CairnError> {
                     digests[*p as usize] =
                         page_digest(&bytes[i * ps as usize..(i + 1) * ps as usize]);
                 }
-                known = Some((dirty, digests, Some(bytes)));
+                known = Some(Dirty {
+                    pages: dirty,
+                    digests,
+                    bytes: Some(bytes),
+                });
             }
             None => {
                 let scan = scan_chunk(
@@ -396,7 +408,11 @@ fn analyze(ctx: ChunkCtx) -> Result<Analysis, CairnError> {
                     .filter(|(i, d)| stored.digests.get(*i) != Some(d))
                     .filter_map(|(i, _)| u32::try_from(i).ok())
                     .collect();
-                known = Some((dirty, scan.digests, None));
+                known = Some(Dirty {
+                    pages: dirty,
+                    digests: scan.digests,
+                    bytes: None,
+                });
             }
         }
     }
@@ -410,12 +426,20 @@ fn analyze(ctx: ChunkCtx) -> Result<Analysis, CairnError> {
         chunk_len: plan.len,
         page_size: ctx.page_size,
         prev: chain.filter(|_| known.is_some()),
-        dirty_pages: known.as_ref().map(|k| k.0.len() as u64),
+        dirty_pages: known.as_ref().map(|k| k.pages.len() as u64),
     };
     let decision = decide_chunk(&input, &ctx.model);
     match (decision, known, ctx.prev) {
         (ChunkDecision::Unchanged, Some(_), Some(prev)) => Ok(Analysis::Unchanged(prev)),
-        (ChunkDecision::Delta, Some((dirty, digests, bytes)), Some(prev)) => {
+        (
+            ChunkDecision::Delta,
+            Some(Dirty {
+                pages: dirty,
+                digests,
+                bytes,
+            }),
+            Some(prev),
+        ) => {
             let bytes = match bytes {
                 Some(b) => b,
                 None => read_pages(&ctx.file, &ctx.path, plan.offset, ctx.page_size, &dirty)?,
@@ -447,7 +471,7 @@ fn analyze(ctx: ChunkCtx) -> Result<Analysis, CairnError> {
             let (addr, xxh3) = scan
                 .whole
                 .ok_or_else(|| CairnError::Task("chunk scan lost its hash".into()))?;
-            let dirty = known.map_or(pages_now as u64, |k| k.0.len() as u64);
+            let dirty = known.map_or(pages_now as u64, |k| k.pages.len() as u64);
             Ok(Analysis::Full {
                 addr,
                 xxh3,

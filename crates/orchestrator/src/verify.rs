@@ -32,6 +32,13 @@ pub struct VerifyReport {
     pub duration_ms: u64,
 }
 
+/// What a delta blob is checked against.
+struct DeltaCtx {
+    chunk: u64,
+    base_crc64: u64,
+    page_size: u32,
+}
+
 impl Checkpointer {
     /// Verifies `generation` of `db` (latest if `None`).
     pub async fn verify(
@@ -44,16 +51,19 @@ impl Checkpointer {
         let m = self.manifest(db, generation).await?;
         let tenant = &self.cfg.tenant;
         // Every distinct blob, with what a delta must be checked against.
-        let mut blobs: Vec<(BlobRef, Option<(u64, u64, u32)>)> = match &m.body {
+        let mut blobs: Vec<(BlobRef, Option<DeltaCtx>)> = match &m.body {
             ManifestBody::Pages(p) => p
                 .chunks
                 .iter()
                 .flat_map(|c| {
-                    std::iter::once((c.base, None)).chain(
-                        c.deltas
-                            .iter()
-                            .map(move |d| (*d, Some((c.index, c.base.crc64, p.page_size)))),
-                    )
+                    std::iter::once((c.base, None)).chain(c.deltas.iter().map(move |d| {
+                        let ctx = DeltaCtx {
+                            chunk: c.index,
+                            base_crc64: c.base.crc64,
+                            page_size: p.page_size,
+                        };
+                        (*d, Some(ctx))
+                    }))
                 })
                 .collect(),
             ManifestBody::Segments(_) => m.blobs().into_iter().map(|b| (b, None)).collect(),
@@ -69,16 +79,18 @@ impl Checkpointer {
                             Ok(_) => Ok(b.object_len()),
                             Err(e) => Err(format!("{key}: {e}")),
                         },
-                        Some((chunk, base_crc, page_size)) => {
-                            match crate::restore::fetch_blob(&self.store, &key, b).await {
-                                Ok(payload) => {
-                                    DeltaView::parse(&key, &payload, *chunk, *base_crc, *page_size)
-                                        .map(|_| b.object_len())
-                                        .map_err(|e| format!("{key}: {e}"))
-                                }
-                                Err(e) => Err(format!("{key}: {e}")),
+                        Some(DeltaCtx {
+                            chunk,
+                            base_crc64: base_crc,
+                            page_size,
+                        }) => match crate::restore::fetch_blob(&self.store, &key, b).await {
+                            Ok(payload) => {
+                                DeltaView::parse(&key, &payload, *chunk, *base_crc, *page_size)
+                                    .map(|_| b.object_len())
+                                    .map_err(|e| format!("{key}: {e}"))
                             }
-                        }
+                            Err(e) => Err(format!("{key}: {e}")),
+                        },
                     }
                 } else {
                     match self.store.head(&key).await {

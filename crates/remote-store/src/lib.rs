@@ -81,6 +81,9 @@ pub struct RemoteStore {
     root: String,
     describe: String,
     cfg: StoreConfig,
+    /// For `file://` stores: the directory, so staged blobs can be published by hard link
+    /// instead of a second copy.
+    local_root: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for RemoteStore {
@@ -148,7 +151,9 @@ impl RemoteStore {
                 let fs = LocalFileSystem::new_with_prefix(&dir)
                     .map_err(|e| bad(e.to_string()))?
                     .with_fsync(true);
-                Ok(Self::from_object_store(Arc::new(fs), "", describe, cfg))
+                let mut store = Self::from_object_store(Arc::new(fs), "", describe, cfg);
+                store.local_root = Some(dir);
+                Ok(store)
             }
             "s3" => {
                 let bucket = parsed
@@ -210,6 +215,7 @@ impl RemoteStore {
             root: root.trim_matches('/').to_string(),
             describe: describe.into(),
             cfg,
+            local_root: None,
         }
     }
 
@@ -325,6 +331,9 @@ impl RemoteStore {
             }));
         }
         let mut decoder = BlobDecoder::new(file.display().to_string(), Some(*expected));
+        if let Some(root) = &self.local_root {
+            return self.link_blob_file(root, key, file, decoder).await;
+        }
         if size <= self.cfg.multipart_threshold {
             let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
             f.read_to_end(&mut buf)
@@ -373,6 +382,55 @@ impl RemoteStore {
         }
     }
 
+    /// Local-directory publication of a staged blob: re-verify it, hard-link it into the
+    /// store under a temporary name, fsync, then rename into place (atomic, and a
+    /// concurrent identical publication is harmless: same name, same bytes).
+    async fn link_blob_file(
+        &self,
+        root: &FsPath,
+        key: &str,
+        file: &FsPath,
+        mut decoder: BlobDecoder,
+    ) -> Result<(), StoreError> {
+        let io = |op: &'static str, p: &FsPath| {
+            let path = p.display().to_string();
+            move |e| StoreError::Io {
+                op,
+                path,
+                source: e,
+            }
+        };
+        let (src, dest) = (file.to_path_buf(), root.join(key));
+        let tmp = dest.with_extension(format!("link-{:016x}", rand::random::<u64>()));
+        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            let f = std::fs::File::open(&src).map_err(io("open staged blob", &src))?;
+            read_chunks(&f, &src, |piece| {
+                decoder.push(piece).map(|_| ()).map_err(StoreError::from)
+            })?;
+            decoder.finish()?;
+            let parent = dest.parent().unwrap_or(FsPath::new("/")).to_path_buf();
+            std::fs::create_dir_all(&parent).map_err(io("create store directory", &parent))?;
+            let _ = std::fs::remove_file(&tmp);
+            if std::fs::hard_link(&src, &tmp).is_err() {
+                // Another filesystem (or no link support): copy instead.
+                std::fs::copy(&src, &tmp).map_err(io("copy staged blob into store", &tmp))?;
+                std::fs::File::open(&tmp)
+                    .and_then(|f| f.sync_all())
+                    .map_err(io("fsync blob", &tmp))?;
+            }
+            std::fs::rename(&tmp, &dest).map_err(io("rename blob into place", &dest))?;
+            std::fs::File::open(&parent)
+                .and_then(|d| d.sync_all())
+                .map_err(io("fsync store directory", &parent))
+        })
+        .await
+        .map_err(|e| StoreError::Io {
+            op: "publish staged blob",
+            path: file.display().to_string(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+    }
+
     /// Streams the blob at `key`, verifying it against `expected`, and hands each payload
     /// piece with its offset to `sink`. Fails, naming the key, on any mismatch; the sink may
     /// have received bytes by then, so callers write into scratch or overwrite on retry.
@@ -400,6 +458,44 @@ impl RemoteStore {
         }
         let mut decoder = BlobDecoder::new(key, Some(*expected));
         let mut offset = 0u64;
+        if let object_store::GetResultPayload::File(file, path) = res.payload {
+            // Local files: large reads on a blocking thread instead of 8 KiB stream pieces.
+            let mut file = Some(file);
+            loop {
+                let Some(f) = file.take() else { break };
+                let p = path.clone();
+                let (f, piece) = tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0u8; LOCAL_READ];
+                    let n = read_full(&f, &mut buf).map_err(|e| StoreError::Io {
+                        op: "read blob",
+                        path: p.display().to_string(),
+                        source: e,
+                    })?;
+                    buf.truncate(n);
+                    Ok::<_, StoreError>((f, buf))
+                })
+                .await
+                .map_err(|e| StoreError::Io {
+                    op: "read blob",
+                    path: key.to_string(),
+                    source: std::io::Error::other(e.to_string()),
+                })??;
+                if piece.is_empty() {
+                    break;
+                }
+                let payload = decoder.push(&piece)?;
+                if !payload.is_empty() {
+                    sink(offset, payload).map_err(|e| StoreError::Io {
+                        op: "write restored bytes of",
+                        path: key.to_string(),
+                        source: e,
+                    })?;
+                    offset += payload.len() as u64;
+                }
+                file = Some(f);
+            }
+            return Ok(decoder.finish()?);
+        }
         let mut stream = res.into_stream();
         while let Some(piece) = stream.next().await {
             let piece = piece.map_err(|e| self.err("get", key, e))?;
@@ -438,6 +534,43 @@ impl RemoteStore {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.err("delete", key, e)),
         }
+    }
+}
+
+const LOCAL_READ: usize = 4 << 20;
+
+/// Reads until `buf` is full or the file ends; returns the bytes read.
+fn read_full(mut f: &std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::io::Read;
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Reads a whole file in `LOCAL_READ` pieces.
+fn read_chunks(
+    f: &std::fs::File,
+    path: &FsPath,
+    mut each: impl FnMut(&[u8]) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let mut buf = vec![0u8; LOCAL_READ];
+    loop {
+        let n = read_full(f, &mut buf).map_err(|e| StoreError::Io {
+            op: "read staged blob",
+            path: path.display().to_string(),
+            source: e,
+        })?;
+        if n == 0 {
+            return Ok(());
+        }
+        each(&buf[..n])?;
     }
 }
 
