@@ -86,6 +86,11 @@ enum Cmd {
         #[arg(long)]
         db: Option<String>,
     },
+    /// List jobs with kind, database, state, phase, progress, attempts and last error.
+    /// (The only command that does not resume unfinished jobs first.)
+    Status,
+    /// Run unfinished jobs now (every other command also runs them first).
+    Resume,
     /// Run the end-to-end demonstration on the embedded default store.
     Demo {
         /// Directory to work in [default: a fresh directory under the system temp dir].
@@ -131,6 +136,18 @@ fn config(cli: &Cli) -> Result<Config, CairnError> {
     Ok(cfg)
 }
 
+/// Opens the checkpointer and finishes interrupted jobs, reporting each on stderr.
+async fn open(cfg: Config) -> Result<Checkpointer, CairnError> {
+    let cp = Checkpointer::open(cfg)?;
+    for (id, r) in cp.resume().await? {
+        match r {
+            Ok(out) => eprintln!("resumed job {id}: {}", output::outcome(&out)),
+            Err(e) => eprintln!("resumed job {id} did not complete: {e}"),
+        }
+    }
+    Ok(cp)
+}
+
 async fn run(cli: Cli) -> Result<ExitCode, CairnError> {
     let json = cli.json;
     match &cli.cmd {
@@ -143,7 +160,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CairnError> {
         } => {
             let mut cfg = config(&cli)?;
             cfg.chunk_size = *chunk_size;
-            let cp = Checkpointer::open(cfg)?;
+            let cp = open(cfg).await?;
             let src = match kind {
                 SourceKind::Sqlite => Source::Sqlite(source.clone()),
                 SourceKind::Pages => Source::Pages {
@@ -181,12 +198,24 @@ async fn run(cli: Cli) -> Result<ExitCode, CairnError> {
             })
         }
         Cmd::Ls { db } => {
-            let cp = Checkpointer::open(config(&cli)?)?;
+            let cp = open(config(&cli)?).await?;
             match db {
                 Some(db) => output::generations(json, &cp.list(&DbId::new(db.clone())?).await?),
                 None => output::databases(json, &cp.databases().await?),
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Status => {
+            let cp = Checkpointer::open(config(&cli)?)?;
+            output::status(json, &cp.jobs()?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Resume => {
+            let cp = Checkpointer::open(config(&cli)?)?;
+            let results = cp.resume().await?;
+            let failed = results.iter().filter(|(_, r)| r.is_err()).count();
+            output::resumed(json, &results);
+            Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Cmd::Demo { dir, rows } => {
             let ok = demo::run(dir.clone(), *rows, json).await?;

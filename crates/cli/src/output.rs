@@ -1,7 +1,10 @@
 //! Human and JSON renderings of the library's reports.
 
 use cairn_core::DbId;
-use cairn_orchestrator::{CheckpointReport, GenerationInfo, RestoreReport, VerifyReport};
+use cairn_core::JobId;
+use cairn_orchestrator::{
+    CairnError, CheckpointReport, GenerationInfo, JobOutcome, JobRecord, JobStatus, RestoreReport, VerifyReport,
+};
 use serde::Serialize;
 
 fn print_json<T: Serialize>(v: &T) {
@@ -125,6 +128,81 @@ pub fn databases(json: bool, dbs: &[DbId]) {
     }
     for d in dbs {
         println!("{d}");
+    }
+}
+
+/// One line about a finished job.
+pub fn outcome(o: &JobOutcome) -> String {
+    match o {
+        JobOutcome::Checkpoint(r) => format!("published generation {} of {}/{}", r.generation, r.tenant, r.db),
+        JobOutcome::Restore(r) => format!("restored generation {} of {} to {}", r.generation, r.db, r.path),
+        JobOutcome::Verify(r) => format!(
+            "verified generation {} of {}: {}",
+            r.generation,
+            r.db,
+            if r.ok { "ok" } else { "problems found" }
+        ),
+    }
+}
+
+pub fn status(json: bool, jobs: &[JobRecord]) {
+    let rows: Vec<JobStatus> = jobs.iter().map(JobStatus::from).collect();
+    if json {
+        return print_json(&rows);
+    }
+    if rows.is_empty() {
+        println!("no jobs");
+        return;
+    }
+    println!(
+        "{:<16}  {:<10}  {:<12}  {:<9}  {:<9}  {:>15}  {:>8}  {:>4}  last error",
+        "job", "kind", "database", "state", "phase", "progress", "gen", "try"
+    );
+    for r in &rows {
+        println!(
+            "{:<16}  {:<10}  {:<12}  {:<9}  {:<9}  {:>15}  {:>8}  {:>4}  {}",
+            r.id,
+            r.kind,
+            r.db,
+            format!("{:?}", r.state).to_lowercase(),
+            format!("{:?}", r.phase).to_lowercase(),
+            format!("{}/{} ({})", r.progress.done, r.progress.total, bytes(r.progress.bytes_done)),
+            r.generation.map(|g| g.to_string()).unwrap_or_default(),
+            r.attempts,
+            r.last_error.as_deref().unwrap_or("")
+        );
+    }
+}
+
+#[derive(Serialize)]
+struct Resumed<'a> {
+    job: String,
+    ok: bool,
+    outcome: Option<&'a JobOutcome>,
+    error: Option<String>,
+}
+
+pub fn resumed(json: bool, results: &[(JobId, Result<JobOutcome, CairnError>)]) {
+    if json {
+        let rows: Vec<Resumed<'_>> = results
+            .iter()
+            .map(|(id, r)| Resumed {
+                job: id.to_string(),
+                ok: r.is_ok(),
+                outcome: r.as_ref().ok(),
+                error: r.as_ref().err().map(|e| e.to_string()),
+            })
+            .collect();
+        return print_json(&rows);
+    }
+    if results.is_empty() {
+        println!("no unfinished jobs");
+    }
+    for (id, r) in results {
+        match r {
+            Ok(o) => println!("job {id}: {}", outcome(o)),
+            Err(e) => println!("job {id}: failed: {e}"),
+        }
     }
 }
 

@@ -135,6 +135,9 @@ pub struct Manifest {
     pub writer: String,
     /// Publication time, milliseconds since the Unix epoch (from the injected clock).
     pub created_unix_ms: u64,
+    /// The job that published it (16 hex digits), so a job that publishes twice is visible.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
     /// The source's state.
     pub body: ManifestBody,
 }
@@ -378,6 +381,7 @@ mod tests {
             parent: Some(Generation(1)),
             writer: "w".into(),
             created_unix_ms: 5,
+            job: None,
             body: ManifestBody::Pages(PagesState {
                 origin: SourceKind::Pages,
                 page_size: 4096,

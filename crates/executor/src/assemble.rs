@@ -38,6 +38,13 @@ pub struct FileAssembler {
 impl FileAssembler {
     /// Starts assembling a file of `len` bytes that will replace `target`.
     pub fn create(target: &Path, len: u64) -> Result<Self, ExecError> {
+        Ok(Self::open(target, len, false)?.0)
+    }
+
+    /// Like [`FileAssembler::create`], but with `resume` an existing partial file of the
+    /// right length is reopened as it is (an interrupted restore continues into it).
+    /// Returns whether it was reopened.
+    pub fn open(target: &Path, len: u64, resume: bool) -> Result<(Self, bool), ExecError> {
         if target.is_dir() {
             return Err(ExecError::BadSource {
                 path: target.display().to_string(),
@@ -49,20 +56,41 @@ impl FileAssembler {
                 .map_err(ExecError::io("create restore directory", parent))?;
         }
         let tmp = staging_path(target);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(ExecError::io("create restore file", &tmp))?;
-        file.set_len(len)
-            .map_err(ExecError::io("size restore file", &tmp))?;
-        Ok(Self {
+        let reusable = resume
+            && std::fs::metadata(&tmp)
+                .map(|m| m.is_file() && m.len() == len)
+                .unwrap_or(false);
+        let file = if reusable {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&tmp)
+                .map_err(ExecError::io("reopen restore file", &tmp))?
+        } else {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)
+                .map_err(ExecError::io("create restore file", &tmp))?;
+            file.set_len(len)
+                .map_err(ExecError::io("size restore file", &tmp))?;
+            file
+        };
+        let me = Self {
             target: target.to_path_buf(),
             tmp,
             file,
-        })
+        };
+        Ok((me, reusable))
+    }
+
+    /// Makes everything written so far durable (before recording it as done).
+    pub fn sync(&self) -> Result<(), ExecError> {
+        self.file
+            .sync_data()
+            .map_err(ExecError::io("fsync restore file", &self.tmp))
     }
 
     /// Writes `bytes` at `offset`.
@@ -104,6 +132,12 @@ pub struct DirAssembler {
 impl DirAssembler {
     /// Starts assembling a directory that will replace `target`.
     pub fn create(target: &Path) -> Result<Self, ExecError> {
+        Ok(Self::open(target, false)?.0)
+    }
+
+    /// Like [`DirAssembler::create`], but with `resume` an existing partial directory is
+    /// kept (its finished files are reused). Returns whether it was reopened.
+    pub fn open(target: &Path, resume: bool) -> Result<(Self, bool), ExecError> {
         if target.is_file() {
             return Err(ExecError::BadSource {
                 path: target.display().to_string(),
@@ -111,15 +145,20 @@ impl DirAssembler {
             });
         }
         let tmp = staging_path(target);
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)
-                .map_err(ExecError::io("remove stale restore directory", &tmp))?;
+        let reusable = resume && tmp.is_dir();
+        if !reusable {
+            if tmp.exists() {
+                std::fs::remove_dir_all(&tmp)
+                    .map_err(ExecError::io("remove stale restore directory", &tmp))?;
+            }
+            std::fs::create_dir_all(&tmp)
+                .map_err(ExecError::io("create restore directory", &tmp))?;
         }
-        std::fs::create_dir_all(&tmp).map_err(ExecError::io("create restore directory", &tmp))?;
-        Ok(Self {
+        let me = Self {
             target: target.to_path_buf(),
             tmp,
-        })
+        };
+        Ok((me, reusable))
     }
 
     /// Creates a file of `len` bytes named `name` inside the directory.
@@ -167,5 +206,24 @@ impl SegmentWriter {
         self.file
             .sync_all()
             .map_err(ExecError::io("fsync restored segment", &self.path))
+    }
+}
+
+/// Removes what an abandoned restore to `target` left beside it (`<target>.cairn-restore`).
+pub fn discard_partial(target: &Path) -> Result<(), ExecError> {
+    let tmp = staging_path(target);
+    let result = if tmp.is_dir() {
+        std::fs::remove_dir_all(&tmp)
+    } else {
+        std::fs::remove_file(&tmp)
+    };
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(ExecError::Io {
+            op: "remove partial restore",
+            path: tmp.display().to_string(),
+            source: e,
+        }),
     }
 }

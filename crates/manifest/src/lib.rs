@@ -17,7 +17,7 @@ mod error;
 mod state;
 
 pub use error::ManifestError;
-pub use state::{BlobLookup, ChunkDigests, DbRecord, StateDb};
+pub use state::{BlobLookup, ChunkDigests, DbRecord, LocalUpdates, StateDb};
 
 use bytes::Bytes;
 use cairn_core::{keys, DbId, Generation, Manifest, TenantId};
@@ -32,17 +32,16 @@ pub async fn publish(
     store: &RemoteStore,
     manifest: &Manifest,
 ) -> Result<(), ManifestError> {
-    publish_with(state, store, manifest, &[], None).await
+    publish_with(state, store, manifest, &LocalUpdates::default()).await
 }
 
-/// [`publish`], also recording this writer's page digests in the same local batch
-/// (see [`StateDb::record_generation_with`]).
+/// [`publish`], also committing the writer's local updates (page digests, the job record)
+/// in the same local batch (see [`StateDb::record_generation_with`]).
 pub async fn publish_with(
     state: &StateDb,
     store: &RemoteStore,
     manifest: &Manifest,
-    digests: &[ChunkDigests],
-    chunks: Option<u64>,
+    local: &LocalUpdates<'_>,
 ) -> Result<(), ManifestError> {
     let key = keys::manifest_key(&manifest.tenant, &manifest.db, manifest.generation);
     manifest.validate(&key)?;
@@ -68,7 +67,7 @@ pub async fn publish_with(
             // Our own earlier attempt created it (its response was lost): idempotent.
         }
     }
-    state.record_generation_with(manifest, digests, chunks)?;
+    state.record_generation_with(manifest, local)?;
     Ok(())
 }
 
@@ -143,6 +142,7 @@ mod tests {
             parent: None,
             writer: writer.into(),
             created_unix_ms: 1,
+            job: None,
             body: ManifestBody::Segments(SegmentsState {
                 segments: vec![],
                 lsn_end: cairn_core::Lsn(0),

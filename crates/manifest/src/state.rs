@@ -90,6 +90,31 @@ impl ChunkDigests {
     }
 }
 
+/// Local changes committed in the same batch as a published generation.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LocalUpdates<'a> {
+    /// Page digests to write.
+    pub digests: &'a [ChunkDigests],
+    /// With `Some(n)`, page digests of chunks `n..` are deleted.
+    pub chunks: Option<u64>,
+    /// A job record (id, encoded record) to write.
+    pub job: Option<(u64, &'a [u8])>,
+}
+
+fn job_key(id: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
+    k.push(b'r');
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn job_item_prefix(id: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
+    k.push(b'i');
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
 /// What the catalog knows of one database.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DbRecord {
@@ -415,17 +440,12 @@ impl StateDb {
     /// Records a published generation in one atomic batch: its manifest, the blobs it
     /// references, the database's latest generation and a change-log event.
     pub fn record_generation(&self, m: &Manifest) -> Result<(), ManifestError> {
-        self.record_generation_with(m, &[], None)
+        self.record_generation_with(m, &LocalUpdates::default())
     }
 
-    /// Like [`StateDb::record_generation`], also replacing page digests: `digests` are
-    /// written and, with `chunks = Some(n)`, digests of chunks `n..` are deleted.
-    pub fn record_generation_with(
-        &self,
-        m: &Manifest,
-        digests: &[ChunkDigests],
-        chunks: Option<u64>,
-    ) -> Result<(), ManifestError> {
+    /// Like [`StateDb::record_generation`], with the writer's other local changes in the
+    /// same batch (see [`LocalUpdates`]).
+    pub fn record_generation_with(&self, m: &Manifest, local: &LocalUpdates<'_>) -> Result<(), ManifestError> {
         let _seq = self.seq_lock.lock().map_err(|_| ManifestError::Corrupt {
             key: "meta/changelog_seq".into(),
             reason: "lock poisoned".into(),
@@ -469,19 +489,87 @@ impl StateDb {
         })?;
         b.put_cf(self.cf("changelog")?, seq.to_be_bytes(), ev);
         let pd = self.cf("pagedigests")?;
-        for d in digests {
+        for d in local.digests {
             b.put_cf(
                 pd,
                 sub_key(&m.tenant, &m.db, &d.index.to_be_bytes()),
                 d.encode(),
             );
         }
-        if let Some(n) = chunks {
+        if let Some((id, record)) = local.job {
+            b.put_cf(self.cf("jobs")?, job_key(id), record);
+        }
+        if let Some(n) = local.chunks {
             b.delete_range_cf(
                 pd,
                 sub_key(&m.tenant, &m.db, &n.to_be_bytes()),
                 sub_key(&m.tenant, &m.db, &u64::MAX.to_be_bytes()),
             );
+        }
+        self.write(b)
+    }
+
+    /// Writes a job record and job items in one synced batch; `None` values delete items.
+    pub fn put_job(&self, id: u64, record: &[u8], items: &[(&[u8], Option<&[u8]>)]) -> Result<(), ManifestError> {
+        let cf = self.cf("jobs")?;
+        let mut b = WriteBatch::default();
+        b.put_cf(cf, job_key(id), record);
+        for (k, v) in items {
+            let mut key = job_item_prefix(id);
+            key.extend_from_slice(k);
+            match v {
+                Some(v) => b.put_cf(cf, key, v),
+                None => b.delete_cf(cf, key),
+            }
+        }
+        self.write(b)
+    }
+
+    /// A job record.
+    pub fn job(&self, id: u64) -> Result<Option<Vec<u8>>, ManifestError> {
+        self.get("jobs", &job_key(id))
+    }
+
+    /// Every job record, by id.
+    pub fn jobs(&self) -> Result<Vec<(u64, Vec<u8>)>, ManifestError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf("jobs")?, IteratorMode::From(b"r", Direction::Forward)) {
+            let (k, v) = item.map_err(self.rocks("scan jobs"))?;
+            if k.first() != Some(&b'r') {
+                break;
+            }
+            let id = k.get(1..9).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+            if let Some(id) = id {
+                out.push((id, v.to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// A job's items (key after the job prefix, value), in key order.
+    pub fn job_items(&self, id: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ManifestError> {
+        let prefix = job_item_prefix(id);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf("jobs")?, IteratorMode::From(&prefix, Direction::Forward)) {
+            let (k, v) = item.map_err(self.rocks("scan job items"))?;
+            let Some(rest) = k.strip_prefix(prefix.as_slice()) else { break };
+            out.push((rest.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Deletes a job's items, and with `record` its record too, in one batch.
+    pub fn delete_job(&self, id: u64, record: bool) -> Result<(), ManifestError> {
+        let cf = self.cf("jobs")?;
+        let mut b = WriteBatch::default();
+        let prefix = job_item_prefix(id);
+        let mut end = job_item_prefix(id + 1);
+        if id == u64::MAX {
+            end = vec![b'j'];
+        }
+        b.delete_range_cf(cf, prefix, end);
+        if record {
+            b.delete_cf(cf, job_key(id));
         }
         self.write(b)
     }
@@ -531,6 +619,7 @@ mod tests {
             parent: (g > 1).then(|| Generation(g - 1)),
             writer: "w".into(),
             created_unix_ms: 0,
+            job: None,
             body: ManifestBody::Segments(SegmentsState {
                 segments,
                 lsn_end: cairn_core::Lsn(lsn),
@@ -616,16 +705,46 @@ mod tests {
         };
         s.record_generation_with(
             &manifest(1, &[]),
-            &[cd(0, "a"), cd(1, "b"), cd(2, "c")],
-            Some(3),
+            &LocalUpdates {
+                digests: &[cd(0, "a"), cd(1, "b"), cd(2, "c")],
+                chunks: Some(3),
+                job: Some((9, b"done")),
+            },
         )
         .unwrap();
         assert_eq!(s.chunk_digests(&t, &d, 1).unwrap(), Some(cd(1, "b")));
-        s.record_generation_with(&manifest(2, &[]), &[cd(0, "z")], Some(1))
+        s.record_generation_with(
+            &manifest(2, &[]),
+            &LocalUpdates {
+                digests: &[cd(0, "z")],
+                chunks: Some(1),
+                job: None,
+            },
+        )
             .unwrap();
         assert_eq!(s.chunk_digests(&t, &d, 0).unwrap(), Some(cd(0, "z")));
         assert_eq!(s.chunk_digests(&t, &d, 1).unwrap(), None);
         assert_eq!(s.chunk_digests(&t, &d, 2).unwrap(), None);
+        assert_eq!(s.job(9).unwrap().as_deref(), Some(&b"done"[..]));
+    }
+
+    #[test]
+    fn job_records_and_items() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDb::open(dir.path()).unwrap();
+        s.put_job(1, b"one", &[(b"plan", Some(b"p")), (b"c1", Some(b"x"))]).unwrap();
+        s.put_job(2, b"two", &[(b"plan", Some(b"q"))]).unwrap();
+        s.put_job(1, b"one'", &[(b"c1", None), (b"c2", Some(b"y"))]).unwrap();
+        assert_eq!(s.jobs().unwrap(), vec![(1, b"one'".to_vec()), (2, b"two".to_vec())]);
+        assert_eq!(
+            s.job_items(1).unwrap(),
+            vec![(b"c2".to_vec(), b"y".to_vec()), (b"plan".to_vec(), b"p".to_vec())]
+        );
+        s.delete_job(1, false).unwrap();
+        assert!(s.job_items(1).unwrap().is_empty());
+        assert_eq!(s.job_items(2).unwrap().len(), 1);
+        s.delete_job(2, true).unwrap();
+        assert_eq!(s.jobs().unwrap(), vec![(1, b"one'".to_vec())]);
     }
 
     #[test]

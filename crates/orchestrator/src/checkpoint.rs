@@ -7,29 +7,32 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use std::collections::BTreeMap;
+
 use cairn_core::delta::{encode_delta, DeltaHeader};
 use cairn_core::{
-    keys, BlobKind, BlobRef, ChunkState, ContentAddress, DbId, Digest128, DirtySet, Generation,
-    Manifest, ManifestBody, PagesState, PayloadHasher, SegmentEntry, SegmentsState, SourceKind,
+    keys, BlobKind, BlobRef, ChunkState, ContentAddress, DbId, Digest128, DirtySet, Generation, Lsn, Manifest,
+    ManifestBody, PagesState, PayloadHasher, SegmentEntry, SegmentsState, SourceKind, TenantId,
 };
 use cairn_executor::{
-    list_segments, page_digest, read_pages, scan_chunk, sqlite_snapshot, JobScratch, PageFile,
-    StagedBlob,
+    list_segments, page_digest, read_pages, scan_chunk, sqlite_snapshot, JobScratch, PageFile, StagedBlob,
 };
-use cairn_manifest::{BlobLookup, ChunkDigests, StateDb};
+use cairn_manifest::{BlobLookup, ChunkDigests, LocalUpdates, StateDb};
 use cairn_planner::{
-    decide_chunk, plan_pages, plan_segments, ChainInfo, ChunkDecision, ChunkInput, ChunkPlan,
-    CostModel, PagesInput, SegmentAction, SegmentInput,
+    decide_chunk, plan_pages, plan_segments, ChainInfo, ChunkDecision, ChunkInput, ChunkPlan, CostModel, PagesInput,
+    SegmentAction, SegmentInput,
 };
 use cairn_remote_store::RemoteStore;
 use futures::stream::{self, FuturesUnordered, StreamExt};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
-use crate::{CairnError, Checkpointer};
+use crate::jobs::{JobRecord, JobSpec, Phase, Progress};
+use crate::{CairnError, Checkpointer, JobOutcome};
 
 /// What to checkpoint.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Source {
     /// A live SQLite database file (snapshotted with the online backup API).
     Sqlite(PathBuf),
@@ -140,6 +143,29 @@ impl BlobSink<'_> {
         Ok(())
     }
 
+    /// For a blob recorded by an earlier attempt: true if it is in the store, or was
+    /// staged and is now being uploaded; false if neither (it must be produced again).
+    async fn ensure_stored(&mut self, blob: &BlobRef) -> Result<bool, CairnError> {
+        let key = keys::blob_key(&self.cp.cfg.tenant, self.db, blob);
+        if self.cp.store.head(&key).await? == Some(blob.object_len()) {
+            self.report.blobs_reused += 1;
+            return Ok(true);
+        }
+        let staged = self.scratch.dir().join(blob.name());
+        if !staged.is_file() {
+            return Ok(false);
+        }
+        self.this_job.insert(blob.name(), *blob);
+        self.drain_to(self.cp.cfg.upload_concurrency.saturating_sub(1)).await?;
+        let (store, blob) = (self.cp.store.clone(), *blob);
+        self.in_flight.push(tokio::spawn(async move {
+            store.put_blob_file(&key, &staged, &blob).await?;
+            let _ = std::fs::remove_file(&staged);
+            Ok(blob.object_len())
+        }));
+        Ok(true)
+    }
+
     /// Makes sure a payload with this content address is stored as a blob of `kind`:
     /// reused if the catalog, this job or the store already has it, else staged from
     /// `stage` and uploaded in the background.
@@ -208,24 +234,165 @@ impl BlobSink<'_> {
 
 impl Checkpointer {
     /// Checkpoints `source` as the next generation of `db` and publishes it.
-    pub async fn checkpoint(
-        &self,
-        db: &DbId,
-        source: &Source,
-    ) -> Result<CheckpointReport, CairnError> {
-        self.checkpoint_with(db, source, &CheckpointOptions::default())
-            .await
+    pub async fn checkpoint(&self, db: &DbId, source: &Source) -> Result<CheckpointReport, CairnError> {
+        self.checkpoint_with(db, source, &CheckpointOptions::default()).await
     }
 
-    /// [`Checkpointer::checkpoint`] with options (the engine's dirty pages).
+    /// [`Checkpointer::checkpoint`] with options (the engine's dirty pages). Runs as a
+    /// job: unfinished jobs are resumed first, and this one survives a crash.
     pub async fn checkpoint_with(
         &self,
         db: &DbId,
         source: &Source,
         opts: &CheckpointOptions,
     ) -> Result<CheckpointReport, CairnError> {
+        self.ensure_resumed().await?;
+        let source = match source {
+            Source::Sqlite(p) => Source::Sqlite(absolute(p)?),
+            Source::Pages { path, page_size } => Source::Pages {
+                path: absolute(path)?,
+                page_size: *page_size,
+            },
+            Source::Segments(p) => Source::Segments(absolute(p)?),
+        };
+        let id = self.enqueue(JobSpec::Checkpoint {
+            db: db.clone(),
+            source,
+            chunk_size: self.cfg.chunk_size,
+            dirty: opts.dirty.as_ref().filter(|d| !d.overflow).map(|d| d.pages.clone()),
+        })?;
+        match self.run_job(id).await? {
+            JobOutcome::Checkpoint(r) => Ok(r),
+            other => Err(CairnError::Task(format!("checkpoint job returned {other:?}"))),
+        }
+    }
+
+    /// Plans (or reloads the plan of) a checkpoint job, then stages, uploads and publishes
+    /// whatever its items do not record as done.
+    pub(crate) async fn run_checkpoint(&self, rec: &mut JobRecord) -> Result<CheckpointReport, CairnError> {
         let started = Instant::now();
+        let JobSpec::Checkpoint {
+            db,
+            source,
+            chunk_size,
+            dirty,
+        } = rec.spec.clone()
+        else {
+            return Err(CairnError::Task("not a checkpoint job".into()));
+        };
         let tenant = self.cfg.tenant.clone();
+        let job = rec.id;
+        let scratch = self.scratch.job(job)?;
+        let mut items = JobItems::load(&self.state, job)?;
+        if rec.phase == Phase::Published {
+            if let Some(plan) = &items.plan {
+                // Published before a crash: only the bookkeeping was left.
+                return Ok(items.report(&tenant, &db, source.kind(), plan, started));
+            }
+        }
+        let plan = match items.plan.take().filter(|p| p.still_valid()) {
+            Some(p) => p,
+            None => {
+                if !items.is_empty() {
+                    self.state.delete_job(job.0, false)?;
+                    items = JobItems::default();
+                }
+                self.plan_checkpoint(rec, &db, &source, chunk_size, &scratch).await?
+            }
+        };
+        let prev = match plan.parent {
+            Some(g) => Some(self.state.manifest(&tenant, &db, Generation(g))?.ok_or_else(|| {
+                CairnError::Task(format!("job {job}: parent generation {g} of {tenant}/{db} is not recorded"))
+            })?),
+            None => None,
+        };
+        let mut sink = BlobSink {
+            cp: self,
+            db: &db,
+            scratch: &scratch,
+            in_flight: FuturesUnordered::new(),
+            this_job: HashMap::new(),
+            report: CheckpointReport::default(),
+        };
+        let (body, local_digests, chunks) = match &plan.body {
+            PlanBody::Pages {
+                origin,
+                file,
+                page_size,
+                chunk_size,
+                len,
+                chunks,
+            } => {
+                let page_file = PageFile::open(file, *page_size)?;
+                if page_file.len != *len {
+                    return Err(CairnError::Exec(cairn_executor::ExecError::SourceChanged {
+                        path: file.display().to_string(),
+                        detail: format!("length {} differs from the planned {len}", page_file.len),
+                    }));
+                }
+                let shape = PagesShape {
+                    origin: *origin,
+                    page_size: *page_size,
+                    chunk_size: *chunk_size,
+                    len: *len,
+                    chunks,
+                };
+                let hint = dirty.as_deref();
+                let (body, digests) =
+                    pages_run(&mut sink, rec, &mut items, &shape, page_file, prev.as_ref(), plan.generation, hint).await?;
+                (body, digests, Some(chunks.len() as u64))
+            }
+            PlanBody::Segments { dir, actions, lsn_end } => {
+                let body = segments_run(&mut sink, rec, &mut items, dir, actions, *lsn_end).await?;
+                (body, Vec::new(), None)
+            }
+        };
+        sink.drain_to(0).await?;
+        let mut uploaded = std::mem::take(&mut sink.report);
+        drop(sink);
+        self.check_cancel(job)?;
+        rec.phase = Phase::Uploaded;
+        self.save_job(rec, &[])?;
+        let manifest = Manifest {
+            format: cairn_core::manifest::MANIFEST_VERSION,
+            tenant: tenant.clone(),
+            db: db.clone(),
+            generation: Generation(plan.generation),
+            parent: plan.parent.map(Generation),
+            writer: self.writer.clone(),
+            created_unix_ms: plan.created_unix_ms,
+            job: Some(job.to_string()),
+            body,
+        };
+        rec.phase = Phase::Published;
+        rec.updated_ms = self.env.clock.now_unix_ms();
+        let record = rec.encode()?;
+        let local = LocalUpdates {
+            digests: &local_digests,
+            chunks,
+            job: Some((job.0, &record)),
+        };
+        cairn_manifest::publish_with(&self.state, &self.store, &manifest, &local).await?;
+        let mut report = items.report(&tenant, &db, source.kind(), &plan, started);
+        report.blobs_uploaded = uploaded.blobs_uploaded;
+        report.blobs_reused = uploaded.blobs_reused;
+        report.manifest_bytes = manifest.encode().len() as u64;
+        uploaded.bytes_uploaded += report.manifest_bytes;
+        report.bytes_uploaded = uploaded.bytes_uploaded;
+        Ok(report)
+    }
+
+    /// Takes the snapshot (SQLite), plans, and persists the plan: the first durable step.
+    async fn plan_checkpoint(
+        &self,
+        rec: &mut JobRecord,
+        db: &DbId,
+        source: &Source,
+        chunk_size: u64,
+        scratch: &JobScratch,
+    ) -> Result<CkptPlan, CairnError> {
+        let tenant = self.cfg.tenant.clone();
+        self.check_cancel(rec.id)?;
         let gens = self.generations(db).await?;
         let prev = match gens.last() {
             Some(g) => self.state.manifest(&tenant, db, *g)?,
@@ -242,79 +409,250 @@ impl Checkpointer {
                 });
             }
         }
-        let job = cairn_core::JobId(self.env.next_u64());
-        let scratch = self.scratch.job(job)?;
-        let result = self
-            .checkpoint_in(db, source, prev.as_ref(), &scratch, opts)
-            .await;
-        // Scratch goes whatever happened; published or not, nothing in it is needed.
-        let cleanup = self.scratch.remove_job(job);
-        let mut report = result?;
-        cleanup?;
-        report.duration_ms = started.elapsed().as_millis() as u64;
-        Ok(report)
-    }
-
-    async fn checkpoint_in(
-        &self,
-        db: &DbId,
-        source: &Source,
-        prev: Option<&Manifest>,
-        scratch: &JobScratch,
-        opts: &CheckpointOptions,
-    ) -> Result<CheckpointReport, CairnError> {
-        let tenant = &self.cfg.tenant;
-        let generation = prev.map_or(Generation(1), |m| m.generation.next());
-        let mut sink = BlobSink {
-            cp: self,
-            db,
-            scratch,
-            in_flight: FuturesUnordered::new(),
-            this_job: HashMap::new(),
-            report: CheckpointReport {
-                tenant: tenant.to_string(),
-                db: db.to_string(),
-                kind: source.kind().as_str(),
-                ..Default::default()
-            },
-        };
-        let (body, digests) = match source {
-            Source::Sqlite(p) => {
-                let (p, dest) = (p.clone(), scratch.dir().join("snapshot.sqlite"));
-                let page_file = tokio::task::spawn_blocking(move || sqlite_snapshot(&p, &dest))
-                    .await
-                    .map_err(task_err)??;
-                // A SQLite snapshot is read whole; the engine's marks do not apply to it.
-                pages_body(&mut sink, source.kind(), page_file, prev, generation, None).await?
-            }
-            Source::Pages { path, page_size } => {
-                let page_file = PageFile::open(path, *page_size)?;
-                let hint = opts.dirty.as_ref().filter(|d| !d.overflow);
-                pages_body(&mut sink, source.kind(), page_file, prev, generation, hint).await?
-            }
-            Source::Segments(dir) => (segments_body(&mut sink, dir, prev).await?, None),
-        };
-        sink.drain_to(0).await?;
-        let manifest = Manifest {
-            format: cairn_core::manifest::MANIFEST_VERSION,
-            tenant: tenant.clone(),
+        let generation = prev.as_ref().map_or(Generation(1), |m| m.generation.next());
+        let plan_err = |e| CairnError::Plan {
             db: db.clone(),
-            generation,
-            parent: prev.map(|m| m.generation),
-            writer: self.writer.clone(),
+            source: e,
+        };
+        let (body, units, bytes) = match source {
+            Source::Sqlite(_) | Source::Pages { .. } => {
+                let page_file = match source {
+                    Source::Sqlite(p) => {
+                        let (p, dest) = (p.clone(), scratch.dir().join("snapshot.sqlite"));
+                        tokio::task::spawn_blocking(move || sqlite_snapshot(&p, &dest))
+                            .await
+                            .map_err(task_err)??
+                    }
+                    Source::Pages { path, page_size } => PageFile::open(path, *page_size)?,
+                    Source::Segments(p) => {
+                        return Err(CairnError::Task(format!("segment source {} on the page path", p.display())))
+                    }
+                };
+                let prev_pages = prev.as_ref().and_then(|m| match &m.body {
+                    ManifestBody::Pages(p) => Some((m.generation.0, p)),
+                    ManifestBody::Segments(_) => None,
+                });
+                let input = PagesInput {
+                    origin: source.kind(),
+                    len: page_file.len,
+                    page_size: page_file.page_size,
+                    chunk_size,
+                };
+                let plan = plan_pages(prev_pages, &input).map_err(plan_err)?;
+                let units = plan.chunks.len() as u64;
+                let body = PlanBody::Pages {
+                    origin: source.kind(),
+                    file: page_file.path.clone(),
+                    page_size: plan.page_size,
+                    chunk_size: plan.chunk_size,
+                    len: plan.len,
+                    chunks: plan.chunks,
+                };
+                (body, units, plan.len)
+            }
+            Source::Segments(dir) => {
+                let files = list_segments(dir)?;
+                let inputs: Vec<SegmentInput> = files
+                    .iter()
+                    .map(|f| SegmentInput {
+                        name: f.name.clone(),
+                        len: f.len,
+                    })
+                    .collect();
+                let prev_segs = prev.as_ref().and_then(|m| match &m.body {
+                    ManifestBody::Segments(s) => Some(s),
+                    ManifestBody::Pages(_) => None,
+                });
+                let plan = plan_segments(prev_segs, &inputs).map_err(plan_err)?;
+                let bytes = files.iter().map(|f| f.len).sum();
+                let units = plan.actions.len() as u64;
+                let body = PlanBody::Segments {
+                    dir: dir.clone(),
+                    actions: plan.actions,
+                    lsn_end: plan.lsn_end,
+                };
+                (body, units, bytes)
+            }
+        };
+        let plan = CkptPlan {
+            generation: generation.0,
+            parent: prev.as_ref().map(|m| m.generation.0),
             created_unix_ms: self.env.clock.now_unix_ms(),
             body,
         };
-        let (updates, chunks) = match &digests {
-            Some((u, n)) => (u.as_slice(), Some(*n)),
-            None => (&[][..], None),
+        let encoded = serde_json::to_vec(&plan).map_err(|e| CairnError::Task(format!("encode plan: {e}")))?;
+        rec.phase = Phase::Planned;
+        rec.generation = Some(generation.0);
+        rec.progress = Progress {
+            done: 0,
+            total: units,
+            bytes_done: 0,
+            bytes_total: bytes,
         };
-        cairn_manifest::publish_with(&self.state, &self.store, &manifest, updates, chunks).await?;
-        let mut report = sink.report;
-        report.generation = generation.0;
-        report.manifest_bytes = manifest.encode().len() as u64;
-        report.bytes_uploaded += report.manifest_bytes;
-        Ok(report)
+        self.save_job(rec, &[(b"plan", Some(&encoded))])?;
+        Ok(plan)
+    }
+}
+
+fn absolute(p: &Path) -> Result<PathBuf, CairnError> {
+    std::path::absolute(p).map_err(|e| CairnError::Config {
+        what: format!("source {}", p.display()),
+        reason: e.to_string(),
+    })
+}
+
+/// A checkpoint's persisted plan.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct CkptPlan {
+    generation: u64,
+    parent: Option<u64>,
+    created_unix_ms: u64,
+    body: PlanBody,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "shape", rename_all = "snake_case")]
+enum PlanBody {
+    Pages {
+        origin: SourceKind,
+        /// The file read: the source itself, or the SQLite snapshot in scratch.
+        file: PathBuf,
+        page_size: u32,
+        chunk_size: u64,
+        len: u64,
+        chunks: Vec<ChunkPlan>,
+    },
+    Segments {
+        dir: PathBuf,
+        actions: Vec<SegmentAction>,
+        lsn_end: Lsn,
+    },
+}
+
+impl CkptPlan {
+    /// Whether the plan can still be executed (its page file is there with its length).
+    fn still_valid(&self) -> bool {
+        match &self.body {
+            PlanBody::Pages { file, len, .. } => std::fs::metadata(file).map(|m| m.len() == *len).unwrap_or(false),
+            PlanBody::Segments { dir, .. } => dir.is_dir(),
+        }
+    }
+}
+
+/// How one chunk was checkpointed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Outcome {
+    Full,
+    Delta,
+    Unchanged,
+}
+
+/// A chunk done (staged or known to be stored), as recorded in the job.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct ChunkItem {
+    state: ChunkState,
+    new_blob: Option<BlobRef>,
+    outcome: Outcome,
+    dirty: u64,
+}
+
+/// A new segment done (staged or known to be stored).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct SegItem {
+    entry: SegmentEntry,
+}
+
+/// The items of a checkpoint job.
+#[derive(Default)]
+struct JobItems {
+    plan: Option<CkptPlan>,
+    chunks: BTreeMap<u64, ChunkItem>,
+    digests: BTreeMap<u64, Vec<u128>>,
+    segments: BTreeMap<u64, SegItem>,
+}
+
+fn item_key(tag: u8, index: u64) -> Vec<u8> {
+    let mut k = vec![tag];
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
+fn encode_digests(d: &[u128]) -> Vec<u8> {
+    d.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+impl JobItems {
+    fn load(state: &StateDb, job: cairn_core::JobId) -> Result<Self, CairnError> {
+        let mut out = Self::default();
+        let bad = |what: &str, e: String| CairnError::Task(format!("job {job}: unreadable {what}: {e}"));
+        for (k, v) in state.job_items(job.0)? {
+            let index = k.get(1..9).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_be_bytes);
+            match (k.first(), index) {
+                (Some(b'p'), _) if k == b"plan" => {
+                    out.plan = Some(serde_json::from_slice(&v).map_err(|e| bad("plan", e.to_string()))?);
+                }
+                (Some(b'c'), Some(i)) => {
+                    out.chunks.insert(i, serde_json::from_slice(&v).map_err(|e| bad("chunk", e.to_string()))?);
+                }
+                (Some(b'd'), Some(i)) => {
+                    let d = v
+                        .chunks_exact(16)
+                        .map(|c| {
+                            let mut a = [0u8; 16];
+                            a.copy_from_slice(c);
+                            u128::from_le_bytes(a)
+                        })
+                        .collect();
+                    out.digests.insert(i, d);
+                }
+                (Some(b's'), Some(i)) => {
+                    out.segments.insert(i, serde_json::from_slice(&v).map_err(|e| bad("segment", e.to_string()))?);
+                }
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.plan.is_none() && self.chunks.is_empty() && self.segments.is_empty() && self.digests.is_empty()
+    }
+
+    /// The report of everything recorded, whichever attempt did it.
+    fn report(&self, tenant: &TenantId, db: &DbId, kind: SourceKind, plan: &CkptPlan, started: Instant) -> CheckpointReport {
+        let mut r = CheckpointReport {
+            tenant: tenant.to_string(),
+            db: db.to_string(),
+            generation: plan.generation,
+            kind: kind.as_str(),
+            duration_ms: started.elapsed().as_millis() as u64,
+            ..Default::default()
+        };
+        match &plan.body {
+            PlanBody::Pages { len, page_size, .. } => {
+                r.source_bytes = *len;
+                for c in self.chunks.values() {
+                    match c.outcome {
+                        Outcome::Full => r.chunks_full += 1,
+                        Outcome::Delta => r.chunks_delta += 1,
+                        Outcome::Unchanged => r.chunks_unchanged += 1,
+                    }
+                    r.pages_dirty += c.dirty;
+                }
+                r.bytes_dirty = r.pages_dirty * u64::from(*page_size);
+            }
+            PlanBody::Segments { actions, .. } => {
+                r.source_bytes = actions
+                    .iter()
+                    .map(|a| match a {
+                        SegmentAction::Reuse(e) => e.len,
+                        SegmentAction::Upload { len, .. } => *len,
+                    })
+                    .sum();
+            }
+        }
+        r
     }
 }
 
@@ -482,92 +820,105 @@ fn analyze(ctx: ChunkCtx) -> Result<Analysis, CairnError> {
     }
 }
 
-type DigestUpdates = Option<(Vec<ChunkDigests>, u64)>;
-
-async fn pages_body(
-    sink: &mut BlobSink<'_>,
+/// The page-source part of a plan.
+struct PagesShape<'a> {
     origin: SourceKind,
+    page_size: u32,
+    chunk_size: u64,
+    len: u64,
+    chunks: &'a [ChunkPlan],
+}
+
+/// Stages and uploads every chunk the job has not recorded, recording each as it is
+/// staged; returns the manifest body and the page digests to commit with it.
+#[allow(clippy::too_many_arguments)]
+async fn pages_run(
+    sink: &mut BlobSink<'_>,
+    rec: &mut JobRecord,
+    items: &mut JobItems,
+    shape: &PagesShape<'_>,
     page_file: PageFile,
     prev: Option<&Manifest>,
-    generation: Generation,
-    hint: Option<&DirtySet>,
-) -> Result<(ManifestBody, DigestUpdates), CairnError> {
+    generation: u64,
+    hint: Option<&[u64]>,
+) -> Result<(ManifestBody, Vec<ChunkDigests>), CairnError> {
+    let cp = sink.cp;
+    let job = rec.id;
+    // Chunks recorded by an earlier attempt: their blobs must be in the store (uploaded
+    // then, or staged and uploaded now); otherwise they are analysed again.
+    let recorded: Vec<(u64, Option<BlobRef>)> = items.chunks.iter().map(|(i, c)| (*i, c.new_blob)).collect();
+    for (index, blob) in recorded {
+        if let Some(b) = blob {
+            if !sink.ensure_stored(&b).await? {
+                items.chunks.remove(&index);
+                items.digests.remove(&index);
+                let (ck, dk) = (item_key(b'c', index), item_key(b'd', index));
+                cp.save_job(rec, &[(&ck, None), (&dk, None)])?;
+            }
+        }
+    }
     let prev_pages = prev.and_then(|m| match &m.body {
-        ManifestBody::Pages(p) => Some((m.generation.0, p)),
+        ManifestBody::Pages(p) => Some(p),
         ManifestBody::Segments(_) => None,
     });
-    let input = PagesInput {
-        origin,
-        len: page_file.len,
-        page_size: page_file.page_size,
-        chunk_size: sink.cp.cfg.chunk_size,
-    };
-    let plan = plan_pages(prev_pages, &input).map_err(|e| CairnError::Plan {
-        db: sink.db.clone(),
-        source: e,
-    })?;
-    sink.report.source_bytes = plan.len;
     // Previous chunk states line up with the new ones only if page and chunk sizes agree.
-    let aligned: Option<&PagesState> = prev_pages
-        .map(|(_, p)| p)
-        .filter(|p| p.page_size == plan.page_size && p.chunk_size == plan.chunk_size);
-    let pages_per_chunk = plan.chunk_size / u64::from(plan.page_size);
+    let aligned: Option<&PagesState> =
+        prev_pages.filter(|p| p.page_size == shape.page_size && p.chunk_size == shape.chunk_size);
+    let pages_per_chunk = shape.chunk_size / u64::from(shape.page_size);
     let file = Arc::new(page_file.file);
     let path = page_file.path.clone();
-    let state: &StateDb = &sink.cp.state;
-    let (tenant, db) = (sink.cp.cfg.tenant.clone(), sink.db.clone());
-    let model = sink.cp.cfg.cost_model;
-    let mut contexts = Vec::with_capacity(plan.chunks.len());
-    for c in &plan.chunks {
-        let prev_chunk = aligned
-            .and_then(|p| p.chunks.get(c.index as usize))
-            .cloned();
+    let (tenant, db) = (cp.cfg.tenant.clone(), sink.db.clone());
+    let mut contexts = Vec::new();
+    for c in shape.chunks.iter().filter(|c| !items.chunks.contains_key(&c.index)) {
+        let prev_chunk = aligned.and_then(|p| p.chunks.get(c.index as usize)).cloned();
         let stored = match &prev_chunk {
-            Some(pc) => state.chunk_digests(&tenant, &db, c.index)?.filter(|d| {
+            Some(pc) => cp.state.chunk_digests(&tenant, &db, c.index)?.filter(|d| {
                 d.tip == tip(pc)
-                    && d.page_size == plan.page_size
-                    && d.digests.len() as u64 * u64::from(plan.page_size) == pc.len
+                    && d.page_size == shape.page_size
+                    && d.digests.len() as u64 * u64::from(shape.page_size) == pc.len
             }),
             None => None,
         };
         let hint = hint.map(|h| {
             let first = c.index * pages_per_chunk;
-            let lo = h.pages.partition_point(|p| *p < first);
-            let hi = h.pages.partition_point(|p| *p < first + pages_per_chunk);
-            h.pages[lo..hi]
-                .iter()
-                .filter_map(|p| u32::try_from(p - first).ok())
-                .collect()
+            let lo = h.partition_point(|p| *p < first);
+            let hi = h.partition_point(|p| *p < first + pages_per_chunk);
+            h[lo..hi].iter().filter_map(|p| u32::try_from(p - first).ok()).collect()
         });
         contexts.push(ChunkCtx {
             plan: *c,
-            page_size: plan.page_size,
-            generation: generation.0,
+            page_size: shape.page_size,
+            generation,
             prev: prev_chunk,
             stored,
             hint,
-            model,
+            model: cp.cfg.cost_model,
             file: Arc::clone(&file),
             path: path.clone(),
         });
     }
     let mut analyses = stream::iter(contexts)
-        .map(|ctx| tokio::task::spawn_blocking(move || analyze(ctx)))
-        .buffered(sink.cp.cfg.scan_concurrency);
-    let mut chunks = Vec::with_capacity(plan.chunks.len());
-    let mut updates = Vec::new();
-    let ps = u64::from(plan.page_size);
-    for c in &plan.chunks {
-        let analysis = analyses
-            .next()
-            .await
-            .ok_or_else(|| CairnError::Task("chunk analysis ended early".into()))?
-            .map_err(task_err)??;
-        match analysis {
-            Analysis::Unchanged(state) => {
-                sink.report.chunks_unchanged += 1;
-                chunks.push(state);
+        .map(|ctx| {
+            let plan = ctx.plan;
+            async move {
+                let a = tokio::task::spawn_blocking(move || analyze(ctx)).await.map_err(task_err)??;
+                Ok::<_, CairnError>((plan, a))
             }
+        })
+        .buffered(cp.cfg.scan_concurrency);
+    while let Some(next) = analyses.next().await {
+        let (c, analysis) = next?;
+        cp.check_cancel(job)?;
+        let (item, digests) = match analysis {
+            Analysis::Unchanged(state) => (
+                ChunkItem {
+                    state,
+                    new_blob: None,
+                    outcome: Outcome::Unchanged,
+                    dirty: 0,
+                },
+                None,
+            ),
             Analysis::Full {
                 addr,
                 xxh3,
@@ -580,20 +931,21 @@ async fn pages_body(
                     offset: c.offset,
                 };
                 let base = sink.put(BlobKind::Base, addr, xxh3, stage).await?;
-                sink.report.chunks_full += 1;
-                sink.report.pages_dirty += dirty;
-                updates.push(ChunkDigests {
-                    index: c.index,
-                    tip: base.name(),
-                    page_size: plan.page_size,
-                    digests,
-                });
-                chunks.push(ChunkState {
+                let state = ChunkState {
                     index: c.index,
                     len: c.len,
                     base,
                     deltas: Vec::new(),
-                });
+                };
+                (
+                    ChunkItem {
+                        state,
+                        new_blob: Some(base),
+                        outcome: Outcome::Full,
+                        dirty,
+                    },
+                    Some(digests),
+                )
             }
             Analysis::Delta {
                 prev,
@@ -604,107 +956,135 @@ async fn pages_body(
                 let mut h = PayloadHasher::new();
                 h.update(&payload);
                 let (addr, xxh3) = h.finish();
-                let delta = sink
-                    .put(BlobKind::Delta, addr, xxh3, Stage::Bytes(payload))
-                    .await?;
-                sink.report.chunks_delta += 1;
-                sink.report.pages_dirty += dirty;
-                updates.push(ChunkDigests {
-                    index: c.index,
-                    tip: delta.name(),
-                    page_size: plan.page_size,
-                    digests,
-                });
+                let delta = sink.put(BlobKind::Delta, addr, xxh3, Stage::Bytes(payload)).await?;
                 let mut deltas = prev.deltas;
                 deltas.push(delta);
-                chunks.push(ChunkState {
+                let state = ChunkState {
                     index: c.index,
                     len: c.len,
                     base: prev.base,
                     deltas,
+                };
+                (
+                    ChunkItem {
+                        state,
+                        new_blob: Some(delta),
+                        outcome: Outcome::Delta,
+                        dirty,
+                    },
+                    Some(digests),
+                )
+            }
+        };
+        let encoded = serde_json::to_vec(&item).map_err(|e| CairnError::Task(format!("encode chunk item: {e}")))?;
+        let ck = item_key(b'c', c.index);
+        rec.progress.done += 1;
+        rec.progress.bytes_done += c.len;
+        match &digests {
+            Some(d) => {
+                let dk = item_key(b'd', c.index);
+                let dv = encode_digests(d);
+                cp.save_job(rec, &[(&ck, Some(&encoded)), (&dk, Some(&dv))])?;
+            }
+            None => cp.save_job(rec, &[(&ck, Some(&encoded))])?,
+        }
+        items.chunks.insert(c.index, item);
+        if let Some(d) = digests {
+            items.digests.insert(c.index, d);
+        }
+    }
+    rec.phase = Phase::Staged;
+    cp.save_job(rec, &[])?;
+    let mut chunks = Vec::with_capacity(shape.chunks.len());
+    let mut updates = Vec::new();
+    for c in shape.chunks {
+        let item = items
+            .chunks
+            .get(&c.index)
+            .ok_or_else(|| CairnError::Task(format!("job {job}: chunk {} was never recorded", c.index)))?;
+        if item.outcome != Outcome::Unchanged {
+            if let Some(d) = items.digests.get(&c.index) {
+                updates.push(ChunkDigests {
+                    index: c.index,
+                    tip: tip(&item.state),
+                    page_size: shape.page_size,
+                    digests: d.clone(),
                 });
             }
         }
+        chunks.push(item.state.clone());
     }
-    sink.report.bytes_dirty = sink.report.pages_dirty * ps;
-    let n = plan.chunks.len() as u64;
-    Ok((
-        ManifestBody::Pages(PagesState {
-            origin,
-            page_size: plan.page_size,
-            chunk_size: plan.chunk_size,
-            len: plan.len,
-            chunks,
-        }),
-        Some((updates, n)),
-    ))
+    let body = ManifestBody::Pages(PagesState {
+        origin: shape.origin,
+        page_size: shape.page_size,
+        chunk_size: shape.chunk_size,
+        len: shape.len,
+        chunks,
+    });
+    Ok((body, updates))
 }
 
-async fn segments_body(
+/// Stages and uploads every new segment the job has not recorded.
+async fn segments_run(
     sink: &mut BlobSink<'_>,
+    rec: &mut JobRecord,
+    items: &mut JobItems,
     dir: &Path,
-    prev: Option<&Manifest>,
+    actions: &[SegmentAction],
+    lsn_end: Lsn,
 ) -> Result<ManifestBody, CairnError> {
-    let files = list_segments(dir)?;
-    let inputs: Vec<SegmentInput> = files
-        .iter()
-        .map(|f| SegmentInput {
-            name: f.name.clone(),
-            len: f.len,
-        })
-        .collect();
-    let prev_segs = prev.and_then(|m| match &m.body {
-        ManifestBody::Segments(s) => Some(s),
-        ManifestBody::Pages(_) => None,
-    });
-    let plan = plan_segments(prev_segs, &inputs).map_err(|e| CairnError::Plan {
-        db: sink.db.clone(),
-        source: e,
-    })?;
-    sink.report.source_bytes = files.iter().map(|f| f.len).sum();
-    let mut segments = Vec::with_capacity(plan.actions.len());
-    for action in plan.actions {
+    let cp = sink.cp;
+    let job = rec.id;
+    let mut segments = Vec::with_capacity(actions.len());
+    for (i, action) in actions.iter().enumerate() {
+        let i = i as u64;
         match action {
             SegmentAction::Reuse(e) => {
                 sink.report.blobs_reused += 1;
-                segments.push(e);
+                segments.push(e.clone());
             }
-            SegmentAction::Upload {
-                name,
-                lsn_start,
-                len,
-            } => {
-                let path = dir.join(&name);
-                let f = Arc::new(
-                    File::open(&path).map_err(|e| cairn_executor::ExecError::Io {
-                        op: "open segment",
-                        path: path.display().to_string(),
-                        source: e,
-                    })?,
-                );
-                let (fh, ph) = (Arc::clone(&f), path.clone());
-                let (addr, xxh3) = tokio::task::spawn_blocking(move || {
-                    cairn_executor::hash_range(&fh, &ph, 0, len)
-                })
-                .await
-                .map_err(task_err)??;
+            SegmentAction::Upload { name, lsn_start, len } => {
+                if let Some(item) = items.segments.get(&i) {
+                    if sink.ensure_stored(&item.entry.blob).await? {
+                        segments.push(item.entry.clone());
+                        continue;
+                    }
+                }
+                cp.check_cancel(job)?;
+                let path = dir.join(name);
+                let f = Arc::new(File::open(&path).map_err(|e| cairn_executor::ExecError::Io {
+                    op: "open segment",
+                    path: path.display().to_string(),
+                    source: e,
+                })?);
+                let (fh, ph, n) = (Arc::clone(&f), path.clone(), *len);
+                let (addr, xxh3) = tokio::task::spawn_blocking(move || cairn_executor::hash_range(&fh, &ph, 0, n))
+                    .await
+                    .map_err(task_err)??;
                 let stage = Stage::Range {
                     file: f,
                     path: path.clone(),
                     offset: 0,
                 };
                 let blob = sink.put(BlobKind::Segment, addr, xxh3, stage).await?;
-                segments.push(SegmentEntry {
-                    name,
-                    lsn_start,
-                    len,
+                let entry = SegmentEntry {
+                    name: name.clone(),
+                    lsn_start: *lsn_start,
+                    len: *len,
                     blob,
-                });
+                };
+                let item = SegItem { entry: entry.clone() };
+                let encoded =
+                    serde_json::to_vec(&item).map_err(|e| CairnError::Task(format!("encode segment item: {e}")))?;
+                rec.progress.done += 1;
+                rec.progress.bytes_done += len;
+                cp.save_job(rec, &[(&item_key(b's', i), Some(&encoded))])?;
+                items.segments.insert(i, item);
+                segments.push(entry);
             }
         }
     }
-    Ok(ManifestBody::Segments(SegmentsState {
-        segments,
-        lsn_end: plan.lsn_end,
-    }))
+    rec.phase = Phase::Staged;
+    cp.save_job(rec, &[])?;
+    Ok(ManifestBody::Segments(SegmentsState { segments, lsn_end }))
 }

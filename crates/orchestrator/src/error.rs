@@ -88,6 +88,26 @@ pub enum CairnError {
     /// A format error.
     #[error(transparent)]
     Core(#[from] CoreError),
+    /// The job was cancelled through the API; nothing was published.
+    #[error("job {job} was cancelled; nothing was published and its scratch space was freed")]
+    Cancelled {
+        /// The job.
+        job: String,
+    },
+    /// The job is not runnable (it already succeeded, failed or was cancelled).
+    #[error("job {job} is {state} and will not run again")]
+    JobEnded {
+        /// The job.
+        job: String,
+        /// Its state.
+        state: String,
+    },
+    /// No such job.
+    #[error("no job {job} in this state directory")]
+    UnknownJob {
+        /// The job.
+        job: String,
+    },
     /// A background task failed.
     #[error("internal task failed: {0}")]
     Task(String),
@@ -99,9 +119,12 @@ impl CairnError {
         match self {
             CairnError::Exec(e) => e.is_retryable(),
             CairnError::Manifest(e) => e.is_retryable(),
+            // A read that still fails verification after the store's own re-reads is damage.
+            CairnError::Store(StoreError::Corrupt(_)) => false,
             CairnError::Store(e) => e.is_retryable(),
             CairnError::Core(e) => e.is_retryable(),
             CairnError::Task(_) => true,
+            CairnError::Cancelled { .. } | CairnError::JobEnded { .. } | CairnError::UnknownJob { .. } => false,
             CairnError::Config { .. }
             | CairnError::UnknownDb { .. }
             | CairnError::UnknownGeneration { .. }

@@ -18,7 +18,9 @@
 
 mod checkpoint;
 mod error;
+pub mod jobs;
 mod restore;
+mod runner;
 mod verify;
 
 use std::path::{Path, PathBuf};
@@ -36,8 +38,13 @@ pub use cairn_executor::{sqlite_integrity_check, ExecError};
 pub use cairn_planner::CostModel;
 pub use checkpoint::{CheckpointOptions, CheckpointReport, Source};
 pub use error::CairnError;
+pub use jobs::{JobRecord, JobSpec, JobState, JobStatus, Phase, Progress};
 pub use restore::RestoreReport;
+pub use runner::JobOutcome;
 pub use verify::VerifyReport;
+
+/// Finished job records kept for `cairn status`.
+const KEEP_FINISHED_JOBS: usize = 200;
 
 /// Default chunk size of page sources: 64 MiB.
 pub const DEFAULT_CHUNK_SIZE: u64 = 64 * 1024 * 1024;
@@ -168,6 +175,8 @@ pub struct Checkpointer {
     store: RemoteStore,
     scratch: Scratch,
     writer: String,
+    cancels: jobs::CancelFlags,
+    resumed: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Checkpointer {
@@ -213,10 +222,24 @@ impl Checkpointer {
         let writer = state.writer_id(|| env.next_u64())?;
         let budget = Budget::root("scratch", cfg.scratch_limit);
         let scratch = Scratch::open(&cfg.state_dir.join("scratch"), budget)?;
-        // Janitor: no job survives a restart in this version, so every scratch directory
-        // left behind belongs to an interrupted job and is garbage.
+        // Janitor: scratch directories and items of jobs that will not run again are
+        // garbage; those of unfinished jobs hold staged work their resumption reuses. Only
+        // the newest finished job records are kept, for `cairn status`.
+        let mut records: Vec<jobs::JobRecord> = state
+            .jobs()?
+            .into_iter()
+            .filter_map(|(id, b)| jobs::JobRecord::decode(id, &b).ok())
+            .collect();
+        records.sort_by_key(|r| std::cmp::Reverse((r.created_ms, r.id)));
+        let unfinished: Vec<cairn_core::JobId> =
+            records.iter().filter(|r| r.state.is_unfinished()).map(|r| r.id).collect();
+        for (n, r) in records.iter().filter(|r| !r.state.is_unfinished()).enumerate() {
+            state.delete_job(r.id.0, n >= KEEP_FINISHED_JOBS)?;
+        }
         for job in scratch.jobs()? {
-            scratch.remove_job(job)?;
+            if !unfinished.contains(&job) {
+                scratch.remove_job(job)?;
+            }
         }
         Ok(Self {
             cfg,
@@ -225,6 +248,8 @@ impl Checkpointer {
             store,
             scratch,
             writer,
+            cancels: jobs::CancelFlags::default(),
+            resumed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 

@@ -4,16 +4,19 @@
 use std::path::Path;
 use std::time::Instant;
 
+use std::collections::BTreeSet;
+
 use cairn_core::delta::DeltaView;
 use cairn_core::{
     keys, BlobRef, ChunkState, DbId, Generation, Manifest, ManifestBody, PagesState, TenantId,
 };
 use cairn_executor::{DirAssembler, FileAssembler};
 use cairn_remote_store::RemoteStore;
-use futures::stream::{self, TryStreamExt};
+use futures::stream::{self, StreamExt};
 use serde::Serialize;
 
-use crate::{CairnError, Checkpointer};
+use crate::jobs::{JobRecord, JobSpec, Phase, Progress};
+use crate::{CairnError, Checkpointer, JobOutcome};
 
 /// What a restore did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -112,24 +115,59 @@ impl Checkpointer {
     }
 
     /// Restores `generation` of `db` (the latest if `None`) to `to`: a file for page
-    /// sources, a directory of segment files for segment sources.
+    /// sources, a directory of segment files for segment sources. Runs as a job, so an
+    /// interrupted restore resumes where it stopped.
     pub async fn restore(
         &self,
         db: &DbId,
         generation: Option<Generation>,
         to: &Path,
     ) -> Result<RestoreReport, CairnError> {
+        self.ensure_resumed().await?;
+        let to = std::path::absolute(to).map_err(|e| CairnError::Config {
+            what: format!("restore target {}", to.display()),
+            reason: e.to_string(),
+        })?;
+        let id = self.enqueue(JobSpec::Restore {
+            db: db.clone(),
+            generation: generation.map(|g| g.0),
+            to,
+        })?;
+        match self.run_job(id).await? {
+            JobOutcome::Restore(r) => Ok(r),
+            other => Err(CairnError::Task(format!("restore job returned {other:?}"))),
+        }
+    }
+
+    pub(crate) async fn run_restore(&self, rec: &mut JobRecord) -> Result<RestoreReport, CairnError> {
         let started = Instant::now();
-        let m = self.manifest(db, generation).await?;
-        let mut report = self.restore_manifest(&m, to).await?;
+        let JobSpec::Restore { db, generation, to } = rec.spec.clone() else {
+            return Err(CairnError::Task("not a restore job".into()));
+        };
+        // The generation is resolved once, so a resumed "latest" restore stays on it.
+        let g = match rec.generation {
+            Some(g) => g,
+            None => {
+                let m = self.manifest(&db, generation.map(Generation)).await?;
+                rec.generation = Some(m.generation.0);
+                rec.phase = Phase::Planned;
+                self.save_job(rec, &[])?;
+                m.generation.0
+            }
+        };
+        let m = self.manifest(&db, Some(Generation(g))).await?;
+        let mut report = self.restore_manifest(&m, &to, Some(rec)).await?;
         report.duration_ms = started.elapsed().as_millis() as u64;
         Ok(report)
     }
 
+    /// Restores a manifest to `to`. With a job, each finished chunk or segment is synced
+    /// and recorded, and a resumed job skips what is recorded.
     pub(crate) async fn restore_manifest(
         &self,
         m: &Manifest,
         to: &Path,
+        mut job: Option<&mut JobRecord>,
     ) -> Result<RestoreReport, CairnError> {
         let (tenant, db) = (&m.tenant, &m.db);
         let concurrency = self.cfg.download_concurrency;
@@ -140,49 +178,144 @@ impl Checkpointer {
             path: to.display().to_string(),
             ..Default::default()
         };
+        let mut done: BTreeSet<u64> = BTreeSet::new();
+        if let Some(rec) = job.as_deref() {
+            for (k, _) in self.state.job_items(rec.id.0)? {
+                if let Some(i) = k.strip_prefix(b"r").and_then(|b| <[u8; 8]>::try_from(b).ok()) {
+                    done.insert(u64::from_be_bytes(i));
+                }
+            }
+        }
+        let (units, bytes_total): (u64, u64) = match &m.body {
+            ManifestBody::Pages(p) => (p.chunks.len() as u64, p.len),
+            ManifestBody::Segments(s) => (s.segments.len() as u64, s.segments.iter().map(|e| e.len).sum()),
+        };
+        macro_rules! record_done {
+            ($index:expr, $bytes:expr) => {
+                if let Some(rec) = job.as_deref_mut() {
+                    self.check_cancel(rec.id)?;
+                    rec.progress.done += 1;
+                    rec.progress.bytes_done += $bytes;
+                    let key = [&b"r"[..], &$index.to_be_bytes()].concat();
+                    self.save_job(rec, &[(&key, Some(&b""[..]))])?;
+                }
+            };
+        }
         match &m.body {
             ManifestBody::Pages(p) => {
-                let asm = FileAssembler::create(to, p.len)?;
-                let result = stream::iter(p.chunks.iter().map(Ok::<_, CairnError>))
-                    .map_ok(|c| self.restore_chunk(tenant, db, p, c, &asm))
-                    .try_buffer_unordered(concurrency)
-                    .try_fold(0u64, |acc, n| async move { Ok(acc + n) })
-                    .await;
-                match result {
-                    Ok(n) => {
-                        report.blobs_read = n;
-                        asm.commit()?;
-                    }
-                    Err(e) => {
-                        asm.abort();
-                        return Err(e);
+                let (asm, reopened) = FileAssembler::open(to, p.len, !done.is_empty())?;
+                if !reopened {
+                    done.clear();
+                }
+                self.start_restore_progress(&mut job, units, bytes_total, &done, |i| {
+                    p.chunks.get(i as usize).map_or(0, |c| c.len)
+                })?;
+                let todo = p.chunks.iter().filter(|c| !done.contains(&c.index));
+                let mut stream = stream::iter(todo)
+                    .map(|c| {
+                        let asm = &asm;
+                        async move {
+                            let n = self.restore_chunk(tenant, db, p, c, asm).await?;
+                            Ok::<_, CairnError>((c.index, c.len, n))
+                        }
+                    })
+                    .buffer_unordered(concurrency);
+                let mut failure = None;
+                while let Some(r) = stream.next().await {
+                    match r {
+                        Ok((index, len, n)) => {
+                            report.blobs_read += n;
+                            if job.is_some() {
+                                asm.sync()?;
+                            }
+                            record_done!(index, len);
+                        }
+                        Err(e) => {
+                            failure = Some(e);
+                            break;
+                        }
                     }
                 }
+                drop(stream);
+                if let Some(e) = failure {
+                    // Keep the partial file for a resumable job; discard it otherwise.
+                    if job.is_none() {
+                        asm.abort();
+                    }
+                    return Err(e);
+                }
+                asm.commit()?;
                 report.bytes_written = p.len;
             }
             ManifestBody::Segments(s) => {
-                let asm = DirAssembler::create(to)?;
-                stream::iter(s.segments.iter().map(Ok::<_, CairnError>))
-                    .map_ok(|e| {
+                let (asm, reopened) = DirAssembler::open(to, !done.is_empty())?;
+                if !reopened {
+                    done.clear();
+                }
+                self.start_restore_progress(&mut job, units, bytes_total, &done, |i| {
+                    s.segments.get(i as usize).map_or(0, |e| e.len)
+                })?;
+                let todo = s.segments.iter().enumerate().filter(|(i, _)| !done.contains(&(*i as u64)));
+                let mut stream = stream::iter(todo)
+                    .map(|(i, e)| {
                         let asm = &asm;
                         async move {
                             let w = asm.file(&e.name, e.len)?;
                             let key = keys::blob_key(tenant, db, &e.blob);
-                            self.store
-                                .get_blob(&key, &e.blob, |off, bytes| w.write_at(off, bytes))
-                                .await?;
+                            self.store.get_blob(&key, &e.blob, |off, bytes| w.write_at(off, bytes)).await?;
                             w.finish()?;
-                            Ok::<(), CairnError>(())
+                            Ok::<_, CairnError>((i as u64, e.len))
                         }
                     })
-                    .try_buffer_unordered(concurrency)
-                    .try_collect::<Vec<()>>()
-                    .await?;
+                    .buffer_unordered(concurrency);
+                while let Some(r) = stream.next().await {
+                    let (i, len) = r?;
+                    report.blobs_read += 1;
+                    record_done!(i, len);
+                }
+                drop(stream);
                 asm.commit()?;
-                report.blobs_read = s.segments.len() as u64;
-                report.bytes_written = s.segments.iter().map(|e| e.len).sum();
+                report.bytes_written = bytes_total;
             }
         }
+        if let Some(rec) = job.as_deref_mut() {
+            rec.phase = Phase::Committed;
+            self.save_job(rec, &[])?;
+        }
         Ok(report)
+    }
+
+    fn start_restore_progress(
+        &self,
+        job: &mut Option<&mut JobRecord>,
+        units: u64,
+        bytes_total: u64,
+        done: &BTreeSet<u64>,
+        len_of: impl Fn(u64) -> u64,
+    ) -> Result<(), CairnError> {
+        if let Some(rec) = job.as_deref_mut() {
+            rec.phase = Phase::Written;
+            rec.progress = Progress {
+                done: done.len() as u64,
+                total: units,
+                bytes_done: done.iter().map(|i| len_of(*i)).sum(),
+                bytes_total,
+            };
+            if done.is_empty() {
+                // A fresh assembly: forget progress recorded against an older file.
+                let stale: Vec<Vec<u8>> = self
+                    .state
+                    .job_items(rec.id.0)?
+                    .into_iter()
+                    .map(|(k, _)| k)
+                    .filter(|k| k.first() == Some(&b'r'))
+                    .collect();
+                let deletes: Vec<(&[u8], Option<&[u8]>)> = stale.iter().map(|k| (k.as_slice(), None)).collect();
+                self.save_job(rec, &deletes)?;
+            } else {
+                self.save_job(rec, &[])?;
+            }
+        }
+        Ok(())
     }
 }

@@ -40,8 +40,26 @@ struct DeltaCtx {
 }
 
 impl Checkpointer {
-    /// Verifies `generation` of `db` (latest if `None`).
+    /// Verifies `generation` of `db` (latest if `None`), as a job.
     pub async fn verify(
+        &self,
+        db: &DbId,
+        generation: Option<Generation>,
+        deep: bool,
+    ) -> Result<VerifyReport, CairnError> {
+        self.ensure_resumed().await?;
+        let id = self.enqueue(crate::JobSpec::Verify {
+            db: db.clone(),
+            generation: generation.map(|g| g.0),
+            deep,
+        })?;
+        match self.run_job(id).await? {
+            crate::JobOutcome::Verify(r) => Ok(r),
+            other => Err(CairnError::Task(format!("verify job returned {other:?}"))),
+        }
+    }
+
+    pub(crate) async fn verify_now(
         &self,
         db: &DbId,
         generation: Option<Generation>,
@@ -126,7 +144,7 @@ impl Checkpointer {
             let scratch = self.scratch.job(job)?;
             let target = scratch.dir().join("verify.sqlite");
             let outcome = async {
-                self.restore_manifest(&m, &target).await?;
+                self.restore_manifest(&m, &target, None).await?;
                 let t = target.clone();
                 tokio::task::spawn_blocking(move || cairn_executor::sqlite_integrity_check(&t))
                     .await

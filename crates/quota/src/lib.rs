@@ -525,10 +525,9 @@ mod tests {
         }
         stop.store(true, Ordering::SeqCst);
         checker.join().unwrap();
-        assert!(
-            granted > 0 && refused > 0,
-            "granted {granted}, refused {refused}"
-        );
+        // Refusals depend on how the threads interleave (none if the scheduler runs them
+        // one after another); refusal itself is covered by the deterministic tests above.
+        assert!(granted > 0, "granted {granted}, refused {refused}");
         assert_eq!(global.used(), 0);
         assert!(tenants.iter().all(|t| t.used() == 0));
     }

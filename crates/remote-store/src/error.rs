@@ -60,6 +60,64 @@ pub enum StoreError {
         #[source]
         source: Box<object_store::Error>,
     },
+    /// A range read asked for bytes outside the blob's payload.
+    #[error("range {start}..{end} of {key} in {store} is outside its {len}-byte payload")]
+    BadRange {
+        /// The object key.
+        key: String,
+        /// The store's description.
+        store: String,
+        /// Requested start.
+        start: u64,
+        /// Requested end (exclusive).
+        end: u64,
+        /// Payload length.
+        len: u64,
+    },
+    /// A store config file cannot be read or used.
+    #[error("store config {path}: {reason}")]
+    Config {
+        /// The config file.
+        path: String,
+        /// What is wrong (credentials scrubbed).
+        reason: String,
+    },
+    /// The store does not honour conditional create, which publication depends on.
+    #[error(
+        "store {store} does not honour conditional create: {reason} (probe object {probe}). \
+         Cairn publishes each generation with a create-if-absent and relies on the store to \
+         refuse the second one; use a store that supports it (AWS S3, MinIO, and most \
+         S3-compatible servers with If-None-Match), or, only if exactly one writer will ever \
+         publish to this store, set single_writer = true in the store config (single-writer \
+         mode, docs/decisions/0012-conditional-create-check.md)"
+    )]
+    ConditionalCreateUnsupported {
+        /// The store's description.
+        store: String,
+        /// The probe key used.
+        probe: String,
+        /// What the probe observed.
+        reason: String,
+    },
+    /// A transient failure persisted through every retry.
+    #[error(
+        "gave up on {op} {key} on {store} after {attempts} attempt(s) in {elapsed_ms} ms: {last}"
+    )]
+    RetriesExhausted {
+        /// The operation.
+        op: &'static str,
+        /// The object key or prefix.
+        key: String,
+        /// The store's description.
+        store: String,
+        /// Attempts made.
+        attempts: u32,
+        /// Time spent, milliseconds.
+        elapsed_ms: u64,
+        /// The last error.
+        #[source]
+        last: Box<StoreError>,
+    },
     /// A local file could not be read or written.
     #[error("{op} {path}: {source}")]
     Io {
@@ -84,10 +142,32 @@ impl StoreError {
                 source.kind(),
                 std::io::ErrorKind::Interrupted | std::io::ErrorKind::TimedOut
             ),
+            // The cause was transient: a later attempt (a resumed job) may succeed.
+            StoreError::RetriesExhausted { last, .. } => last.is_retryable(),
             StoreError::BadUrl { .. }
+            | StoreError::Config { .. }
+            | StoreError::BadRange { .. }
+            | StoreError::ConditionalCreateUnsupported { .. }
             | StoreError::NotFound { .. }
             | StoreError::AlreadyExists { .. }
             | StoreError::WrongSize { .. } => false,
+        }
+    }
+
+    /// Whether the store refused an operation as not implemented or not supported (e.g. a
+    /// conditional create on a store without it).
+    pub fn is_unsupported(&self) -> bool {
+        match self {
+            StoreError::Backend { source, .. } => match source.as_ref() {
+                object_store::Error::NotImplemented { .. }
+                | object_store::Error::NotSupported { .. } => true,
+                object_store::Error::Generic { source, .. } => {
+                    matches!(http_status(&source.to_string()), Some(501))
+                }
+                _ => false,
+            },
+            StoreError::RetriesExhausted { last, .. } => last.is_unsupported(),
+            _ => false,
         }
     }
 
@@ -108,10 +188,7 @@ impl StoreError {
                 store: store.to_string(),
             },
             other => {
-                let retryable = matches!(
-                    other,
-                    object_store::Error::Generic { .. } | object_store::Error::JoinError { .. }
-                );
+                let retryable = is_transient(&other);
                 StoreError::Backend {
                     op,
                     key: key.to_string(),
@@ -120,6 +197,125 @@ impl StoreError {
                     source: Box::new(other),
                 }
             }
+        }
+    }
+}
+
+/// Whether an `object_store` error is worth retrying: timeouts, connection failures and
+/// resets, 5xx, throttling (429, 503 SlowDown) and error bodies in 200 responses. Never:
+/// not found, already exists, precondition failed, permission denied, unauthenticated,
+/// not implemented or supported, bad paths or configuration, and other 4xx.
+pub(crate) fn is_transient(e: &object_store::Error) -> bool {
+    use object_store::client::HttpErrorKind;
+    match e {
+        object_store::Error::Generic { source, .. } => {
+            let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(source.as_ref());
+            while let Some(err) = cur {
+                if let Some(h) = err.downcast_ref::<object_store::client::HttpError>() {
+                    return matches!(
+                        h.kind(),
+                        HttpErrorKind::Connect
+                            | HttpErrorKind::Request
+                            | HttpErrorKind::Timeout
+                            | HttpErrorKind::Interrupted
+                            | HttpErrorKind::Decode
+                            | HttpErrorKind::Unknown
+                    );
+                }
+                if let Some(io) = err.downcast_ref::<std::io::Error>() {
+                    use std::io::ErrorKind as K;
+                    return matches!(
+                        io.kind(),
+                        K::ConnectionReset
+                            | K::ConnectionAborted
+                            | K::ConnectionRefused
+                            | K::BrokenPipe
+                            | K::TimedOut
+                            | K::Interrupted
+                            | K::UnexpectedEof
+                            | K::NotConnected
+                    );
+                }
+                cur = err.source();
+            }
+            match http_status(&source.to_string()) {
+                // 501 Not Implemented and 505 are answers, not accidents.
+                Some(s) => (s >= 500 && s != 501 && s != 505) || s == 429 || s == 408,
+                // Not an HTTP status failure: a malformed or cut-off response, an injected
+                // fault, a dropped connection described only in text. Retrying is safe: every
+                // operation is idempotent or resolved by reading back.
+                None => !source.to_string().contains("redirect"),
+            }
+        }
+        object_store::Error::JoinError { .. } => true,
+        _ => false,
+    }
+}
+
+/// The HTTP status `object_store` reports in its error text ("status code: 503 ...").
+fn http_status(text: &str) -> Option<u16> {
+    let rest = &text[text.find("status code: ")? + "status code: ".len()..];
+    rest.get(..3)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn generic(msg: &str) -> object_store::Error {
+        object_store::Error::Generic {
+            store: "S3",
+            source: msg.to_string().into(),
+        }
+    }
+
+    #[test]
+    fn transient_and_permanent_errors_are_told_apart() {
+        let status = |s: &str| {
+            generic(&format!(
+                "Error performing PUT http://h/b/k in 1ms - Server returned non-2xx status code: {s}: <Error/>"
+            ))
+        };
+        assert!(is_transient(&status("503 Service Unavailable")));
+        assert!(is_transient(&status("500 Internal Server Error")));
+        assert!(is_transient(&status("429 Too Many Requests")));
+        assert!(!is_transient(&status("400 Bad Request")));
+        assert!(!is_transient(&status("405 Method Not Allowed")));
+        assert!(is_transient(&generic("Server returned error response: SlowDown")));
+        assert!(is_transient(&object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+        }));
+        for permanent in [
+            object_store::Error::NotFound {
+                path: "k".into(),
+                source: "x".into(),
+            },
+            object_store::Error::Precondition {
+                path: "k".into(),
+                source: "x".into(),
+            },
+            object_store::Error::AlreadyExists {
+                path: "k".into(),
+                source: "x".into(),
+            },
+            object_store::Error::PermissionDenied {
+                path: "k".into(),
+                source: "x".into(),
+            },
+            object_store::Error::Unauthenticated {
+                path: "k".into(),
+                source: "x".into(),
+            },
+            object_store::Error::NotImplemented {
+                operation: "x".into(),
+                implementer: "y".into(),
+            },
+        ] {
+            assert!(!is_transient(&permanent), "{permanent}");
+            let e = StoreError::backend("get", "a/b", "memory://m", permanent);
+            assert!(!e.is_retryable(), "{e}");
         }
     }
 }

@@ -1,60 +1,75 @@
 //! The object store seam: the only crate that knows `object_store`.
 //!
 //! Contract: [`RemoteStore`] turns a URL (`file:///abs/dir`, `s3://bucket/prefix`,
-//! `memory://name`) into a store rooted at that location and offers exactly the operations
-//! Cairn needs: streamed blob upload that re-verifies the staged bytes while sending them,
-//! verified blob reads that recompute the CRC64-NVME of every byte received, conditional
-//! create for manifests, head, list and delete.
+//! `memory://name`, and `fault+<url>?…` for tests) into a store rooted at that location and
+//! offers exactly the operations Cairn needs: streamed blob upload that re-verifies the
+//! staged bytes while sending them (multipart with bounded memory for large blobs), verified
+//! blob reads that recompute the CRC64-NVME and XXH3-128 of every byte received, verified
+//! range reads, conditional create for manifests, head, list and delete. S3 uploads carry a
+//! transport checksum (`x-amz-checksum-crc64nvme` by default) that the server checks; the
+//! payload's own CRC64-NVME travels in the blob footer and is recomputed on every read.
 //!
 //! Crash behaviour: every write is a single object put (local: write to a temporary file,
 //! fsync, link/rename into place; S3: single PUT or multipart upload completed at the end),
 //! so a crash leaves either no object or the whole object, plus at worst an abandoned
-//! temporary file or multipart upload that never becomes visible under the key.
+//! temporary file or multipart upload that never becomes visible under the key (S3 buckets
+//! should expire incomplete uploads with a lifecycle rule).
 //!
-//! Retries: HTTP stores use `object_store`'s own retry with backoff for transient failures;
-//! errors say whether they are worth retrying ([`StoreError::is_retryable`]).
+//! Retries: this crate is the one retry layer (`object_store`'s own HTTP retries are off by
+//! default, [`StoreConfig::http_retries`]). Every request is retried on transient errors
+//! (timeouts, connection resets, 5xx, throttling) with exponential backoff and jitter,
+//! bounded by attempts and total time; permanent errors (not found, exists, precondition,
+//! access denied, not implemented) are returned at once. A write whose response is lost is
+//! resolved by reading back: a conditional create compares the bytes found with its own, a
+//! multipart completion checks the object's size. A streamed read cut off by a transient
+//! error resumes from the byte it reached; a blob whose bytes fail verification is read
+//! again up to [`StoreConfig::verify_read_attempts`] times before it is reported corrupt.
+//! Limits on concurrent requests and bandwidth apply to every attempt (see `limits`).
 //!
-//! Cancellation: every operation is a future; dropping it abandons the request, and an
-//! abandoned multipart upload is never completed, so nothing partial is published.
+//! Cancellation: every operation is a future; dropping it abandons the request (part uploads
+//! run as tasks owned by the upload and are aborted with it), and an abandoned multipart
+//! upload is never completed, so nothing partial is published.
 
+mod config;
 mod error;
+pub mod fault;
+mod limits;
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::ops::Range;
 use std::path::Path as FsPath;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use bytes::Bytes;
-use cairn_core::blob::{BlobDecoder, DecodedBlob};
+use cairn_core::blob::{encode_footer, BlobDecoder, DecodedBlob, FOOTER_LEN, HEADER_LEN};
 use cairn_core::BlobRef;
 use futures::StreamExt;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey, Checksum};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
+use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart};
+use object_store::{
+    BackoffConfig, ClientConfigKey, GetOptions, GetRange, GetResultPayload, MultipartId,
+    ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig, WriteMultipart,
+};
 use tokio::io::AsyncReadExt;
 
+pub use config::{S3Settings, Secret, StoreConfig, TransportChecksum, CONFIG_ENV};
 pub use error::StoreError;
+pub use limits::StoreStats;
 
-/// Tunables of a store. The defaults suit S3 and a local directory alike.
-#[derive(Clone, Debug)]
-pub struct StoreConfig {
-    /// Blobs larger than this are uploaded as multipart uploads.
-    pub multipart_threshold: u64,
-    /// Multipart part size (S3 requires at least 5 MiB for all but the last part).
-    pub part_size: usize,
-    /// Parts of one upload in flight at once.
-    pub part_concurrency: usize,
-}
+use fault::{FaultConfig, FaultStore};
+use limits::{Counters, Limits};
 
-impl Default for StoreConfig {
-    fn default() -> Self {
-        Self {
-            multipart_threshold: 16 * 1024 * 1024,
-            part_size: 8 * 1024 * 1024,
-            part_concurrency: 4,
-        }
-    }
-}
+/// Prefix of the probe objects [`RemoteStore::check_conditional_create`] writes (and removes).
+pub const PROBE_PREFIX: &str = "_cairn/probe-";
+
+/// S3 allows at most this many parts in one multipart upload.
+const MAX_PARTS: u64 = 10_000;
 
 /// Outcome of a conditional create.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,16 +89,20 @@ pub struct Listed {
     pub size: u64,
 }
 
-/// A store rooted at a prefix, shared cheaply by cloning.
+/// A store rooted at a prefix, shared cheaply by cloning (clones share limits and counters).
 #[derive(Clone)]
 pub struct RemoteStore {
     inner: Arc<dyn ObjectStore>,
+    /// Part-level multipart API of the same store (S3, memory): lets a failed part be
+    /// retried on its own instead of restarting the whole upload.
+    multipart: Option<Arc<dyn MultipartStore>>,
     root: String,
     describe: String,
-    cfg: StoreConfig,
+    cfg: Arc<StoreConfig>,
     /// For `file://` stores: the directory, so staged blobs can be published by hard link
     /// instead of a second copy.
     local_root: Option<std::path::PathBuf>,
+    limits: Arc<Limits>,
 }
 
 impl std::fmt::Debug for RemoteStore {
@@ -106,101 +125,127 @@ fn is_loopback(endpoint: &str) -> bool {
         .is_some_and(|h| h == "127.0.0.1" || h == "localhost" || h == "[::1]" || h == "::1")
 }
 
+fn env_var(k: &str) -> Option<String> {
+    std::env::var(k).ok().filter(|v| !v.is_empty())
+}
+
+fn env_bool(k: &str) -> Option<bool> {
+    env_var(k).map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+}
+
+/// What a URL opens to, before limits and retries are put around it.
+struct Backend {
+    inner: Arc<dyn ObjectStore>,
+    multipart: Option<Arc<dyn MultipartStore>>,
+    root: String,
+    describe: String,
+    local_root: Option<std::path::PathBuf>,
+}
+
+/// Exponential backoff with jitter, bounded by attempts and total time.
+struct RetryState {
+    delays: ExponentialBackoff,
+    started: Instant,
+    attempts: u32,
+    max_attempts: u32,
+    total: Duration,
+}
+
+impl RetryState {
+    /// After a failed attempt: how long to wait before the next, or `None` when the
+    /// attempts or the time are used up.
+    fn next_delay(&mut self) -> Option<Duration> {
+        if self.attempts >= self.max_attempts {
+            return None;
+        }
+        let d = self.delays.next()?;
+        if self.started.elapsed() + d > self.total {
+            return None;
+        }
+        self.attempts += 1;
+        Some(d)
+    }
+}
+
+/// Whether a store error is a transient failure of one request.
+fn transient(e: &StoreError) -> bool {
+    matches!(
+        e,
+        StoreError::Backend {
+            retryable: true,
+            ..
+        }
+    )
+}
+
+/// A cut-off or otherwise damaged response, as a transient backend error.
+fn short_read(what: String) -> object_store::Error {
+    object_store::Error::Generic {
+        store: "cairn",
+        source: what.into(),
+    }
+}
+
 impl RemoteStore {
-    /// Opens the store a URL names, with default tunables.
+    /// Opens the store a URL names, with the tunables of `$CAIRN_STORE_CONFIG` (a TOML or
+    /// JSON file, see [`StoreConfig::from_file`]) or the defaults.
     ///
     /// * `file:///abs/dir`: a local directory (created if missing), fsynced writes.
-    /// * `s3://bucket/prefix`: endpoint, region and credentials from the standard `AWS_*`
-    ///   environment variables; plain http is allowed for a loopback endpoint.
+    /// * `s3://bucket/prefix`: endpoint, region and credentials from the config file's `[s3]`
+    ///   table, else the standard `AWS_*` environment variables; path-style requests unless
+    ///   `virtual_hosted`; plain http is allowed for a loopback endpoint or with `allow_http`.
     /// * `memory://name`: an in-process store shared by every open of the same name (tests).
+    /// * `fault+<url>?transient=0.1&seed=7&…`: `<url>` behind a [`FaultStore`] (tests; see
+    ///   [`fault::parse_fault_query`] for the parameters).
     pub fn open(url: &str) -> Result<Self, StoreError> {
-        Self::open_with(url, StoreConfig::default())
+        Self::open_with(url, StoreConfig::from_env()?)
     }
 
     /// Opens a store with explicit tunables.
     pub fn open_with(url: &str, cfg: StoreConfig) -> Result<Self, StoreError> {
-        let parsed = url::Url::parse(url).map_err(|e| StoreError::BadUrl {
-            url: redact(url),
-            reason: e.to_string(),
-        })?;
-        let bad = |reason: String| StoreError::BadUrl {
-            url: redact(url),
-            reason,
-        };
-        if !parsed.username().is_empty() || parsed.password().is_some() {
-            return Err(bad(
-                "credentials do not belong in the URL; use the AWS_* environment variables".into(),
-            ));
+        if let Some(rest) = url.strip_prefix("fault+") {
+            let bad = |reason: String| StoreError::BadUrl {
+                url: redact(url),
+                reason,
+            };
+            let mut parsed = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
+            let fault = fault::parse_fault_query(parsed.query_pairs()).map_err(bad)?;
+            parsed.set_query(None);
+            let inner_url = parsed
+                .as_str()
+                .strip_prefix("fault+")
+                .map(str::to_string)
+                .unwrap_or_else(|| rest.to_string());
+            let (store, _) = Self::open_faulty(&inner_url, cfg, fault)?;
+            return Ok(store);
         }
-        let describe = redact(url);
-        match parsed.scheme() {
-            "file" => {
-                if parsed.host_str().is_some_and(|h| !h.is_empty()) {
-                    return Err(bad(
-                        "a file URL needs an absolute path: file:///abs/dir".into()
-                    ));
-                }
-                let dir = parsed
-                    .to_file_path()
-                    .map_err(|()| bad("not an absolute local path".into()))?;
-                std::fs::create_dir_all(&dir).map_err(|e| StoreError::Io {
-                    op: "create store directory",
-                    path: dir.display().to_string(),
-                    source: e,
-                })?;
-                let fs = LocalFileSystem::new_with_prefix(&dir)
-                    .map_err(|e| bad(e.to_string()))?
-                    .with_fsync(true);
-                let mut store = Self::from_object_store(Arc::new(fs), "", describe, cfg);
-                store.local_root = Some(dir);
-                Ok(store)
-            }
-            "s3" => {
-                let bucket = parsed
-                    .host_str()
-                    .filter(|b| !b.is_empty())
-                    .ok_or_else(|| bad("missing bucket: s3://bucket/prefix".into()))?;
-                let prefix = parsed.path().trim_matches('/').to_string();
-                let mut builder = object_store::aws::AmazonS3Builder::from_env()
-                    .with_bucket_name(bucket)
-                    .with_virtual_hosted_style_request(false);
-                let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-                if env("AWS_REGION").is_none() && env("AWS_DEFAULT_REGION").is_none() {
-                    builder = builder.with_region("us-east-1");
-                }
-                if let Some(ep) = env("AWS_ENDPOINT_URL_S3")
-                    .or_else(|| env("AWS_ENDPOINT_URL"))
-                    .or_else(|| env("AWS_ENDPOINT"))
-                {
-                    if is_loopback(&ep) && ep.starts_with("http://") {
-                        // Set after any client options: plain http only for a loopback server.
-                        builder = builder.with_allow_http(true);
-                    }
-                    builder = builder.with_endpoint(ep);
-                }
-                let s3 = builder.build().map_err(|e| bad(redact(&e.to_string())))?;
-                Ok(Self::from_object_store(
-                    Arc::new(s3),
-                    &prefix,
-                    describe,
-                    cfg,
-                ))
-            }
-            "memory" => {
-                let name = parsed.host_str().unwrap_or_default().to_string();
-                let mut stores = memory_stores()
-                    .lock()
-                    .map_err(|_| bad("memory store registry poisoned".into()))?;
-                let mem = stores
-                    .entry(name)
-                    .or_insert_with(|| Arc::new(InMemory::new()))
-                    .clone();
-                Ok(Self::from_object_store(mem, "", describe, cfg))
-            }
-            other => Err(bad(format!(
-                "unsupported scheme {other:?} (use file://, s3:// or memory://)"
-            ))),
+        let b = open_backend(url, &cfg)?;
+        let mut store = Self::from_object_store(b.inner, &b.root, b.describe, cfg);
+        store.multipart = b.multipart;
+        store.local_root = b.local_root;
+        Ok(store)
+    }
+
+    /// Opens `url` behind a [`FaultStore`] configured by `fault`; returns the store and the
+    /// wrapper (for its counters). Local directories lose their hard-link fast path so that
+    /// every write goes through the faults.
+    pub fn open_faulty(
+        url: &str,
+        cfg: StoreConfig,
+        fault: FaultConfig,
+    ) -> Result<(Self, Arc<FaultStore>), StoreError> {
+        let b = open_backend(url, &cfg)?;
+        let mut f = FaultStore::new(b.inner, fault);
+        if let Some(mp) = b.multipart {
+            f = f.with_multipart(mp);
         }
+        let f = Arc::new(f);
+        let describe = format!("fault+{}", b.describe);
+        let mut store = Self::from_object_store(f.clone(), &b.root, describe, cfg);
+        if f.has_multipart() {
+            store.multipart = Some(f.clone());
+        }
+        Ok((store, f))
     }
 
     /// Wraps an existing `object_store` implementation (fault injection, tests).
@@ -212,16 +257,35 @@ impl RemoteStore {
     ) -> Self {
         Self {
             inner,
+            multipart: None,
             root: root.trim_matches('/').to_string(),
             describe: describe.into(),
-            cfg,
+            limits: Arc::new(Limits::new(&cfg)),
+            cfg: Arc::new(cfg),
             local_root: None,
         }
+    }
+
+    /// Uploads large blobs through `multipart` (normally the same store as the inner
+    /// `ObjectStore`), part by part, retrying a failed part on its own.
+    pub fn with_multipart_store(mut self, multipart: Arc<dyn MultipartStore>) -> Self {
+        self.multipart = Some(multipart);
+        self
     }
 
     /// A human description of the store (URL without credentials).
     pub fn describe(&self) -> &str {
         &self.describe
+    }
+
+    /// The tunables in use.
+    pub fn config(&self) -> &StoreConfig {
+        &self.cfg
+    }
+
+    /// Counters of requests, retries, damaged reads and bytes moved, shared by all clones.
+    pub fn stats(&self) -> StoreStats {
+        self.limits.stats.snapshot()
     }
 
     fn path(&self, key: &str) -> Path {
@@ -247,62 +311,269 @@ impl RemoteStore {
         StoreError::backend(op, key, &self.describe, e)
     }
 
+    fn retry_state(&self) -> RetryState {
+        let cfg = &self.cfg;
+        let delays = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(cfg.retry_initial_backoff_ms))
+            .with_max_delay(Duration::from_millis(
+                cfg.retry_max_backoff_ms.max(cfg.retry_initial_backoff_ms),
+            ))
+            .with_factor(2.0)
+            .with_jitter()
+            .with_max_times(cfg.retry_max_attempts.saturating_sub(1) as usize)
+            .build();
+        RetryState {
+            delays,
+            started: Instant::now(),
+            attempts: 1,
+            max_attempts: cfg.retry_max_attempts.max(1),
+            total: Duration::from_millis(cfg.retry_total_ms),
+        }
+    }
+
+    fn gave_up(&self, op: &'static str, key: &str, rs: &RetryState, last: StoreError) -> StoreError {
+        tracing::warn!(
+            op,
+            key,
+            store = %self.describe,
+            attempts = rs.attempts,
+            error = %last,
+            "giving up after retries"
+        );
+        StoreError::RetriesExhausted {
+            op,
+            key: key.to_string(),
+            store: self.describe.clone(),
+            attempts: rs.attempts,
+            elapsed_ms: u64::try_from(rs.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            last: Box::new(last),
+        }
+    }
+
+    /// Waits before the next attempt, or says to give up (`None`).
+    async fn backoff(
+        &self,
+        op: &'static str,
+        key: &str,
+        rs: &mut RetryState,
+        e: &StoreError,
+    ) -> bool {
+        match rs.next_delay() {
+            Some(d) => {
+                Counters::bump(&self.limits.stats.retries);
+                tracing::debug!(
+                    op,
+                    key,
+                    store = %self.describe,
+                    attempt = rs.attempts,
+                    delay_ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+                    error = %e,
+                    "retrying after a transient error"
+                );
+                tokio::time::sleep(d).await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Runs `attempt` until it succeeds, fails permanently, or the retry budget is spent.
+    async fn retry<T, F, Fut>(&self, op: &'static str, key: &str, mut attempt: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let mut rs = self.retry_state();
+        loop {
+            match attempt().await {
+                Ok(v) => return Ok(v),
+                Err(e) if transient(&e) => {
+                    if !self.backoff(op, key, &mut rs, &e).await {
+                        return Err(self.gave_up(op, key, &rs, e));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One request under the store's concurrency limit.
+    async fn request<T>(
+        &self,
+        op: &'static str,
+        key: &str,
+        fut: impl Future<Output = object_store::Result<T>>,
+    ) -> Result<T, StoreError> {
+        let _permit = self.limits.permit().await;
+        Counters::bump(&self.limits.stats.requests);
+        fut.await.map_err(|e| self.err(op, key, e))
+    }
+
     /// Size of the object, or `None` if it does not exist.
     pub async fn head(&self, key: &str) -> Result<Option<u64>, StoreError> {
-        match self.inner.head(&self.path(key)).await {
+        let path = &self.path(key);
+        let r = self
+            .retry("head", key, || self.request("head", key, self.inner.head(path)))
+            .await;
+        match r {
             Ok(meta) => Ok(Some(meta.size)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(self.err("head", key, e)),
+            Err(StoreError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
     /// Writes a small object, replacing any existing one.
     pub async fn put_bytes(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
-        self.inner
-            .put(&self.path(key), PutPayload::from(bytes))
-            .await
-            .map(|_| ())
-            .map_err(|e| self.err("put", key, e))
+        let path = &self.path(key);
+        let len = bytes.len() as u64;
+        self.retry("put", key, || {
+            let payload = PutPayload::from(bytes.clone());
+            async move {
+                self.limits.upload(len).await;
+                self.request("put", key, self.inner.put(path, payload)).await
+            }
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Creates an object only if none exists under `key` (the store decides atomically).
+    ///
+    /// When an attempt fails in a way that may have happened after the object landed (its
+    /// response was lost), the outcome is settled by reading the object back: our exact
+    /// bytes mean the create took effect ([`CreateOutcome::Created`]; an identical create by
+    /// someone else is indistinguishable and equivalent), other bytes mean someone else's
+    /// object ([`CreateOutcome::AlreadyExists`]). Nothing is guessed: if the read-back
+    /// fails too, the error is returned.
     pub async fn create_if_absent(
         &self,
         key: &str,
         bytes: Bytes,
     ) -> Result<CreateOutcome, StoreError> {
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
-        match self
-            .inner
-            .put_opts(&self.path(key), PutPayload::from(bytes), opts)
-            .await
-        {
-            Ok(_) => Ok(CreateOutcome::Created),
-            Err(
-                object_store::Error::AlreadyExists { .. }
-                | object_store::Error::Precondition { .. },
-            ) => Ok(CreateOutcome::AlreadyExists),
-            Err(e) => Err(self.err("conditional create", key, e)),
+        let path = &self.path(key);
+        let op = "conditional create";
+        let mut rs = self.retry_state();
+        let mut uncertain = false;
+        loop {
+            let opts = PutOptions {
+                mode: PutMode::Create,
+                ..Default::default()
+            };
+            self.limits.upload(bytes.len() as u64).await;
+            let r = self
+                .request(op, key, self.inner.put_opts(path, bytes.clone().into(), opts))
+                .await;
+            match r {
+                Ok(_) => return Ok(CreateOutcome::Created),
+                Err(StoreError::AlreadyExists { .. }) if uncertain => {
+                    return self.resolve_create(key, &bytes).await
+                }
+                Err(StoreError::AlreadyExists { .. }) => return Ok(CreateOutcome::AlreadyExists),
+                Err(e) if transient(&e) => {
+                    uncertain = true;
+                    if !self.backoff(op, key, &mut rs, &e).await {
+                        // Out of retries: one last look settles it if the object is there.
+                        return match self.resolve_create(key, &bytes).await {
+                            Ok(outcome) => Ok(outcome),
+                            Err(_) => Err(self.gave_up(op, key, &rs, e)),
+                        };
+                    }
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 
-    /// Reads a whole (small) object.
+    async fn resolve_create(&self, key: &str, ours: &Bytes) -> Result<CreateOutcome, StoreError> {
+        let existing = self.get_bytes(key).await?;
+        Counters::bump(&self.limits.stats.resolved_by_read_back);
+        let outcome = if existing == *ours {
+            CreateOutcome::Created
+        } else {
+            CreateOutcome::AlreadyExists
+        };
+        tracing::info!(key, store = %self.describe, ?outcome, "conditional create settled by reading back");
+        Ok(outcome)
+    }
+
+    /// Reads a whole (small) object; a body shorter than the object is read again.
     pub async fn get_bytes(&self, key: &str) -> Result<Bytes, StoreError> {
-        let res = self
-            .inner
-            .get(&self.path(key))
-            .await
-            .map_err(|e| self.err("get", key, e))?;
-        res.bytes().await.map_err(|e| self.err("get", key, e))
+        let path = &self.path(key);
+        self.retry("get", key, || async move {
+            let _permit = self.limits.permit().await;
+            Counters::bump(&self.limits.stats.requests);
+            let res = self
+                .inner
+                .get(path)
+                .await
+                .map_err(|e| self.err("get", key, e))?;
+            let size = res.meta.size;
+            let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+            let mut stream = res.into_stream();
+            while let Some(piece) = stream.next().await {
+                let piece = piece.map_err(|e| self.err("get", key, e))?;
+                self.limits.download(piece.len() as u64).await;
+                buf.extend_from_slice(&piece);
+            }
+            if buf.len() as u64 != size {
+                Counters::bump(&self.limits.stats.damaged_reads);
+                let what = format!("body ended after {} of {size} bytes", buf.len());
+                return Err(self.err("get", key, short_read(what)));
+            }
+            Ok(Bytes::from(buf))
+        })
+        .await
+    }
+
+    /// Checks that the store honours conditional create, which publication depends on: a
+    /// unique probe object under `_cairn/probe-<random>` is created twice with
+    /// create-if-absent, and the second must be refused. The probe is removed afterwards.
+    /// Skipped (with a warning) in single-writer mode ([`StoreConfig::single_writer`]).
+    ///
+    /// Fails with [`StoreError::ConditionalCreateUnsupported`] naming the store.
+    pub async fn check_conditional_create(&self) -> Result<(), StoreError> {
+        if self.cfg.single_writer {
+            tracing::warn!(
+                store = %self.describe,
+                "single-writer mode: conditional create not checked; only one writer may publish"
+            );
+            return Ok(());
+        }
+        let key = format!("{PROBE_PREFIX}{:016x}", rand::random::<u64>());
+        let unsupported = |reason: String| StoreError::ConditionalCreateUnsupported {
+            store: self.describe.clone(),
+            probe: key.clone(),
+            reason,
+        };
+        let first = Bytes::from(format!("cairn conditional-create probe {key} (1)"));
+        let second = Bytes::from(format!("cairn conditional-create probe {key} (2)"));
+        let outcome = match self.create_if_absent(&key, first).await {
+            Ok(CreateOutcome::Created) => match self.create_if_absent(&key, second).await {
+                Ok(CreateOutcome::AlreadyExists) => Ok(()),
+                Ok(CreateOutcome::Created) => Err(unsupported(
+                    "a second create-if-absent of the same key succeeded".into(),
+                )),
+                Err(e) if e.is_unsupported() => Err(unsupported(e.to_string())),
+                Err(e) => Err(e),
+            },
+            Ok(CreateOutcome::AlreadyExists) => Err(unsupported(
+                "create-if-absent of a fresh random key reported that it already exists".into(),
+            )),
+            Err(e) if e.is_unsupported() => Err(unsupported(e.to_string())),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = self.delete(&key).await {
+            tracing::warn!(key, store = %self.describe, error = %e, "could not remove the probe object");
+        }
+        outcome
     }
 
     /// Uploads a staged blob file to `key`, re-verifying its header, footer and digests
     /// against `expected` while the bytes stream out; a mismatch aborts the upload so
-    /// nothing unverified becomes visible. Large files go up as multipart uploads with at
-    /// most `part_concurrency` parts of `part_size` bytes in memory.
+    /// nothing unverified becomes visible. Blobs up to `multipart_threshold` go up in one
+    /// PUT; larger ones as multipart uploads with at most `part_concurrency` parts of
+    /// `part_size` bytes in memory (the part size grows if the blob would need more than
+    /// 10,000 parts), each part retried on its own.
     pub async fn put_blob_file(
         &self,
         key: &str,
@@ -317,10 +588,10 @@ impl RemoteStore {
                 source: e,
             }
         };
-        let mut f = tokio::fs::File::open(file)
+        let size = tokio::fs::metadata(file)
             .await
-            .map_err(io("open staged blob"))?;
-        let size = f.metadata().await.map_err(io("stat staged blob"))?.len();
+            .map_err(io("stat staged blob"))?
+            .len();
         if size != expected.object_len() {
             return Err(StoreError::Corrupt(cairn_core::CoreError::CorruptBlob {
                 name: file.display().to_string(),
@@ -330,23 +601,222 @@ impl RemoteStore {
                 ),
             }));
         }
-        let mut decoder = BlobDecoder::new(file.display().to_string(), Some(*expected));
+        let decoder = BlobDecoder::new(file.display().to_string(), Some(*expected));
         if let Some(root) = &self.local_root {
             return self.link_blob_file(root, key, file, decoder).await;
         }
         if size <= self.cfg.multipart_threshold {
-            let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-            f.read_to_end(&mut buf)
-                .await
-                .map_err(io("read staged blob"))?;
+            let buf = tokio::fs::read(file).await.map_err(io("read staged blob"))?;
+            let mut decoder = decoder;
             decoder.push(&buf)?;
             decoder.finish()?;
             return self.put_bytes(key, Bytes::from(buf)).await;
         }
+        match &self.multipart {
+            Some(mp) => self.upload_parts(key, file, size, decoder, mp.clone()).await,
+            None => {
+                // Whole-upload retries: without the part-level API a failed part dooms
+                // its upload, so the attempt starts over from the staged file.
+                let op = "multipart put";
+                self.retry(op, key, || async move {
+                    let decoder = BlobDecoder::new(file.display().to_string(), Some(*expected));
+                    self.upload_whole(key, file, decoder).await
+                })
+                .await
+            }
+        }
+    }
+
+    /// Part size for an object of `size` bytes: the configured one, grown to whole MiB if
+    /// the object would otherwise need more than S3's 10,000 parts.
+    fn part_size_for(&self, size: u64) -> usize {
+        let configured = self.cfg.part_size.max(5 << 20) as u64;
+        let needed = size.div_ceil(MAX_PARTS).div_ceil(1 << 20) << 20;
+        usize::try_from(configured.max(needed)).unwrap_or(usize::MAX)
+    }
+
+    /// Multipart upload through the part-level API: parts read from the file one at a time,
+    /// verified, and uploaded by at most `part_concurrency` tasks, each part retried alone.
+    async fn upload_parts(
+        &self,
+        key: &str,
+        file: &FsPath,
+        size: u64,
+        mut decoder: BlobDecoder,
+        mp: Arc<dyn MultipartStore>,
+    ) -> Result<(), StoreError> {
         let path = self.path(key);
+        let id: MultipartId = self
+            .retry("create multipart upload", key, || {
+                self.request("create multipart upload", key, mp.create_multipart(&path))
+            })
+            .await?;
+        let part_size = self.part_size_for(size);
+        let concurrency = self.cfg.part_concurrency.max(1);
+        let shown = file.display().to_string();
+        let uploaded: Result<Vec<PartId>, StoreError> = async {
+            let mut f = Some(std::fs::File::open(file).map_err(|e| StoreError::Io {
+                op: "open staged blob",
+                path: shown.clone(),
+                source: e,
+            })?);
+            let mut tasks = tokio::task::JoinSet::new();
+            let mut parts: Vec<Option<PartId>> = Vec::new();
+            for idx in 0.. {
+                let Some(handle) = f.take() else { break };
+                let p = shown.clone();
+                let (handle, buf) = tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0u8; part_size];
+                    let n = read_full(&handle, &mut buf)?;
+                    buf.truncate(n);
+                    Ok::<_, std::io::Error>((handle, buf))
+                })
+                .await
+                .map_err(|e| StoreError::Io {
+                    op: "read staged blob",
+                    path: p.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })?
+                .map_err(|e| StoreError::Io {
+                    op: "read staged blob",
+                    path: p,
+                    source: e,
+                })?;
+                if buf.is_empty() {
+                    break;
+                }
+                decoder.push(&buf)?;
+                while tasks.len() >= concurrency {
+                    collect_part(&mut tasks, &mut parts, key).await?;
+                }
+                tasks.spawn(self.clone().upload_part(
+                    mp.clone(),
+                    key.to_string(),
+                    path.clone(),
+                    id.clone(),
+                    idx,
+                    Bytes::from(buf),
+                ));
+                f = Some(handle);
+            }
+            decoder.finish()?;
+            while !tasks.is_empty() {
+                collect_part(&mut tasks, &mut parts, key).await?;
+            }
+            parts
+                .into_iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    p.ok_or_else(|| {
+                        self.err("multipart put", key, short_read(format!("part {i} missing")))
+                    })
+                })
+                .collect()
+        }
+        .await;
+        let parts = match uploaded {
+            Ok(parts) => parts,
+            Err(e) => {
+                // Best effort: an unfinished upload is invisible whether or not this lands.
+                let _ = self
+                    .request("abort multipart upload", key, mp.abort_multipart(&path, &id))
+                    .await;
+                return Err(e);
+            }
+        };
+        self.complete_upload(key, size, &path, &id, parts, &mp).await
+    }
+
+    /// Uploads one part, retrying it alone on transient errors.
+    async fn upload_part(
+        self,
+        mp: Arc<dyn MultipartStore>,
+        key: String,
+        path: Path,
+        id: MultipartId,
+        idx: usize,
+        data: Bytes,
+    ) -> Result<(usize, PartId), StoreError> {
+        let this = &self;
+        let (mp, path, id, key) = (&mp, &path, &id, key.as_str());
+        let len = data.len() as u64;
+        let part = this
+            .retry("upload part", key, || {
+                let payload = PutPayload::from(data.clone());
+                async move {
+                    this.limits.upload(len).await;
+                    this.request("upload part", key, mp.put_part(path, id, idx, payload))
+                        .await
+                }
+            })
+            .await?;
+        Ok((idx, part))
+    }
+
+    /// Completes a multipart upload; a completion whose response was lost is recognised by
+    /// the object being there with the expected size (the key is content-addressed).
+    async fn complete_upload(
+        &self,
+        key: &str,
+        size: u64,
+        path: &Path,
+        id: &MultipartId,
+        parts: Vec<PartId>,
+        mp: &Arc<dyn MultipartStore>,
+    ) -> Result<(), StoreError> {
+        let op = "complete multipart upload";
+        let mut rs = self.retry_state();
+        let mut uncertain = false;
+        loop {
+            let r = self
+                .request(op, key, mp.complete_multipart(path, id, parts.clone()))
+                .await;
+            let e = match r {
+                Ok(_) => return Ok(()),
+                Err(e) => e,
+            };
+            if uncertain || matches!(e, StoreError::NotFound { .. }) {
+                if let Ok(Some(found)) = self.head(key).await {
+                    if found == size {
+                        Counters::bump(&self.limits.stats.resolved_by_read_back);
+                        return Ok(());
+                    }
+                }
+            }
+            if !transient(&e) {
+                return Err(e);
+            }
+            uncertain = true;
+            if !self.backoff(op, key, &mut rs, &e).await {
+                return Err(self.gave_up(op, key, &rs, e));
+            }
+        }
+    }
+
+    /// One whole multipart upload through the `ObjectStore` API (stores without the
+    /// part-level API); holds one request permit for its duration.
+    async fn upload_whole(
+        &self,
+        key: &str,
+        file: &FsPath,
+        mut decoder: BlobDecoder,
+    ) -> Result<(), StoreError> {
+        let io = |op: &'static str| {
+            let path = file.display().to_string();
+            move |e| StoreError::Io {
+                op,
+                path,
+                source: e,
+            }
+        };
+        let mut f = tokio::fs::File::open(file)
+            .await
+            .map_err(io("open staged blob"))?;
+        let _permit = self.limits.permit().await;
+        Counters::bump(&self.limits.stats.requests);
         let upload = self
             .inner
-            .put_multipart(&path)
+            .put_multipart(&self.path(key))
             .await
             .map_err(|e| self.err("multipart put", key, e))?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, self.cfg.part_size);
@@ -362,6 +832,7 @@ impl RemoteStore {
                     .wait_for_capacity(self.cfg.part_concurrency)
                     .await
                     .map_err(|e| self.err("multipart put", key, e))?;
+                self.limits.upload(n as u64).await;
                 writer.write(&buf[..n]);
             }
             Ok(())
@@ -432,8 +903,13 @@ impl RemoteStore {
     }
 
     /// Streams the blob at `key`, verifying it against `expected`, and hands each payload
-    /// piece with its offset to `sink`. Fails, naming the key, on any mismatch; the sink may
-    /// have received bytes by then, so callers write into scratch or overwrite on retry.
+    /// piece with its offset to `sink`. Fails, naming the key, on any mismatch.
+    ///
+    /// A read cut off by a transient error resumes at the byte it reached (the sink sees
+    /// each offset once per pass). A blob whose bytes fail verification (a damaged transfer)
+    /// is read again from the start, up to `verify_read_attempts` passes: the sink is then
+    /// called again from offset 0, so it must write at the offsets given (overwrite), not
+    /// append. Only when every pass fails is [`StoreError::Corrupt`] returned.
     pub async fn get_blob<F>(
         &self,
         key: &str,
@@ -443,34 +919,126 @@ impl RemoteStore {
     where
         F: FnMut(u64, &[u8]) -> std::io::Result<()>,
     {
+        let mut pass = 1;
+        loop {
+            match self.read_blob_pass(key, expected, &mut sink).await {
+                Err(StoreError::Corrupt(e)) => {
+                    Counters::bump(&self.limits.stats.damaged_reads);
+                    if pass >= self.cfg.verify_read_attempts {
+                        return Err(StoreError::Corrupt(e));
+                    }
+                    tracing::warn!(
+                        key,
+                        store = %self.describe,
+                        pass,
+                        error = %e,
+                        "blob failed verification; reading it again"
+                    );
+                    pass += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One verified pass over a blob, resuming after transient errors.
+    async fn read_blob_pass<F>(
+        &self,
+        key: &str,
+        expected: &BlobRef,
+        sink: &mut F,
+    ) -> Result<DecodedBlob, StoreError>
+    where
+        F: FnMut(u64, &[u8]) -> std::io::Result<()>,
+    {
+        let mut st = ReadState {
+            decoder: BlobDecoder::new(key, Some(*expected)),
+            received: 0,
+            offset: 0,
+            total: expected.object_len(),
+        };
+        let path = self.path(key);
+        let mut rs = self.retry_state();
+        loop {
+            let before = st.received;
+            match self.read_from(key, &path, &mut st, sink).await {
+                Ok(()) if st.received == st.total => return Ok(st.decoder.finish()?),
+                Ok(()) => {
+                    // The body ended early without an error: resume where it stopped.
+                    let what = format!("body ended after {} of {} bytes", st.received, st.total);
+                    let e = self.err("get", key, short_read(what));
+                    if !self.backoff("get", key, &mut rs, &e).await {
+                        return Err(self.gave_up("get", key, &rs, e));
+                    }
+                    Counters::bump(&self.limits.stats.resumed_reads);
+                }
+                Err(e) if transient(&e) => {
+                    if !self.backoff("get", key, &mut rs, &e).await {
+                        return Err(self.gave_up("get", key, &rs, e));
+                    }
+                    if st.received > before {
+                        Counters::bump(&self.limits.stats.resumed_reads);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One GET of the blob from `st.received` on, fed through the decoder into the sink.
+    async fn read_from<F>(
+        &self,
+        key: &str,
+        path: &Path,
+        st: &mut ReadState,
+        sink: &mut F,
+    ) -> Result<(), StoreError>
+    where
+        F: FnMut(u64, &[u8]) -> std::io::Result<()>,
+    {
+        let _permit = self.limits.permit().await;
+        Counters::bump(&self.limits.stats.requests);
+        let opts = GetOptions {
+            range: (st.received > 0).then_some(GetRange::Bounded(st.received..st.total)),
+            ..Default::default()
+        };
         let res = self
             .inner
-            .get(&self.path(key))
+            .get_opts(path, opts)
             .await
             .map_err(|e| self.err("get", key, e))?;
-        if res.meta.size != expected.object_len() {
+        if res.meta.size != st.total {
             return Err(StoreError::WrongSize {
                 key: key.to_string(),
                 store: self.describe.clone(),
-                expected: expected.object_len(),
+                expected: st.total,
                 actual: res.meta.size,
             });
         }
-        let mut decoder = BlobDecoder::new(key, Some(*expected));
-        let mut offset = 0u64;
-        if let object_store::GetResultPayload::File(file, path) = res.payload {
+        let range = res.range.clone();
+        if let GetResultPayload::File(file, fpath) = res.payload {
             // Local files: large reads on a blocking thread instead of 8 KiB stream pieces.
+            let shown = fpath.display().to_string();
             let mut file = Some(file);
-            loop {
+            let mut pos = range.start;
+            while pos < range.end {
                 let Some(f) = file.take() else { break };
-                let p = path.clone();
+                let p = shown.clone();
+                let want = usize::try_from(range.end - pos)
+                    .unwrap_or(LOCAL_READ)
+                    .min(LOCAL_READ);
                 let (f, piece) = tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0u8; LOCAL_READ];
-                    let n = read_full(&f, &mut buf).map_err(|e| StoreError::Io {
-                        op: "read blob",
-                        path: p.display().to_string(),
-                        source: e,
-                    })?;
+                    use std::io::{Seek, SeekFrom};
+                    let mut f = f;
+                    let mut buf = vec![0u8; want];
+                    let n = f
+                        .seek(SeekFrom::Start(pos))
+                        .and_then(|_| read_full(&f, &mut buf))
+                        .map_err(|e| StoreError::Io {
+                            op: "read blob",
+                            path: p,
+                            source: e,
+                        })?;
                     buf.truncate(n);
                     Ok::<_, StoreError>((f, buf))
                 })
@@ -483,58 +1051,404 @@ impl RemoteStore {
                 if piece.is_empty() {
                     break;
                 }
-                let payload = decoder.push(&piece)?;
-                if !payload.is_empty() {
-                    sink(offset, payload).map_err(|e| StoreError::Io {
-                        op: "write restored bytes of",
-                        path: key.to_string(),
-                        source: e,
-                    })?;
-                    offset += payload.len() as u64;
-                }
+                pos += piece.len() as u64;
+                self.limits.download(piece.len() as u64).await;
+                st.feed(key, &piece, sink)?;
                 file = Some(f);
             }
-            return Ok(decoder.finish()?);
+            return Ok(());
         }
         let mut stream = res.into_stream();
         while let Some(piece) = stream.next().await {
             let piece = piece.map_err(|e| self.err("get", key, e))?;
-            let payload = decoder.push(&piece)?;
-            if !payload.is_empty() {
-                sink(offset, payload).map_err(|e| StoreError::Io {
-                    op: "write restored bytes of",
-                    path: key.to_string(),
-                    source: e,
-                })?;
-                offset += payload.len() as u64;
+            self.limits.download(piece.len() as u64).await;
+            st.feed(key, &piece, sink)?;
+        }
+        Ok(())
+    }
+
+    /// Reads bytes `payload_range` of the payload of the blob at `key`.
+    ///
+    /// What is verified: the blob header (magic, header checksum, kind and payload length
+    /// against `expected`), the footer (whose CRC64-NVME must be `expected`'s), and that
+    /// exactly the requested number of bytes arrived. What cannot be: a range cannot
+    /// recompute the whole payload's CRC64, so the bytes of the range themselves are the
+    /// caller's to check at chunk or page level (restore does, with the page and delta
+    /// checksums). Damaged headers, footers or short reads are read again like
+    /// [`RemoteStore::get_blob`].
+    pub async fn get_blob_range(
+        &self,
+        key: &str,
+        expected: &BlobRef,
+        payload_range: Range<u64>,
+    ) -> Result<Bytes, StoreError> {
+        if payload_range.start > payload_range.end || payload_range.end > expected.len {
+            return Err(StoreError::BadRange {
+                key: key.to_string(),
+                store: self.describe.clone(),
+                start: payload_range.start,
+                end: payload_range.end,
+                len: expected.len,
+            });
+        }
+        if payload_range.is_empty() {
+            return Ok(Bytes::new());
+        }
+        let h = HEADER_LEN as u64;
+        let footer_at = h + expected.len;
+        let ranges = [
+            0..h,
+            h + payload_range.start..h + payload_range.end,
+            footer_at..footer_at + FOOTER_LEN as u64,
+        ];
+        let path = &self.path(key);
+        let ranges = &ranges;
+        let mut pass = 1;
+        loop {
+            let got = self
+                .retry("range get", key, || async move {
+                    let _permit = self.limits.permit().await;
+                    Counters::bump(&self.limits.stats.requests);
+                    let got = self
+                        .inner
+                        .get_ranges(path, ranges)
+                        .await
+                        .map_err(|e| self.err("range get", key, e))?;
+                    let n: usize = got.iter().map(Bytes::len).sum();
+                    self.limits.download(n as u64).await;
+                    Ok(got)
+                })
+                .await?;
+            match verify_range(key, expected, ranges, &got) {
+                Ok(()) => return Ok(got[1].clone()),
+                Err(e) => {
+                    Counters::bump(&self.limits.stats.damaged_reads);
+                    if pass >= self.cfg.verify_read_attempts {
+                        return Err(e);
+                    }
+                    tracing::warn!(key, store = %self.describe, pass, error = %e, "range read failed verification; reading it again");
+                    pass += 1;
+                }
             }
         }
-        Ok(decoder.finish()?)
     }
 
     /// Lists every object under `prefix` (keys relative to the store root), sorted by key.
     pub async fn list(&self, prefix: &str) -> Result<Vec<Listed>, StoreError> {
-        let p = self.path(prefix.trim_end_matches('/'));
-        let mut stream = self.inner.list(Some(&p));
-        let mut out = Vec::new();
-        while let Some(meta) = stream.next().await {
-            let meta = meta.map_err(|e| self.err("list", prefix, e))?;
-            out.push(Listed {
-                key: self.rel(&meta.location),
-                size: meta.size,
-            });
-        }
+        let p = &self.path(prefix.trim_end_matches('/'));
+        let mut out = self
+            .retry("list", prefix, || async move {
+                let _permit = self.limits.permit().await;
+                Counters::bump(&self.limits.stats.requests);
+                let mut stream = self.inner.list(Some(p));
+                let mut out = Vec::new();
+                while let Some(meta) = stream.next().await {
+                    let meta = meta.map_err(|e| self.err("list", prefix, e))?;
+                    out.push(Listed {
+                        key: self.rel(&meta.location),
+                        size: meta.size,
+                    });
+                }
+                Ok(out)
+            })
+            .await?;
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }
 
     /// Deletes an object; deleting a missing object is not an error.
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        match self.inner.delete(&self.path(key)).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(self.err("delete", key, e)),
+        let path = &self.path(key);
+        let r = self
+            .retry("delete", key, || {
+                self.request("delete", key, self.inner.delete(path))
+            })
+            .await;
+        match r {
+            Ok(()) | Err(StoreError::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e),
         }
     }
+}
+
+/// Progress of one verified pass over a blob.
+struct ReadState {
+    decoder: BlobDecoder,
+    /// Object bytes received and verified so far.
+    received: u64,
+    /// Payload bytes handed to the sink so far.
+    offset: u64,
+    total: u64,
+}
+
+impl ReadState {
+    fn feed<F>(&mut self, key: &str, piece: &[u8], sink: &mut F) -> Result<(), StoreError>
+    where
+        F: FnMut(u64, &[u8]) -> std::io::Result<()>,
+    {
+        if self.received + piece.len() as u64 > self.total {
+            return Err(StoreError::Corrupt(cairn_core::CoreError::CorruptBlob {
+                name: key.to_string(),
+                reason: format!("more than the {} bytes the object has", self.total),
+            }));
+        }
+        self.received += piece.len() as u64;
+        let payload = self.decoder.push(piece)?;
+        if !payload.is_empty() {
+            sink(self.offset, payload).map_err(|e| StoreError::Io {
+                op: "write restored bytes of",
+                path: key.to_string(),
+                source: e,
+            })?;
+            self.offset += payload.len() as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Checks the header, footer and lengths of a range read (see `get_blob_range`).
+fn verify_range(
+    key: &str,
+    expected: &BlobRef,
+    ranges: &[Range<u64>; 3],
+    got: &[Bytes],
+) -> Result<(), StoreError> {
+    let corrupt = |reason: String| {
+        StoreError::Corrupt(cairn_core::CoreError::CorruptBlob {
+            name: key.to_string(),
+            reason,
+        })
+    };
+    if got.len() != ranges.len() {
+        return Err(corrupt(format!("{} ranges returned, 3 asked", got.len())));
+    }
+    for (r, b) in ranges.iter().zip(got) {
+        if b.len() as u64 != r.end - r.start {
+            return Err(corrupt(format!(
+                "range {}..{} returned {} bytes",
+                r.start,
+                r.end,
+                b.len()
+            )));
+        }
+    }
+    let mut header = BlobDecoder::new(key, Some(*expected));
+    header.push(&got[0])?;
+    if got[2].as_ref() != encode_footer(expected.crc64) {
+        return Err(corrupt(format!(
+            "footer does not carry the content address CRC64 {:016x}",
+            expected.crc64
+        )));
+    }
+    Ok(())
+}
+
+type PartTasks = tokio::task::JoinSet<Result<(usize, PartId), StoreError>>;
+
+/// Waits for one part upload and records its id.
+async fn collect_part(
+    tasks: &mut PartTasks,
+    parts: &mut Vec<Option<PartId>>,
+    key: &str,
+) -> Result<(), StoreError> {
+    match tasks.join_next().await {
+        Some(Ok(Ok((idx, part)))) => {
+            if parts.len() <= idx {
+                parts.resize(idx + 1, None);
+            }
+            parts[idx] = Some(part);
+            Ok(())
+        }
+        Some(Ok(Err(e))) => Err(e),
+        Some(Err(join)) => Err(StoreError::Io {
+            op: "upload part of",
+            path: key.to_string(),
+            source: std::io::Error::other(join.to_string()),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Opens what a (non-fault) URL names.
+fn open_backend(url: &str, cfg: &StoreConfig) -> Result<Backend, StoreError> {
+    let parsed = url::Url::parse(url).map_err(|e| StoreError::BadUrl {
+        url: redact(url),
+        reason: e.to_string(),
+    })?;
+    let bad = |reason: String| StoreError::BadUrl {
+        url: redact(url),
+        reason,
+    };
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(bad(
+            "credentials do not belong in the URL; use the AWS_* environment variables or the [s3] table of the store config".into(),
+        ));
+    }
+    let describe = redact(url);
+    match parsed.scheme() {
+        "file" => {
+            if parsed.host_str().is_some_and(|h| !h.is_empty()) {
+                return Err(bad(
+                    "a file URL needs an absolute path: file:///abs/dir".into()
+                ));
+            }
+            let dir = parsed
+                .to_file_path()
+                .map_err(|()| bad("not an absolute local path".into()))?;
+            std::fs::create_dir_all(&dir).map_err(|e| StoreError::Io {
+                op: "create store directory",
+                path: dir.display().to_string(),
+                source: e,
+            })?;
+            let fs = LocalFileSystem::new_with_prefix(&dir)
+                .map_err(|e| bad(e.to_string()))?
+                .with_fsync(true);
+            Ok(Backend {
+                inner: Arc::new(fs),
+                multipart: None,
+                root: String::new(),
+                describe,
+                local_root: Some(dir),
+            })
+        }
+        "s3" => {
+            let bucket = parsed
+                .host_str()
+                .filter(|b| !b.is_empty())
+                .ok_or_else(|| bad("missing bucket: s3://bucket/prefix".into()))?;
+            let prefix = parsed.path().trim_matches('/').to_string();
+            let s3 = s3_builder(bucket, cfg)
+                .map_err(bad)?
+                .build()
+                .map_err(|e| bad(scrub_credentials(&e.to_string(), cfg)))?;
+            let s3 = Arc::new(s3);
+            Ok(Backend {
+                inner: s3.clone(),
+                multipart: Some(s3),
+                root: prefix,
+                describe,
+                local_root: None,
+            })
+        }
+        "memory" => {
+            let name = parsed.host_str().unwrap_or_default().to_string();
+            let mut stores = memory_stores()
+                .lock()
+                .map_err(|_| bad("memory store registry poisoned".into()))?;
+            let mem = stores
+                .entry(name)
+                .or_insert_with(|| Arc::new(InMemory::new()))
+                .clone();
+            Ok(Backend {
+                inner: mem.clone(),
+                multipart: Some(mem),
+                root: String::new(),
+                describe,
+                local_root: None,
+            })
+        }
+        other => Err(bad(format!(
+            "unsupported scheme {other:?} (use file://, s3://, memory:// or fault+<url>)"
+        ))),
+    }
+}
+
+/// The S3 client for `bucket`: `AWS_*` environment first, the config's `[s3]` table over it,
+/// then Cairn's retry, timeout and checksum settings.
+fn s3_builder(bucket: &str, cfg: &StoreConfig) -> Result<AmazonS3Builder, String> {
+    let s3 = &cfg.s3;
+    let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+    let region = s3
+        .region
+        .clone()
+        .or_else(|| env_var("AWS_REGION"))
+        .or_else(|| env_var("AWS_DEFAULT_REGION"))
+        .unwrap_or_else(|| "us-east-1".to_string());
+    b = b.with_region(region);
+    if let Some(k) = &s3.access_key_id {
+        b = b.with_access_key_id(k.expose());
+    }
+    if let Some(k) = &s3.secret_access_key {
+        b = b.with_secret_access_key(k.expose());
+    }
+    if let Some(k) = &s3.session_token {
+        b = b.with_token(k.expose());
+    }
+    let virtual_hosted = s3
+        .virtual_hosted
+        .or_else(|| env_bool("AWS_VIRTUAL_HOSTED_STYLE_REQUEST"))
+        .unwrap_or(false);
+    b = b.with_virtual_hosted_style_request(virtual_hosted);
+    match cfg.checksum {
+        TransportChecksum::Crc64nvme => b = b.with_checksum_algorithm(Checksum::CRC64NVME),
+        TransportChecksum::Sha256 => b = b.with_checksum_algorithm(Checksum::SHA256),
+        TransportChecksum::None => {}
+    }
+    b = b.with_retry(RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(cfg.retry_initial_backoff_ms),
+            max_backoff: Duration::from_millis(cfg.retry_max_backoff_ms),
+            base: 2.0,
+        },
+        max_retries: cfg.http_retries,
+        retry_timeout: Duration::from_millis(cfg.retry_total_ms),
+    });
+    // Individual client keys, never `with_client_options`, which would replace every client
+    // option at once (allow_http included).
+    if let Some(ms) = cfg.request_timeout_ms {
+        b = b.with_config(
+            AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
+            format!("{ms}ms"),
+        );
+    }
+    if let Some(ms) = cfg.connect_timeout_ms {
+        b = b.with_config(
+            AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
+            format!("{ms}ms"),
+        );
+    }
+    let endpoint = s3
+        .endpoint
+        .clone()
+        .or_else(|| env_var("AWS_ENDPOINT_URL_S3"))
+        .or_else(|| env_var("AWS_ENDPOINT_URL"))
+        .or_else(|| env_var("AWS_ENDPOINT"));
+    let mut allow_http = s3
+        .allow_http
+        .or_else(|| env_bool("AWS_ALLOW_HTTP"))
+        .unwrap_or(false);
+    if let Some(ep) = endpoint {
+        if ep.starts_with("http://") {
+            if is_loopback(&ep) {
+                allow_http = true;
+            } else if !allow_http {
+                return Err(format!(
+                    "endpoint {} is plain http and not on this machine; set allow_http = true in the [s3] table (or AWS_ALLOW_HTTP=true) to allow it",
+                    redact(&ep)
+                ));
+            }
+        }
+        b = b.with_endpoint(ep);
+    }
+    // Last, so nothing above can reset it.
+    Ok(b.with_allow_http(allow_http))
+}
+
+/// Removes every credential value this process knows of from a message.
+fn scrub_credentials(message: &str, cfg: &StoreConfig) -> String {
+    let mut m = message.to_string();
+    let known = [
+        cfg.s3.access_key_id.as_ref().map(|s| s.expose().to_string()),
+        cfg.s3.secret_access_key.as_ref().map(|s| s.expose().to_string()),
+        cfg.s3.session_token.as_ref().map(|s| s.expose().to_string()),
+        env_var("AWS_ACCESS_KEY_ID"),
+        env_var("AWS_SECRET_ACCESS_KEY"),
+        env_var("AWS_SESSION_TOKEN"),
+    ];
+    for s in known.into_iter().flatten().filter(|s| s.len() >= 4) {
+        m = m.replace(&s, "<redacted>");
+    }
+    m
 }
 
 const LOCAL_READ: usize = 4 << 20;
@@ -627,6 +1541,7 @@ mod tests {
             multipart_threshold: 1 << 20,
             part_size: 5 << 20,
             part_concurrency: 2,
+            ..Default::default()
         };
         let store = RemoteStore::open_with(&url, cfg).unwrap();
         rt().block_on(async {
