@@ -141,12 +141,35 @@ impl S3Server {
         .collect()
     }
 
+    /// `cfg` with this server's endpoint, region and (dummy) credentials in its `[s3]`
+    /// settings, so a store reaches the server without touching the process environment.
+    pub fn store_config(
+        &self,
+        cfg: cairn_remote_store::StoreConfig,
+    ) -> cairn_remote_store::StoreConfig {
+        s3_config(self.endpoint(), "test", "test", cfg)
+    }
+
+    /// Opens `s3://<bucket>/<prefix>` on this server with `cfg`'s tunables.
+    pub fn open_store(
+        &self,
+        prefix: &str,
+        cfg: cairn_remote_store::StoreConfig,
+    ) -> Result<cairn_remote_store::RemoteStore, cairn_remote_store::StoreError> {
+        cairn_remote_store::RemoteStore::open_with(&self.url(prefix), self.store_config(cfg))
+    }
+
     /// Adds [`S3Server::env`] to a command's environment.
     pub fn apply_env<'c>(&self, cmd: &'c mut Command) -> &'c mut Command {
         cmd.envs(self.env())
     }
 
-    /// The last lines of the server's log, for failure messages.
+    /// The server's log file (one line per request).
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The last lines of the server's log.
     pub fn log_tail(&self) -> String {
         log_tail(&self.log)
     }
@@ -194,6 +217,22 @@ impl fmt::Debug for S3Server {
             .field("pid", &self.child.id())
             .finish()
     }
+}
+
+/// `cfg` pointed at an S3-compatible `endpoint` with explicit credentials (any server:
+/// moto here, MinIO in a container).
+pub fn s3_config(
+    endpoint: &str,
+    access_key_id: &str,
+    secret_access_key: &str,
+    mut cfg: cairn_remote_store::StoreConfig,
+) -> cairn_remote_store::StoreConfig {
+    use cairn_remote_store::Secret;
+    cfg.s3.endpoint = Some(endpoint.to_owned());
+    cfg.s3.region = Some("us-east-1".to_owned());
+    cfg.s3.access_key_id = Some(Secret::new(access_key_id));
+    cfg.s3.secret_access_key = Some(Secret::new(secret_access_key));
+    cfg
 }
 
 /// Spawns moto on a free port and waits until it answers. On failure, says whether the port

@@ -215,7 +215,11 @@ async fn run(cli: Cli) -> Result<ExitCode, CairnError> {
             let results = cp.resume().await?;
             let failed = results.iter().filter(|(_, r)| r.is_err()).count();
             output::resumed(json, &results);
-            Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Cmd::Demo { dir, rows } => {
             let ok = demo::run(dir.clone(), *rows, json).await?;

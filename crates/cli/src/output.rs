@@ -3,7 +3,8 @@
 use cairn_core::DbId;
 use cairn_core::JobId;
 use cairn_orchestrator::{
-    CairnError, CheckpointReport, GenerationInfo, JobOutcome, JobRecord, JobStatus, RestoreReport, VerifyReport,
+    CairnError, CheckpointReport, GenerationInfo, JobOutcome, JobRecord, JobStatus, RestoreReport,
+    VerifyReport,
 };
 use serde::Serialize;
 
@@ -134,8 +135,14 @@ pub fn databases(json: bool, dbs: &[DbId]) {
 /// One line about a finished job.
 pub fn outcome(o: &JobOutcome) -> String {
     match o {
-        JobOutcome::Checkpoint(r) => format!("published generation {} of {}/{}", r.generation, r.tenant, r.db),
-        JobOutcome::Restore(r) => format!("restored generation {} of {} to {}", r.generation, r.db, r.path),
+        JobOutcome::Checkpoint(r) => format!(
+            "published generation {} of {}/{}",
+            r.generation, r.tenant, r.db
+        ),
+        JobOutcome::Restore(r) => format!(
+            "restored generation {} of {} to {}",
+            r.generation, r.db, r.path
+        ),
         JobOutcome::Verify(r) => format!(
             "verified generation {} of {}: {}",
             r.generation,
@@ -166,7 +173,12 @@ pub fn status(json: bool, jobs: &[JobRecord]) {
             r.db,
             format!("{:?}", r.state).to_lowercase(),
             format!("{:?}", r.phase).to_lowercase(),
-            format!("{}/{} ({})", r.progress.done, r.progress.total, bytes(r.progress.bytes_done)),
+            format!(
+                "{}/{} ({})",
+                r.progress.done,
+                r.progress.total,
+                bytes(r.progress.bytes_done)
+            ),
             r.generation.map(|g| g.to_string()).unwrap_or_default(),
             r.attempts,
             r.last_error.as_deref().unwrap_or("")

@@ -101,6 +101,9 @@ pub struct LocalUpdates<'a> {
     pub job: Option<(u64, &'a [u8])>,
 }
 
+/// One job item: its key (after the job's prefix) and value.
+pub type JobItem = (Vec<u8>, Vec<u8>);
+
 fn job_key(id: u64) -> Vec<u8> {
     let mut k = Vec::with_capacity(9);
     k.push(b'r');
@@ -445,7 +448,11 @@ impl StateDb {
 
     /// Like [`StateDb::record_generation`], with the writer's other local changes in the
     /// same batch (see [`LocalUpdates`]).
-    pub fn record_generation_with(&self, m: &Manifest, local: &LocalUpdates<'_>) -> Result<(), ManifestError> {
+    pub fn record_generation_with(
+        &self,
+        m: &Manifest,
+        local: &LocalUpdates<'_>,
+    ) -> Result<(), ManifestError> {
         let _seq = self.seq_lock.lock().map_err(|_| ManifestError::Corrupt {
             key: "meta/changelog_seq".into(),
             reason: "lock poisoned".into(),
@@ -510,7 +517,12 @@ impl StateDb {
     }
 
     /// Writes a job record and job items in one synced batch; `None` values delete items.
-    pub fn put_job(&self, id: u64, record: &[u8], items: &[(&[u8], Option<&[u8]>)]) -> Result<(), ManifestError> {
+    pub fn put_job(
+        &self,
+        id: u64,
+        record: &[u8],
+        items: &[(&[u8], Option<&[u8]>)],
+    ) -> Result<(), ManifestError> {
         let cf = self.cf("jobs")?;
         let mut b = WriteBatch::default();
         b.put_cf(cf, job_key(id), record);
@@ -525,6 +537,23 @@ impl StateDb {
         self.write(b)
     }
 
+    /// The next value of a named counter (1, 2, 3 …), durable across restarts.
+    pub fn next_counter(&self, name: &str) -> Result<u64, ManifestError> {
+        let _guard = self.seq_lock.lock().map_err(|_| ManifestError::Corrupt {
+            key: format!("meta/{name}"),
+            reason: "lock poisoned".into(),
+        })?;
+        let key = format!("counter/{name}");
+        let next = match self.get("meta", key.as_bytes())? {
+            Some(v) => v.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0) + 1,
+            None => 1,
+        };
+        let mut b = WriteBatch::default();
+        b.put_cf(self.cf("meta")?, key.as_bytes(), next.to_be_bytes());
+        self.write(b)?;
+        Ok(next)
+    }
+
     /// A job record.
     pub fn job(&self, id: u64) -> Result<Option<Vec<u8>>, ManifestError> {
         self.get("jobs", &job_key(id))
@@ -533,12 +562,18 @@ impl StateDb {
     /// Every job record, by id.
     pub fn jobs(&self) -> Result<Vec<(u64, Vec<u8>)>, ManifestError> {
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(self.cf("jobs")?, IteratorMode::From(b"r", Direction::Forward)) {
+        for item in self.db.iterator_cf(
+            self.cf("jobs")?,
+            IteratorMode::From(b"r", Direction::Forward),
+        ) {
             let (k, v) = item.map_err(self.rocks("scan jobs"))?;
             if k.first() != Some(&b'r') {
                 break;
             }
-            let id = k.get(1..9).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+            let id = k
+                .get(1..9)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes);
             if let Some(id) = id {
                 out.push((id, v.to_vec()));
             }
@@ -547,12 +582,17 @@ impl StateDb {
     }
 
     /// A job's items (key after the job prefix, value), in key order.
-    pub fn job_items(&self, id: u64) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ManifestError> {
+    pub fn job_items(&self, id: u64) -> Result<Vec<JobItem>, ManifestError> {
         let prefix = job_item_prefix(id);
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(self.cf("jobs")?, IteratorMode::From(&prefix, Direction::Forward)) {
+        for item in self.db.iterator_cf(
+            self.cf("jobs")?,
+            IteratorMode::From(&prefix, Direction::Forward),
+        ) {
             let (k, v) = item.map_err(self.rocks("scan job items"))?;
-            let Some(rest) = k.strip_prefix(prefix.as_slice()) else { break };
+            let Some(rest) = k.strip_prefix(prefix.as_slice()) else {
+                break;
+            };
             out.push((rest.to_vec(), v.to_vec()));
         }
         Ok(out)
@@ -721,7 +761,7 @@ mod tests {
                 job: None,
             },
         )
-            .unwrap();
+        .unwrap();
         assert_eq!(s.chunk_digests(&t, &d, 0).unwrap(), Some(cd(0, "z")));
         assert_eq!(s.chunk_digests(&t, &d, 1).unwrap(), None);
         assert_eq!(s.chunk_digests(&t, &d, 2).unwrap(), None);
@@ -732,13 +772,21 @@ mod tests {
     fn job_records_and_items() {
         let dir = tempfile::tempdir().unwrap();
         let s = StateDb::open(dir.path()).unwrap();
-        s.put_job(1, b"one", &[(b"plan", Some(b"p")), (b"c1", Some(b"x"))]).unwrap();
+        s.put_job(1, b"one", &[(b"plan", Some(b"p")), (b"c1", Some(b"x"))])
+            .unwrap();
         s.put_job(2, b"two", &[(b"plan", Some(b"q"))]).unwrap();
-        s.put_job(1, b"one'", &[(b"c1", None), (b"c2", Some(b"y"))]).unwrap();
-        assert_eq!(s.jobs().unwrap(), vec![(1, b"one'".to_vec()), (2, b"two".to_vec())]);
+        s.put_job(1, b"one'", &[(b"c1", None), (b"c2", Some(b"y"))])
+            .unwrap();
+        assert_eq!(
+            s.jobs().unwrap(),
+            vec![(1, b"one'".to_vec()), (2, b"two".to_vec())]
+        );
         assert_eq!(
             s.job_items(1).unwrap(),
-            vec![(b"c2".to_vec(), b"y".to_vec()), (b"plan".to_vec(), b"p".to_vec())]
+            vec![
+                (b"c2".to_vec(), b"y".to_vec()),
+                (b"plan".to_vec(), b"p".to_vec())
+            ]
         );
         s.delete_job(1, false).unwrap();
         assert!(s.job_items(1).unwrap().is_empty());

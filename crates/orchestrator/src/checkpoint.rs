@@ -11,16 +11,18 @@ use std::collections::BTreeMap;
 
 use cairn_core::delta::{encode_delta, DeltaHeader};
 use cairn_core::{
-    keys, BlobKind, BlobRef, ChunkState, ContentAddress, DbId, Digest128, DirtySet, Generation, Lsn, Manifest,
-    ManifestBody, PagesState, PayloadHasher, SegmentEntry, SegmentsState, SourceKind, TenantId,
+    keys, BlobKind, BlobRef, ChunkState, ContentAddress, DbId, Digest128, DirtySet, Generation,
+    Lsn, Manifest, ManifestBody, PagesState, PayloadHasher, SegmentEntry, SegmentsState,
+    SourceKind, TenantId,
 };
 use cairn_executor::{
-    list_segments, page_digest, read_pages, scan_chunk, sqlite_snapshot, JobScratch, PageFile, StagedBlob,
+    list_segments, page_digest, read_pages, scan_chunk, sqlite_snapshot, JobScratch, PageFile,
+    StagedBlob,
 };
 use cairn_manifest::{BlobLookup, ChunkDigests, LocalUpdates, StateDb};
 use cairn_planner::{
-    decide_chunk, plan_pages, plan_segments, ChainInfo, ChunkDecision, ChunkInput, ChunkPlan, CostModel, PagesInput,
-    SegmentAction, SegmentInput,
+    decide_chunk, plan_pages, plan_segments, ChainInfo, ChunkDecision, ChunkInput, ChunkPlan,
+    CostModel, PagesInput, SegmentAction, SegmentInput,
 };
 use cairn_remote_store::RemoteStore;
 use futures::stream::{self, FuturesUnordered, StreamExt};
@@ -156,7 +158,8 @@ impl BlobSink<'_> {
             return Ok(false);
         }
         self.this_job.insert(blob.name(), *blob);
-        self.drain_to(self.cp.cfg.upload_concurrency.saturating_sub(1)).await?;
+        self.drain_to(self.cp.cfg.upload_concurrency.saturating_sub(1))
+            .await?;
         let (store, blob) = (self.cp.store.clone(), *blob);
         self.in_flight.push(tokio::spawn(async move {
             store.put_blob_file(&key, &staged, &blob).await?;
@@ -234,8 +237,13 @@ impl BlobSink<'_> {
 
 impl Checkpointer {
     /// Checkpoints `source` as the next generation of `db` and publishes it.
-    pub async fn checkpoint(&self, db: &DbId, source: &Source) -> Result<CheckpointReport, CairnError> {
-        self.checkpoint_with(db, source, &CheckpointOptions::default()).await
+    pub async fn checkpoint(
+        &self,
+        db: &DbId,
+        source: &Source,
+    ) -> Result<CheckpointReport, CairnError> {
+        self.checkpoint_with(db, source, &CheckpointOptions::default())
+            .await
     }
 
     /// [`Checkpointer::checkpoint`] with options (the engine's dirty pages). Runs as a
@@ -259,17 +267,26 @@ impl Checkpointer {
             db: db.clone(),
             source,
             chunk_size: self.cfg.chunk_size,
-            dirty: opts.dirty.as_ref().filter(|d| !d.overflow).map(|d| d.pages.clone()),
+            dirty: opts
+                .dirty
+                .as_ref()
+                .filter(|d| !d.overflow)
+                .map(|d| d.pages.clone()),
         })?;
         match self.run_job(id).await? {
             JobOutcome::Checkpoint(r) => Ok(r),
-            other => Err(CairnError::Task(format!("checkpoint job returned {other:?}"))),
+            other => Err(CairnError::Task(format!(
+                "checkpoint job returned {other:?}"
+            ))),
         }
     }
 
     /// Plans (or reloads the plan of) a checkpoint job, then stages, uploads and publishes
     /// whatever its items do not record as done.
-    pub(crate) async fn run_checkpoint(&self, rec: &mut JobRecord) -> Result<CheckpointReport, CairnError> {
+    pub(crate) async fn run_checkpoint(
+        &self,
+        rec: &mut JobRecord,
+    ) -> Result<CheckpointReport, CairnError> {
         let started = Instant::now();
         let JobSpec::Checkpoint {
             db,
@@ -297,13 +314,20 @@ impl Checkpointer {
                     self.state.delete_job(job.0, false)?;
                     items = JobItems::default();
                 }
-                self.plan_checkpoint(rec, &db, &source, chunk_size, &scratch).await?
+                self.plan_checkpoint(rec, &db, &source, chunk_size, &scratch)
+                    .await?
             }
         };
         let prev = match plan.parent {
-            Some(g) => Some(self.state.manifest(&tenant, &db, Generation(g))?.ok_or_else(|| {
-                CairnError::Task(format!("job {job}: parent generation {g} of {tenant}/{db} is not recorded"))
-            })?),
+            Some(g) => Some(
+                self.state
+                    .manifest(&tenant, &db, Generation(g))?
+                    .ok_or_else(|| {
+                        CairnError::Task(format!(
+                            "job {job}: parent generation {g} of {tenant}/{db} is not recorded"
+                        ))
+                    })?,
+            ),
             None => None,
         };
         let mut sink = BlobSink {
@@ -338,11 +362,24 @@ impl Checkpointer {
                     chunks,
                 };
                 let hint = dirty.as_deref();
-                let (body, digests) =
-                    pages_run(&mut sink, rec, &mut items, &shape, page_file, prev.as_ref(), plan.generation, hint).await?;
+                let (body, digests) = pages_run(
+                    &mut sink,
+                    rec,
+                    &mut items,
+                    &shape,
+                    page_file,
+                    prev.as_ref(),
+                    plan.generation,
+                    hint,
+                )
+                .await?;
                 (body, digests, Some(chunks.len() as u64))
             }
-            PlanBody::Segments { dir, actions, lsn_end } => {
+            PlanBody::Segments {
+                dir,
+                actions,
+                lsn_end,
+            } => {
                 let body = segments_run(&mut sink, rec, &mut items, dir, actions, *lsn_end).await?;
                 (body, Vec::new(), None)
             }
@@ -425,7 +462,10 @@ impl Checkpointer {
                     }
                     Source::Pages { path, page_size } => PageFile::open(path, *page_size)?,
                     Source::Segments(p) => {
-                        return Err(CairnError::Task(format!("segment source {} on the page path", p.display())))
+                        return Err(CairnError::Task(format!(
+                            "segment source {} on the page path",
+                            p.display()
+                        )))
                     }
                 };
                 let prev_pages = prev.as_ref().and_then(|m| match &m.body {
@@ -480,7 +520,8 @@ impl Checkpointer {
             created_unix_ms: self.env.clock.now_unix_ms(),
             body,
         };
-        let encoded = serde_json::to_vec(&plan).map_err(|e| CairnError::Task(format!("encode plan: {e}")))?;
+        let encoded =
+            serde_json::to_vec(&plan).map_err(|e| CairnError::Task(format!("encode plan: {e}")))?;
         rec.phase = Phase::Planned;
         rec.generation = Some(generation.0);
         rec.progress = Progress {
@@ -533,7 +574,9 @@ impl CkptPlan {
     /// Whether the plan can still be executed (its page file is there with its length).
     fn still_valid(&self) -> bool {
         match &self.body {
-            PlanBody::Pages { file, len, .. } => std::fs::metadata(file).map(|m| m.len() == *len).unwrap_or(false),
+            PlanBody::Pages { file, len, .. } => std::fs::metadata(file)
+                .map(|m| m.len() == *len)
+                .unwrap_or(false),
             PlanBody::Segments { dir, .. } => dir.is_dir(),
         }
     }
@@ -585,15 +628,23 @@ fn encode_digests(d: &[u128]) -> Vec<u8> {
 impl JobItems {
     fn load(state: &StateDb, job: cairn_core::JobId) -> Result<Self, CairnError> {
         let mut out = Self::default();
-        let bad = |what: &str, e: String| CairnError::Task(format!("job {job}: unreadable {what}: {e}"));
+        let bad =
+            |what: &str, e: String| CairnError::Task(format!("job {job}: unreadable {what}: {e}"));
         for (k, v) in state.job_items(job.0)? {
-            let index = k.get(1..9).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_be_bytes);
+            let index = k
+                .get(1..9)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes);
             match (k.first(), index) {
                 (Some(b'p'), _) if k == b"plan" => {
-                    out.plan = Some(serde_json::from_slice(&v).map_err(|e| bad("plan", e.to_string()))?);
+                    out.plan =
+                        Some(serde_json::from_slice(&v).map_err(|e| bad("plan", e.to_string()))?);
                 }
                 (Some(b'c'), Some(i)) => {
-                    out.chunks.insert(i, serde_json::from_slice(&v).map_err(|e| bad("chunk", e.to_string()))?);
+                    out.chunks.insert(
+                        i,
+                        serde_json::from_slice(&v).map_err(|e| bad("chunk", e.to_string()))?,
+                    );
                 }
                 (Some(b'd'), Some(i)) => {
                     let d = v
@@ -607,7 +658,10 @@ impl JobItems {
                     out.digests.insert(i, d);
                 }
                 (Some(b's'), Some(i)) => {
-                    out.segments.insert(i, serde_json::from_slice(&v).map_err(|e| bad("segment", e.to_string()))?);
+                    out.segments.insert(
+                        i,
+                        serde_json::from_slice(&v).map_err(|e| bad("segment", e.to_string()))?,
+                    );
                 }
                 _ => {}
             }
@@ -616,11 +670,21 @@ impl JobItems {
     }
 
     fn is_empty(&self) -> bool {
-        self.plan.is_none() && self.chunks.is_empty() && self.segments.is_empty() && self.digests.is_empty()
+        self.plan.is_none()
+            && self.chunks.is_empty()
+            && self.segments.is_empty()
+            && self.digests.is_empty()
     }
 
     /// The report of everything recorded, whichever attempt did it.
-    fn report(&self, tenant: &TenantId, db: &DbId, kind: SourceKind, plan: &CkptPlan, started: Instant) -> CheckpointReport {
+    fn report(
+        &self,
+        tenant: &TenantId,
+        db: &DbId,
+        kind: SourceKind,
+        plan: &CkptPlan,
+        started: Instant,
+    ) -> CheckpointReport {
         let mut r = CheckpointReport {
             tenant: tenant.to_string(),
             db: db.to_string(),
@@ -846,7 +910,8 @@ async fn pages_run(
     let job = rec.id;
     // Chunks recorded by an earlier attempt: their blobs must be in the store (uploaded
     // then, or staged and uploaded now); otherwise they are analysed again.
-    let recorded: Vec<(u64, Option<BlobRef>)> = items.chunks.iter().map(|(i, c)| (*i, c.new_blob)).collect();
+    let recorded: Vec<(u64, Option<BlobRef>)> =
+        items.chunks.iter().map(|(i, c)| (*i, c.new_blob)).collect();
     for (index, blob) in recorded {
         if let Some(b) = blob {
             if !sink.ensure_stored(&b).await? {
@@ -869,8 +934,14 @@ async fn pages_run(
     let path = page_file.path.clone();
     let (tenant, db) = (cp.cfg.tenant.clone(), sink.db.clone());
     let mut contexts = Vec::new();
-    for c in shape.chunks.iter().filter(|c| !items.chunks.contains_key(&c.index)) {
-        let prev_chunk = aligned.and_then(|p| p.chunks.get(c.index as usize)).cloned();
+    for c in shape
+        .chunks
+        .iter()
+        .filter(|c| !items.chunks.contains_key(&c.index))
+    {
+        let prev_chunk = aligned
+            .and_then(|p| p.chunks.get(c.index as usize))
+            .cloned();
         let stored = match &prev_chunk {
             Some(pc) => cp.state.chunk_digests(&tenant, &db, c.index)?.filter(|d| {
                 d.tip == tip(pc)
@@ -883,7 +954,10 @@ async fn pages_run(
             let first = c.index * pages_per_chunk;
             let lo = h.partition_point(|p| *p < first);
             let hi = h.partition_point(|p| *p < first + pages_per_chunk);
-            h[lo..hi].iter().filter_map(|p| u32::try_from(p - first).ok()).collect()
+            h[lo..hi]
+                .iter()
+                .filter_map(|p| u32::try_from(p - first).ok())
+                .collect()
         });
         contexts.push(ChunkCtx {
             plan: *c,
@@ -901,7 +975,9 @@ async fn pages_run(
         .map(|ctx| {
             let plan = ctx.plan;
             async move {
-                let a = tokio::task::spawn_blocking(move || analyze(ctx)).await.map_err(task_err)??;
+                let a = tokio::task::spawn_blocking(move || analyze(ctx))
+                    .await
+                    .map_err(task_err)??;
                 Ok::<_, CairnError>((plan, a))
             }
         })
@@ -956,7 +1032,9 @@ async fn pages_run(
                 let mut h = PayloadHasher::new();
                 h.update(&payload);
                 let (addr, xxh3) = h.finish();
-                let delta = sink.put(BlobKind::Delta, addr, xxh3, Stage::Bytes(payload)).await?;
+                let delta = sink
+                    .put(BlobKind::Delta, addr, xxh3, Stage::Bytes(payload))
+                    .await?;
                 let mut deltas = prev.deltas;
                 deltas.push(delta);
                 let state = ChunkState {
@@ -976,7 +1054,8 @@ async fn pages_run(
                 )
             }
         };
-        let encoded = serde_json::to_vec(&item).map_err(|e| CairnError::Task(format!("encode chunk item: {e}")))?;
+        let encoded = serde_json::to_vec(&item)
+            .map_err(|e| CairnError::Task(format!("encode chunk item: {e}")))?;
         let ck = item_key(b'c', c.index);
         rec.progress.done += 1;
         rec.progress.bytes_done += c.len;
@@ -998,10 +1077,9 @@ async fn pages_run(
     let mut chunks = Vec::with_capacity(shape.chunks.len());
     let mut updates = Vec::new();
     for c in shape.chunks {
-        let item = items
-            .chunks
-            .get(&c.index)
-            .ok_or_else(|| CairnError::Task(format!("job {job}: chunk {} was never recorded", c.index)))?;
+        let item = items.chunks.get(&c.index).ok_or_else(|| {
+            CairnError::Task(format!("job {job}: chunk {} was never recorded", c.index))
+        })?;
         if item.outcome != Outcome::Unchanged {
             if let Some(d) = items.digests.get(&c.index) {
                 updates.push(ChunkDigests {
@@ -1043,7 +1121,11 @@ async fn segments_run(
                 sink.report.blobs_reused += 1;
                 segments.push(e.clone());
             }
-            SegmentAction::Upload { name, lsn_start, len } => {
+            SegmentAction::Upload {
+                name,
+                lsn_start,
+                len,
+            } => {
                 if let Some(item) = items.segments.get(&i) {
                     if sink.ensure_stored(&item.entry.blob).await? {
                         segments.push(item.entry.clone());
@@ -1052,15 +1134,18 @@ async fn segments_run(
                 }
                 cp.check_cancel(job)?;
                 let path = dir.join(name);
-                let f = Arc::new(File::open(&path).map_err(|e| cairn_executor::ExecError::Io {
-                    op: "open segment",
-                    path: path.display().to_string(),
-                    source: e,
-                })?);
+                let f = Arc::new(
+                    File::open(&path).map_err(|e| cairn_executor::ExecError::Io {
+                        op: "open segment",
+                        path: path.display().to_string(),
+                        source: e,
+                    })?,
+                );
                 let (fh, ph, n) = (Arc::clone(&f), path.clone(), *len);
-                let (addr, xxh3) = tokio::task::spawn_blocking(move || cairn_executor::hash_range(&fh, &ph, 0, n))
-                    .await
-                    .map_err(task_err)??;
+                let (addr, xxh3) =
+                    tokio::task::spawn_blocking(move || cairn_executor::hash_range(&fh, &ph, 0, n))
+                        .await
+                        .map_err(task_err)??;
                 let stage = Stage::Range {
                     file: f,
                     path: path.clone(),
@@ -1073,9 +1158,11 @@ async fn segments_run(
                     len: *len,
                     blob,
                 };
-                let item = SegItem { entry: entry.clone() };
-                let encoded =
-                    serde_json::to_vec(&item).map_err(|e| CairnError::Task(format!("encode segment item: {e}")))?;
+                let item = SegItem {
+                    entry: entry.clone(),
+                };
+                let encoded = serde_json::to_vec(&item)
+                    .map_err(|e| CairnError::Task(format!("encode segment item: {e}")))?;
                 rec.progress.done += 1;
                 rec.progress.bytes_done += len;
                 cp.save_job(rec, &[(&item_key(b's', i), Some(&encoded))])?;

@@ -124,7 +124,9 @@ impl CairnError {
             CairnError::Store(e) => e.is_retryable(),
             CairnError::Core(e) => e.is_retryable(),
             CairnError::Task(_) => true,
-            CairnError::Cancelled { .. } | CairnError::JobEnded { .. } | CairnError::UnknownJob { .. } => false,
+            CairnError::Cancelled { .. }
+            | CairnError::JobEnded { .. }
+            | CairnError::UnknownJob { .. } => false,
             CairnError::Config { .. }
             | CairnError::UnknownDb { .. }
             | CairnError::UnknownGeneration { .. }

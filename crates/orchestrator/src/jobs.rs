@@ -74,7 +74,9 @@ impl JobSpec {
     /// The database the job acts on.
     pub fn db(&self) -> &DbId {
         match self {
-            JobSpec::Checkpoint { db, .. } | JobSpec::Restore { db, .. } | JobSpec::Verify { db, .. } => db,
+            JobSpec::Checkpoint { db, .. }
+            | JobSpec::Restore { db, .. }
+            | JobSpec::Verify { db, .. } => db,
         }
     }
 }
@@ -145,6 +147,9 @@ pub struct Progress {
 pub struct JobRecord {
     /// Identity.
     pub id: JobId,
+    /// Enqueue order within this state directory.
+    #[serde(default)]
+    pub seq: u64,
     /// Tenant.
     pub tenant: TenantId,
     /// What it does.
@@ -220,11 +225,13 @@ impl From<&JobRecord> for JobStatus {
 
 impl JobRecord {
     pub(crate) fn encode(&self) -> Result<Vec<u8>, CairnError> {
-        serde_json::to_vec(self).map_err(|e| CairnError::Task(format!("encode job {}: {e}", self.id)))
+        serde_json::to_vec(self)
+            .map_err(|e| CairnError::Task(format!("encode job {}: {e}", self.id)))
     }
 
     pub(crate) fn decode(id: u64, bytes: &[u8]) -> Result<Self, CairnError> {
-        serde_json::from_slice(bytes).map_err(|e| CairnError::Task(format!("job {:016x}: unreadable record: {e}", id)))
+        serde_json::from_slice(bytes)
+            .map_err(|e| CairnError::Task(format!("job {:016x}: unreadable record: {e}", id)))
     }
 }
 
@@ -275,6 +282,7 @@ mod tests {
     fn records_roundtrip() {
         let r = JobRecord {
             id: JobId(7),
+            seq: 1,
             tenant: TenantId::new("t").unwrap(),
             spec: JobSpec::Restore {
                 db: DbId::new("d").unwrap(),

@@ -165,6 +165,8 @@ pub struct GenerationInfo {
     pub parent: Option<u64>,
     /// Writer identity.
     pub writer: String,
+    /// The job that published it.
+    pub job: Option<String>,
 }
 
 /// The checkpointer: local state, store, scratch, clock and randomness.
@@ -230,10 +232,17 @@ impl Checkpointer {
             .into_iter()
             .filter_map(|(id, b)| jobs::JobRecord::decode(id, &b).ok())
             .collect();
-        records.sort_by_key(|r| std::cmp::Reverse((r.created_ms, r.id)));
-        let unfinished: Vec<cairn_core::JobId> =
-            records.iter().filter(|r| r.state.is_unfinished()).map(|r| r.id).collect();
-        for (n, r) in records.iter().filter(|r| !r.state.is_unfinished()).enumerate() {
+        records.sort_by_key(|r| std::cmp::Reverse(r.seq));
+        let unfinished: Vec<cairn_core::JobId> = records
+            .iter()
+            .filter(|r| r.state.is_unfinished())
+            .map(|r| r.id)
+            .collect();
+        for (n, r) in records
+            .iter()
+            .filter(|r| !r.state.is_unfinished())
+            .enumerate()
+        {
             state.delete_job(r.id.0, n >= KEEP_FINISHED_JOBS)?;
         }
         for job in scratch.jobs()? {
@@ -303,6 +312,7 @@ impl Checkpointer {
 
     /// Every generation of a database with its summary.
     pub async fn list(&self, db: &DbId) -> Result<Vec<GenerationInfo>, CairnError> {
+        self.ensure_resumed().await?;
         let gens = self.generations(db).await?;
         if gens.is_empty() {
             return Err(CairnError::UnknownDb {
@@ -325,6 +335,7 @@ impl Checkpointer {
                     blobs: names.len(),
                     parent: m.parent.map(|p| p.0),
                     writer: m.writer.clone(),
+                    job: m.job.clone(),
                 });
             }
         }

@@ -139,7 +139,10 @@ impl Checkpointer {
         }
     }
 
-    pub(crate) async fn run_restore(&self, rec: &mut JobRecord) -> Result<RestoreReport, CairnError> {
+    pub(crate) async fn run_restore(
+        &self,
+        rec: &mut JobRecord,
+    ) -> Result<RestoreReport, CairnError> {
         let started = Instant::now();
         let JobSpec::Restore { db, generation, to } = rec.spec.clone() else {
             return Err(CairnError::Task("not a restore job".into()));
@@ -181,14 +184,20 @@ impl Checkpointer {
         let mut done: BTreeSet<u64> = BTreeSet::new();
         if let Some(rec) = job.as_deref() {
             for (k, _) in self.state.job_items(rec.id.0)? {
-                if let Some(i) = k.strip_prefix(b"r").and_then(|b| <[u8; 8]>::try_from(b).ok()) {
+                if let Some(i) = k
+                    .strip_prefix(b"r")
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                {
                     done.insert(u64::from_be_bytes(i));
                 }
             }
         }
         let (units, bytes_total): (u64, u64) = match &m.body {
             ManifestBody::Pages(p) => (p.chunks.len() as u64, p.len),
-            ManifestBody::Segments(s) => (s.segments.len() as u64, s.segments.iter().map(|e| e.len).sum()),
+            ManifestBody::Segments(s) => (
+                s.segments.len() as u64,
+                s.segments.iter().map(|e| e.len).sum(),
+            ),
         };
         macro_rules! record_done {
             ($index:expr, $bytes:expr) => {
@@ -255,14 +264,20 @@ impl Checkpointer {
                 self.start_restore_progress(&mut job, units, bytes_total, &done, |i| {
                     s.segments.get(i as usize).map_or(0, |e| e.len)
                 })?;
-                let todo = s.segments.iter().enumerate().filter(|(i, _)| !done.contains(&(*i as u64)));
+                let todo = s
+                    .segments
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !done.contains(&(*i as u64)));
                 let mut stream = stream::iter(todo)
                     .map(|(i, e)| {
                         let asm = &asm;
                         async move {
                             let w = asm.file(&e.name, e.len)?;
                             let key = keys::blob_key(tenant, db, &e.blob);
-                            self.store.get_blob(&key, &e.blob, |off, bytes| w.write_at(off, bytes)).await?;
+                            self.store
+                                .get_blob(&key, &e.blob, |off, bytes| w.write_at(off, bytes))
+                                .await?;
                             w.finish()?;
                             Ok::<_, CairnError>((i as u64, e.len))
                         }
@@ -278,7 +293,7 @@ impl Checkpointer {
                 report.bytes_written = bytes_total;
             }
         }
-        if let Some(rec) = job.as_deref_mut() {
+        if let Some(rec) = job {
             rec.phase = Phase::Committed;
             self.save_job(rec, &[])?;
         }
@@ -310,7 +325,8 @@ impl Checkpointer {
                     .map(|(k, _)| k)
                     .filter(|k| k.first() == Some(&b'r'))
                     .collect();
-                let deletes: Vec<(&[u8], Option<&[u8]>)> = stale.iter().map(|k| (k.as_slice(), None)).collect();
+                let deletes: Vec<(&[u8], Option<&[u8]>)> =
+                    stale.iter().map(|k| (k.as_slice(), None)).collect();
                 self.save_job(rec, &deletes)?;
             } else {
                 self.save_job(rec, &[])?;

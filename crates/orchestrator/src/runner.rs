@@ -27,6 +27,7 @@ impl Checkpointer {
         let now = self.env.clock.now_unix_ms();
         let mut rec = JobRecord {
             id: JobId(self.env.next_u64()),
+            seq: self.state.next_counter("jobs")?,
             tenant: self.cfg.tenant.clone(),
             spec,
             state: JobState::Queued,
@@ -49,7 +50,9 @@ impl Checkpointer {
     pub fn job(&self, id: JobId) -> Result<JobRecord, CairnError> {
         match self.state.job(id.0)? {
             Some(b) => JobRecord::decode(id.0, &b),
-            None => Err(CairnError::UnknownJob { job: id.to_string() }),
+            None => Err(CairnError::UnknownJob {
+                job: id.to_string(),
+            }),
         }
     }
 
@@ -61,11 +64,15 @@ impl Checkpointer {
             .into_iter()
             .map(|(id, b)| JobRecord::decode(id, &b))
             .collect::<Result<Vec<_>, _>>()?;
-        out.sort_by_key(|r| (r.created_ms, r.id));
+        out.sort_by_key(|r| r.seq);
         Ok(out)
     }
 
-    pub(crate) fn save_job(&self, rec: &mut JobRecord, items: &[(&[u8], Option<&[u8]>)]) -> Result<(), CairnError> {
+    pub(crate) fn save_job(
+        &self,
+        rec: &mut JobRecord,
+        items: &[(&[u8], Option<&[u8]>)],
+    ) -> Result<(), CairnError> {
         rec.updated_ms = self.env.clock.now_unix_ms();
         self.state.put_job(rec.id.0, &rec.encode()?, items)?;
         Ok(())
@@ -84,7 +91,9 @@ impl Checkpointer {
 
     pub(crate) fn check_cancel(&self, id: JobId) -> Result<(), CairnError> {
         if self.cancels.flag(id).load(Ordering::SeqCst) {
-            Err(CairnError::Cancelled { job: id.to_string() })
+            Err(CairnError::Cancelled {
+                job: id.to_string(),
+            })
         } else {
             Ok(())
         }
@@ -125,8 +134,13 @@ impl Checkpointer {
             rec.owner = Some(std::process::id());
             self.save_job(&mut rec, &[])?;
             let result = match rec.spec.clone() {
-                JobSpec::Checkpoint { .. } => self.run_checkpoint(&mut rec).await.map(JobOutcome::Checkpoint),
-                JobSpec::Restore { .. } => self.run_restore(&mut rec).await.map(JobOutcome::Restore),
+                JobSpec::Checkpoint { .. } => self
+                    .run_checkpoint(&mut rec)
+                    .await
+                    .map(JobOutcome::Checkpoint),
+                JobSpec::Restore { .. } => {
+                    self.run_restore(&mut rec).await.map(JobOutcome::Restore)
+                }
                 JobSpec::Verify { .. } => self.run_verify(&mut rec).await.map(JobOutcome::Verify),
             };
             // The runner may have advanced the persisted record; continue from it.
@@ -156,11 +170,14 @@ impl Checkpointer {
                 }
                 Err(e) => {
                     rec.last_error = Some(e.to_string());
-                    let fenced = matches!(e, CairnError::Manifest(cairn_manifest::ManifestError::Fenced { .. }));
+                    let fenced = matches!(
+                        e,
+                        CairnError::Manifest(cairn_manifest::ManifestError::Fenced { .. })
+                    );
                     if e.is_retryable() && !fenced && rec.attempts < MAX_ATTEMPTS {
                         rec.state = JobState::Queued;
-                        rec.not_before_ms =
-                            self.env.clock.now_unix_ms() + backoff_ms(rec.attempts - 1, self.env.next_u64());
+                        rec.not_before_ms = self.env.clock.now_unix_ms()
+                            + backoff_ms(rec.attempts - 1, self.env.next_u64());
                         self.save_job(&mut rec, &[])?;
                         continue;
                     }
@@ -202,10 +219,17 @@ impl Checkpointer {
     }
 
     async fn run_verify(&self, rec: &mut JobRecord) -> Result<VerifyReport, CairnError> {
-        let JobSpec::Verify { db, generation, deep } = rec.spec.clone() else {
+        let JobSpec::Verify {
+            db,
+            generation,
+            deep,
+        } = rec.spec.clone()
+        else {
             return Err(CairnError::Task("not a verify job".into()));
         };
-        let report = self.verify_now(&db, generation.map(cairn_core::Generation), deep).await?;
+        let report = self
+            .verify_now(&db, generation.map(cairn_core::Generation), deep)
+            .await?;
         rec.generation = Some(report.generation);
         rec.phase = Phase::Checked;
         rec.progress = Progress {
