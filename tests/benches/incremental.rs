@@ -5,7 +5,7 @@
 //! generation and the first are restored. The same workload goes through `restic` into a
 //! local repository. Everything is measured in this one run and printed as ratios.
 //!
-//! `cargo bench -p cairn-tests --bench incremental` (or `bash scripts/bench-incremental`).
+//! `cargo bench -p cairn-tests --bench incremental`.
 //! Environment: `CAIRN_BENCH_MIB` (file size, default 1024), `CAIRN_BENCH_STEPS` (default
 //! 10), `CAIRN_BENCH_DIR` (work directory, default the system temp dir).
 #![allow(clippy::unwrap_used, clippy::expect_used)]

@@ -174,7 +174,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CairnError> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Restore { db, generation, to } => {
-            let cp = Checkpointer::open(config(&cli)?)?;
+            let cp = open(config(&cli)?).await?;
             let r = cp
                 .restore(&DbId::new(db.clone())?, generation.map(Generation), to)
                 .await?;
@@ -186,7 +186,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CairnError> {
             generation,
             deep,
         } => {
-            let cp = Checkpointer::open(config(&cli)?)?;
+            let cp = open(config(&cli)?).await?;
             let r = cp
                 .verify(&DbId::new(db.clone())?, generation.map(Generation), *deep)
                 .await?;

@@ -299,6 +299,7 @@ impl Checkpointer {
         };
         let tenant = self.cfg.tenant.clone();
         let job = rec.id;
+        self.check_store().await?;
         let scratch = self.scratch.job(job)?;
         let mut items = JobItems::load(&self.state, job)?;
         if rec.phase == Phase::Published {
@@ -307,9 +308,17 @@ impl Checkpointer {
                 return Ok(items.report(&tenant, &db, source.kind(), plan, started));
             }
         }
-        let plan = match items.plan.take().filter(|p| p.still_valid()) {
-            Some(p) => p,
-            None => {
+        let plan = match items.plan.take() {
+            Some(p) if p.still_valid() => p,
+            stale => {
+                if let Some(p) = &stale {
+                    // The page file changed under an interrupted job. If its manifest
+                    // reached the store before the interruption, the job is published:
+                    // adopt that generation instead of planning another one.
+                    if self.adopt_published(rec, &db, p).await? {
+                        return Ok(items.report(&tenant, &db, source.kind(), p, started));
+                    }
+                }
                 if !items.is_empty() {
                     self.state.delete_job(job.0, false)?;
                     items = JobItems::default();
@@ -417,6 +426,28 @@ impl Checkpointer {
         uploaded.bytes_uploaded += report.manifest_bytes;
         report.bytes_uploaded = uploaded.bytes_uploaded;
         Ok(report)
+    }
+
+    /// Whether the store holds this job's manifest for the planned generation; if so it is
+    /// imported and the job recorded as published.
+    async fn adopt_published(
+        &self,
+        rec: &mut JobRecord,
+        db: &DbId,
+        plan: &CkptPlan,
+    ) -> Result<bool, CairnError> {
+        let key = keys::manifest_key(&self.cfg.tenant, db, Generation(plan.generation));
+        if self.store.head(&key).await?.is_none() {
+            return Ok(false);
+        }
+        let m = Manifest::decode(&key, &self.store.get_bytes(&key).await?)?;
+        if m.job.as_deref() != Some(rec.id.to_string().as_str()) {
+            return Ok(false);
+        }
+        cairn_manifest::sync_from_remote(&self.state, &self.store, &self.cfg.tenant, db).await?;
+        rec.phase = Phase::Published;
+        self.save_job(rec, &[])?;
+        Ok(true)
     }
 
     /// Takes the snapshot (SQLite), plans, and persists the plan: the first durable step.

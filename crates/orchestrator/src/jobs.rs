@@ -105,7 +105,7 @@ impl JobState {
 }
 
 /// The step a job reached. Checkpoints go planned → staged → uploaded → published →
-/// cleaned; restores planned → written → committed; verifies planned → checked.
+/// cleaned; restores planned → written → committed; verifies straight to checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {

@@ -179,6 +179,7 @@ pub struct Checkpointer {
     writer: String,
     cancels: jobs::CancelFlags,
     resumed: std::sync::atomic::AtomicBool,
+    store_checked: tokio::sync::OnceCell<()>,
 }
 
 impl std::fmt::Debug for Checkpointer {
@@ -259,7 +260,18 @@ impl Checkpointer {
             writer,
             cancels: jobs::CancelFlags::default(),
             resumed: std::sync::atomic::AtomicBool::new(false),
+            store_checked: tokio::sync::OnceCell::new(),
         })
+    }
+
+    /// Refuses a store that does not honour conditional create (publication depends on
+    /// it), once per `Checkpointer`, before the first publication; skipped in the store's
+    /// documented single-writer mode.
+    pub(crate) async fn check_store(&self) -> Result<(), CairnError> {
+        self.store_checked
+            .get_or_try_init(|| async { self.store.check_conditional_create().await })
+            .await?;
+        Ok(())
     }
 
     /// The store in use.

@@ -253,6 +253,7 @@ impl Checkpointer {
                     }
                     return Err(e);
                 }
+                self.mark_written(&mut job)?;
                 asm.commit()?;
                 report.bytes_written = p.len;
             }
@@ -289,6 +290,7 @@ impl Checkpointer {
                     record_done!(i, len);
                 }
                 drop(stream);
+                self.mark_written(&mut job)?;
                 asm.commit()?;
                 report.bytes_written = bytes_total;
             }
@@ -300,6 +302,14 @@ impl Checkpointer {
         Ok(report)
     }
 
+    fn mark_written(&self, job: &mut Option<&mut JobRecord>) -> Result<(), CairnError> {
+        if let Some(rec) = job.as_deref_mut() {
+            rec.phase = Phase::Written;
+            self.save_job(rec, &[])?;
+        }
+        Ok(())
+    }
+
     fn start_restore_progress(
         &self,
         job: &mut Option<&mut JobRecord>,
@@ -309,7 +319,6 @@ impl Checkpointer {
         len_of: impl Fn(u64) -> u64,
     ) -> Result<(), CairnError> {
         if let Some(rec) = job.as_deref_mut() {
-            rec.phase = Phase::Written;
             rec.progress = Progress {
                 done: done.len() as u64,
                 total: units,
