@@ -300,7 +300,10 @@ mod tests {
             "SUPERSECRET"
         );
         let dbg = format!("{cfg:?}");
-        assert!(!dbg.contains("SUPERSECRET") && !dbg.contains("AKIAEXAMPLE"), "{dbg}");
+        assert!(
+            !dbg.contains("SUPERSECRET") && !dbg.contains("AKIAEXAMPLE"),
+            "{dbg}"
+        );
 
         let json = StoreConfig::from_json_str(r#"{"single_writer": true, "s3": {"region": "eu"}}"#)
             .unwrap();
@@ -310,18 +313,16 @@ mod tests {
 
     #[test]
     fn errors_name_the_line_but_never_a_credential() {
-        let e = StoreConfig::from_toml_str(
-            "part_size = 1\n[s3]\nsecret_access_key = 12345678\n",
-        )
-        .unwrap_err();
+        let e = StoreConfig::from_toml_str("part_size = 1\n[s3]\nsecret_access_key = 12345678\n")
+            .unwrap_err();
         assert!(e.contains("line 3"), "{e}");
         assert!(!e.contains("12345678"), "{e}");
         let e = StoreConfig::from_toml_str("[s3]\nsecret_access_key = \"abc\ndef\"\n").unwrap_err();
         assert!(!e.contains("abc"), "{e}");
         let e = StoreConfig::from_toml_str("unknown_key = 1").unwrap_err();
         assert!(e.contains("unknown_key"), "{e}");
-        let e = StoreConfig::from_json_str(r#"{"s3": {"secret_access_key": 987654321}}"#)
-            .unwrap_err();
+        let e =
+            StoreConfig::from_json_str(r#"{"s3": {"secret_access_key": 987654321}}"#).unwrap_err();
         assert!(!e.contains("987654321"), "{e}");
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("store.toml");

@@ -171,6 +171,18 @@ impl StoreError {
         }
     }
 
+    /// [`StoreError::backend`] with every occurrence of `secrets` removed from the
+    /// underlying error's text (servers echo the access key id in some error bodies).
+    pub(crate) fn backend_scrubbed(
+        op: &'static str,
+        key: &str,
+        store: &str,
+        e: object_store::Error,
+        secrets: &[String],
+    ) -> Self {
+        Self::backend(op, key, store, scrub_error(e, secrets))
+    }
+
     pub(crate) fn backend(
         op: &'static str,
         key: &str,
@@ -198,6 +210,51 @@ impl StoreError {
                 }
             }
         }
+    }
+}
+
+/// Rebuilds `e` with a plain-text source if its text contains any of `secrets`.
+fn scrub_error(e: object_store::Error, secrets: &[String]) -> object_store::Error {
+    let text = e.to_string();
+    if !secrets.iter().any(|s| text.contains(s.as_str())) {
+        return e;
+    }
+    if !matches!(
+        e,
+        object_store::Error::Generic { .. }
+            | object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. }
+    ) {
+        return e;
+    }
+    let clean = |t: String| -> Box<dyn std::error::Error + Send + Sync> {
+        let mut t = t;
+        for s in secrets {
+            t = t.replace(s.as_str(), "<redacted>");
+        }
+        t.into()
+    };
+    match e {
+        object_store::Error::Generic { store, source } => object_store::Error::Generic {
+            store,
+            source: clean(source.to_string()),
+        },
+        object_store::Error::PermissionDenied { path, source } => {
+            object_store::Error::PermissionDenied {
+                path,
+                source: clean(source.to_string()),
+            }
+        }
+        object_store::Error::Unauthenticated { path, source } => {
+            object_store::Error::Unauthenticated {
+                path,
+                source: clean(source.to_string()),
+            }
+        }
+        // The rest never carry a server's response body (and not-found, exists and
+        // precondition errors are reported without their source): keep them as they are so
+        // their classification stays intact.
+        other => other,
     }
 }
 
@@ -271,6 +328,20 @@ mod tests {
     }
 
     #[test]
+    fn credentials_echoed_by_a_server_are_scrubbed() {
+        let e = generic(
+            "Server returned non-2xx status code: 403 Forbidden: <AWSAccessKeyId>AKIDSECRETISH</AWSAccessKeyId>",
+        );
+        let e = StoreError::backend_scrubbed("put", "k", "s3://b", e, &["AKIDSECRETISH".into()]);
+        let shown = format!("{e} {e:?}");
+        assert!(
+            !shown.contains("AKIDSECRETISH") && shown.contains("403"),
+            "{shown}"
+        );
+        assert!(!e.is_retryable());
+    }
+
+    #[test]
     fn transient_and_permanent_errors_are_told_apart() {
         let status = |s: &str| {
             generic(&format!(
@@ -282,7 +353,9 @@ mod tests {
         assert!(is_transient(&status("429 Too Many Requests")));
         assert!(!is_transient(&status("400 Bad Request")));
         assert!(!is_transient(&status("405 Method Not Allowed")));
-        assert!(is_transient(&generic("Server returned error response: SlowDown")));
+        assert!(is_transient(&generic(
+            "Server returned error response: SlowDown"
+        )));
         assert!(is_transient(&object_store::Error::Generic {
             store: "S3",
             source: Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),

@@ -30,9 +30,9 @@ use futures::stream::{BoxStream, StreamExt};
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
 use object_store::{
-    CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult, MultipartId,
-    MultipartUpload, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutMultipartOptions,
-    PutOptions, PutPayload, PutResult, UploadPart,
+    CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult, MultipartId, MultipartUpload,
+    ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions, PutPayload,
+    PutResult, UploadPart,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -142,7 +142,12 @@ impl State {
     }
 
     /// After a write that landed: maybe pretend its response was lost.
-    fn after_write<T>(&self, op: &str, location: &str, r: object_store::Result<T>) -> object_store::Result<T> {
+    fn after_write<T>(
+        &self,
+        op: &str,
+        location: &str,
+        r: object_store::Result<T>,
+    ) -> object_store::Result<T> {
         match r {
             Ok(v) if self.roll(self.cfg.lost_write_responses) => {
                 bump(&self.counts.lost_responses);
@@ -631,7 +636,10 @@ mod tests {
                 .query_pairs(),
         )
         .unwrap();
-        assert_eq!((q.transient_errors, q.seed, q.lost_write_responses), (0.25, 9, 0.1));
+        assert_eq!(
+            (q.transient_errors, q.seed, q.lost_write_responses),
+            (0.25, 9, 0.1)
+        );
         assert!(parse_fault_query(url::Url::parse("m://x?nope=1").unwrap().query_pairs()).is_err());
     }
 }

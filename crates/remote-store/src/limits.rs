@@ -59,7 +59,9 @@ impl Limits {
 
     /// Waits until `bytes` more may be received.
     pub(crate) async fn download(&self, bytes: u64) {
-        self.stats.bytes_received.fetch_add(bytes, Ordering::Relaxed);
+        self.stats
+            .bytes_received
+            .fetch_add(bytes, Ordering::Relaxed);
         if let Some(b) = &self.download {
             b.take(bytes).await;
         }
