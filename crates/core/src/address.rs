@@ -104,6 +104,28 @@ pub fn crc64(bytes: &[u8]) -> u64 {
     d.sum64()
 }
 
+/// Packs 128-bit digests as 16-byte little-endian values.
+pub fn digests_to_bytes(digests: &[u128]) -> Vec<u8> {
+    digests.iter().flat_map(|d| d.to_le_bytes()).collect()
+}
+
+/// Unpacks [`digests_to_bytes`]; `None` if the length is not a multiple of 16.
+pub fn digests_from_bytes(bytes: &[u8]) -> Option<Vec<u128>> {
+    if !bytes.len().is_multiple_of(16) {
+        return None;
+    }
+    Some(
+        bytes
+            .chunks_exact(16)
+            .map(|c| {
+                let mut a = [0u8; 16];
+                a.copy_from_slice(c);
+                u128::from_le_bytes(a)
+            })
+            .collect(),
+    )
+}
+
 /// What a blob holds; part of its name and of its header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -227,6 +249,13 @@ mod tests {
         assert_eq!(addr.crc64, crc64(&data));
         assert_eq!(addr.len, data.len() as u64);
         assert_eq!(xxh.0, xxhash_rust::xxh3::xxh3_128(&data));
+    }
+
+    #[test]
+    fn digest_packing_roundtrips() {
+        let d = vec![0u128, 1, u128::MAX, 0x0123_4567_89ab_cdef];
+        assert_eq!(digests_from_bytes(&digests_to_bytes(&d)), Some(d));
+        assert_eq!(digests_from_bytes(&[0u8; 15]), None);
     }
 
     #[test]

@@ -59,9 +59,7 @@ impl ChunkDigests {
         v.extend_from_slice(&(self.tip.len() as u32).to_le_bytes());
         v.extend_from_slice(self.tip.as_bytes());
         v.extend_from_slice(&self.page_size.to_le_bytes());
-        for d in &self.digests {
-            v.extend_from_slice(&d.to_le_bytes());
-        }
+        v.extend_from_slice(&cairn_core::address::digests_to_bytes(&self.digests));
         v
     }
 
@@ -69,18 +67,7 @@ impl ChunkDigests {
         let n = u32::from_le_bytes(v.get(0..4)?.try_into().ok()?) as usize;
         let tip = std::str::from_utf8(v.get(4..4 + n)?).ok()?.to_string();
         let page_size = u32::from_le_bytes(v.get(4 + n..8 + n)?.try_into().ok()?);
-        let rest = v.get(8 + n..)?;
-        if rest.len() % 16 != 0 {
-            return None;
-        }
-        let digests = rest
-            .chunks_exact(16)
-            .map(|c| {
-                let mut a = [0u8; 16];
-                a.copy_from_slice(c);
-                u128::from_le_bytes(a)
-            })
-            .collect();
+        let digests = cairn_core::address::digests_from_bytes(v.get(8 + n..)?)?;
         Some(Self {
             index,
             tip,

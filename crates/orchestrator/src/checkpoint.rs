@@ -652,10 +652,6 @@ fn item_key(tag: u8, index: u64) -> Vec<u8> {
     k
 }
 
-fn encode_digests(d: &[u128]) -> Vec<u8> {
-    d.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
 impl JobItems {
     fn load(state: &StateDb, job: cairn_core::JobId) -> Result<Self, CairnError> {
         let mut out = Self::default();
@@ -678,14 +674,8 @@ impl JobItems {
                     );
                 }
                 (Some(b'd'), Some(i)) => {
-                    let d = v
-                        .chunks_exact(16)
-                        .map(|c| {
-                            let mut a = [0u8; 16];
-                            a.copy_from_slice(c);
-                            u128::from_le_bytes(a)
-                        })
-                        .collect();
+                    let d = cairn_core::address::digests_from_bytes(&v)
+                        .ok_or_else(|| bad("digests", format!("{} bytes", v.len())))?;
                     out.digests.insert(i, d);
                 }
                 (Some(b's'), Some(i)) => {
@@ -1093,7 +1083,7 @@ async fn pages_run(
         match &digests {
             Some(d) => {
                 let dk = item_key(b'd', c.index);
-                let dv = encode_digests(d);
+                let dv = cairn_core::address::digests_to_bytes(d);
                 cp.save_job(rec, &[(&ck, Some(&encoded)), (&dk, Some(&dv))])?;
             }
             None => cp.save_job(rec, &[(&ck, Some(&encoded))])?,
