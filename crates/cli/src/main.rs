@@ -28,6 +28,13 @@ struct Cli {
     /// Tenant the databases belong to.
     #[arg(long, global = true, default_value = "default")]
     tenant: String,
+    /// Store configuration file (TOML or JSON: part sizes, retries, limits, S3 settings)
+    #[arg(long, global = true, env = "CAIRN_STORE_CONFIG")]
+    store_config: Option<PathBuf>,
+    /// Publish without the conditional-create check, for stores that ignore conditional
+    /// writes: the operator guarantees one writer per database (see docs/decisions)
+    #[arg(long, global = true)]
+    single_writer: bool,
     /// Print one JSON document on stdout instead of a human report.
     #[arg(long, global = true)]
     json: bool,
@@ -133,6 +140,8 @@ fn config(cli: &Cli) -> Result<Config, CairnError> {
     let mut cfg = Config::new(&cli.state)?;
     cfg.tenant = TenantId::new(cli.tenant.clone())?;
     cfg.store_url = cli.store.clone();
+    cfg.store_config = cli.store_config.clone();
+    cfg.single_writer = cli.single_writer;
     Ok(cfg)
 }
 

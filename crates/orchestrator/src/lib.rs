@@ -30,7 +30,7 @@ use cairn_core::{DbId, Generation, Manifest, TenantId};
 use cairn_executor::Scratch;
 use cairn_manifest::StateDb;
 use cairn_quota::Budget;
-use cairn_remote_store::RemoteStore;
+use cairn_remote_store::{RemoteStore, StoreConfig};
 use rand::{RngCore, SeedableRng};
 use serde::Serialize;
 
@@ -115,6 +115,11 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// The store URL; `None` means the embedded default `file://<state>/store`.
     pub store_url: Option<String>,
+    /// The store's configuration file (TOML or JSON); `None` reads `$CAIRN_STORE_CONFIG`.
+    pub store_config: Option<PathBuf>,
+    /// Skip the conditional-create check: the operator guarantees a single writer per
+    /// database (for stores, like Garage, that ignore conditional writes).
+    pub single_writer: bool,
     /// The tenant all operations act for.
     pub tenant: TenantId,
     /// Chunk size of page sources.
@@ -137,6 +142,8 @@ impl Config {
         Ok(Self {
             state_dir: state_dir.into(),
             store_url: None,
+            store_config: None,
+            single_writer: false,
             tenant: TenantId::new("default")?,
             chunk_size: DEFAULT_CHUNK_SIZE,
             scratch_limit: 8 * 1024 * 1024 * 1024,
@@ -198,7 +205,12 @@ impl Checkpointer {
             Some(u) => u.clone(),
             None => default_store_url(&cfg.state_dir)?,
         };
-        let store = RemoteStore::open(&url)?;
+        let mut store_cfg = match &cfg.store_config {
+            Some(path) => StoreConfig::from_file(path)?,
+            None => StoreConfig::from_env()?,
+        };
+        store_cfg.single_writer |= cfg.single_writer;
+        let store = RemoteStore::open_with(&url, store_cfg)?;
         Self::open_with(cfg, store, Env::system())
     }
 
