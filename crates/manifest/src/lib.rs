@@ -90,7 +90,10 @@ pub async fn sync_from_remote(
         if state.has_generation(tenant, db, generation)? {
             continue;
         }
-        let bytes = store.get_bytes(&obj.key).await?;
+        // A damaged transfer is read again; damage at rest fails naming the key.
+        let bytes = store
+            .get_bytes_verified(&obj.key, |b| Manifest::decode(&obj.key, b).map(|_| ()))
+            .await?;
         let m = Manifest::decode(&obj.key, &bytes)?;
         if &m.tenant != tenant || &m.db != db || m.generation != generation {
             return Err(ManifestError::Corrupt {

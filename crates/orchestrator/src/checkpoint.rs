@@ -212,6 +212,19 @@ impl BlobSink<'_> {
         }
         self.drain_to(self.cp.cfg.upload_concurrency.saturating_sub(1))
             .await?;
+        if let (BlobKind::Segment, Stage::Range { path, offset, .. }, false) =
+            (kind, &stage, self.cp.store.is_local())
+        {
+            // A sealed segment is immutable, so the file itself is as stable as a staged
+            // copy: stream it straight to a remote store (verified while it streams; an
+            // interrupted upload is redone from the file). See docs/decisions/0016.
+            let (store, path, offset) = (self.cp.store.clone(), path.clone(), *offset);
+            self.in_flight.push(tokio::spawn(async move {
+                store.put_blob_range(&key, &path, offset, &blob).await?;
+                Ok(blob.object_len())
+            }));
+            return Ok(blob);
+        }
         let job = self.scratch.clone();
         let staged: StagedBlob = tokio::task::spawn_blocking(move || match stage {
             Stage::Range { file, path, offset } => {

@@ -45,7 +45,9 @@ pub(crate) async fn fetch_blob(
 ) -> Result<Vec<u8>, CairnError> {
     let mut buf = Vec::with_capacity(usize::try_from(blob.len).unwrap_or(0));
     store
-        .get_blob(key, blob, |_, bytes| {
+        .get_blob(key, blob, |off, bytes| {
+            // A re-read after a damaged transfer starts again from offset 0.
+            buf.truncate(usize::try_from(off).unwrap_or(usize::MAX));
             buf.extend_from_slice(bytes);
             Ok(())
         })

@@ -656,6 +656,12 @@ impl RemoteStore {
             .await
     }
 
+    /// Whether this is a local directory store (where a staged blob is published by hard
+    /// link, so staging costs no extra copy).
+    pub fn is_local(&self) -> bool {
+        self.local_root.is_some()
+    }
+
     /// Uploads the blob whose payload is bytes `offset..offset + expected.len` of `source`,
     /// framing its header and footer on the fly, so an immutable source (a sealed segment)
     /// needs no staged copy. Verified while it streams exactly like
