@@ -6,12 +6,12 @@
 //! `CAIRN_BENCH_ROLE`), so each one's peak resident memory (VmHWM) is its own. Cairn uses its
 //! defaults (8 MiB parts, 4 in flight, CRC64-NVME transport checksums); the baseline uses the
 //! same part size and concurrency with `WriteMultipart` and no checksum header. Cairn's time
-//! includes everything a checkpoint does: the streamed staging copy of the segment into
-//! scratch (checksummed and fsynced), the upload re-verifying it, and the manifest publish.
+//! includes everything a checkpoint does: hashing the segment, the upload re-verifying it
+//! while it streams (sealed segments go to remote stores straight from their file, see
+//! docs/decisions/0016), the job bookkeeping and the manifest publish.
 //!
-//! A third child measures the remote store alone uploading the segment straight from its
-//! file (`RemoteStore::put_blob_range`), which is what the checkpoint would cost without
-//! the staging copy.
+//! A third child measures the remote store alone uploading the segment from its file
+//! (`RemoteStore::put_blob_range`), without the rest of the checkpoint.
 //!
 //! `cargo bench -p cairn-tests --bench s3_throughput`. Environment: `CAIRN_BENCH_MIB`
 //! (segment size, default 1024), `CAIRN_BENCH_DIR` (work directory, default the system temp
