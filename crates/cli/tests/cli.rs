@@ -328,3 +328,87 @@ fn demo_runs_and_passes() {
     assert_eq!(v["ok"], true, "{v}");
     assert_eq!(v["restores"].as_array().unwrap().len(), 2);
 }
+
+#[test]
+fn two_processes_racing_for_a_generation_one_wins_the_other_is_fenced() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("file://{}", dir.path().join("store").display());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    let srcs: Vec<_> = (0..2)
+        .map(|w| {
+            let p = dir.path().join(format!("src-{w}.bin"));
+            fixtures::write_page_file(&p, 2048, 4096, &mut rng).unwrap();
+            p
+        })
+        .collect();
+    let run = |w: usize| {
+        let mut c = cairn(&dir.path().join(format!("state-{w}")));
+        c.args([
+            "--store",
+            &store,
+            "--json",
+            "checkpoint",
+            "--db",
+            "shared",
+            "--kind",
+            "pages",
+            "--chunk-size",
+            "65536",
+        ])
+        .arg("--source")
+        .arg(&srcs[w]);
+        c
+    };
+    let mut fenced = 0;
+    for round in 0..4 {
+        let children: Vec<_> = (0..2)
+            .map(|w| {
+                run(w)
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let outs: Vec<Output> = children
+            .into_iter()
+            .map(|c| c.wait_with_output().unwrap())
+            .collect();
+        for (w, o) in outs.iter().enumerate() {
+            if !o.status.success() {
+                fenced += 1;
+                assert!(
+                    stderr(o).contains("another writer"),
+                    "round {round}: {}",
+                    stderr(o)
+                );
+                // The loser's next attempt builds on the winner's generation.
+                let again = run_ok(&mut run(w));
+                let gens = run_ok(
+                    cairn(&dir.path().join(format!("state-{w}")))
+                        .args(["--store", &store, "ls", "--db", "shared", "--json"]),
+                );
+                assert_eq!(
+                    again["generation"],
+                    gens.as_array().unwrap().len() as u64,
+                    "round {round}"
+                );
+            }
+        }
+    }
+    assert!(
+        fenced >= 1,
+        "the two processes never raced for one generation"
+    );
+    // Generations are contiguous; each has one writer and parent = previous generation.
+    let gens = run_ok(
+        cairn(&dir.path().join("state-0"))
+            .args(["--store", &store, "ls", "--db", "shared", "--json"]),
+    );
+    for (i, g) in gens.as_array().unwrap().iter().enumerate() {
+        assert_eq!(g["generation"], i as u64 + 1);
+        if i > 0 {
+            assert_eq!(g["parent"], i as u64);
+        }
+    }
+}
