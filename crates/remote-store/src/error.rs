@@ -154,7 +154,7 @@ impl StoreError {
         }
     }
 
-    /// Whether the store refused an operation as not implemented or not supported (e.g. a
+    /// Whether the store refused an operation as unsupported by the backend (e.g. a
     /// conditional create on a store without it).
     pub fn is_unsupported(&self) -> bool {
         match self {
@@ -261,7 +261,7 @@ fn scrub_error(e: object_store::Error, secrets: &[String]) -> object_store::Erro
 /// Whether an `object_store` error is worth retrying: timeouts, connection failures and
 /// resets, 5xx, throttling (429, 503 SlowDown) and error bodies in 200 responses. Never:
 /// not found, already exists, precondition failed, permission denied, unauthenticated,
-/// not implemented or supported, bad paths or configuration, and other 4xx.
+/// unsupported operations, bad paths or configuration, and other 4xx.
 pub(crate) fn is_transient(e: &object_store::Error) -> bool {
     use object_store::client::HttpErrorKind;
     match e {

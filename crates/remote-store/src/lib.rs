@@ -19,7 +19,7 @@
 //! default, [`StoreConfig::http_retries`]). Every request is retried on transient errors
 //! (timeouts, connection resets, 5xx, throttling) with exponential backoff and jitter,
 //! bounded by attempts and total time; permanent errors (not found, exists, precondition,
-//! access denied, not implemented) are returned at once. A write whose response is lost is
+//! access denied, unsupported operation) are returned at once. A write whose response is lost is
 //! resolved by reading back: a conditional create compares the bytes found with its own, a
 //! multipart completion checks the object's size. A streamed read cut off by a transient
 //! error resumes from the byte it reached; a blob whose bytes fail verification is read
