@@ -284,3 +284,35 @@ async fn corrupt_deltas_are_rejected_by_restore_and_deep_verify() {
         assert!(!dir.path().join(o).exists());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merged_unsorted_engine_marks_lose_no_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open(dir.path(), 16 * PS as u64);
+    let src = dir.path().join("db");
+    let mut data = random_file(&src, 64, 11);
+    let db = DbId::new("unsorted").unwrap();
+    let source = Source::Pages {
+        path: src.clone(),
+        page_size: PS as u32,
+    };
+    cp.checkpoint(&db, &source).await.unwrap();
+    // Two drains merged by an engine after a failed attempt: unsorted, with a duplicate.
+    let pages = [50u64, 3, 40, 3, 17];
+    for p in pages {
+        data[p as usize * PS] ^= 0x77;
+    }
+    std::fs::write(&src, &data).unwrap();
+    let dirty = cairn_core::DirtySet {
+        pages: pages.to_vec(),
+        overflow: false,
+    };
+    let r = cp
+        .checkpoint_with(&db, &source, &CheckpointOptions { dirty: Some(dirty) })
+        .await
+        .unwrap();
+    assert_eq!(r.pages_dirty, 4, "{r:?}");
+    let out = dir.path().join("out");
+    cp.restore(&db, None, &out).await.unwrap();
+    assert!(std::fs::read(&out).unwrap() == data);
+}

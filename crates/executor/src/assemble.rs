@@ -161,6 +161,21 @@ impl DirAssembler {
         Ok((me, reusable))
     }
 
+    /// Fsyncs the directory's entries (before recording files in it as done).
+    pub fn sync(&self) -> Result<(), ExecError> {
+        File::open(&self.tmp)
+            .and_then(|d| d.sync_all())
+            .map_err(ExecError::io("fsync restore directory", &self.tmp))
+    }
+
+    /// Whether a file written earlier is there with `len` bytes (a resumed restore trusts
+    /// its done-markers only for files that are).
+    pub fn has_file(&self, name: &str, len: u64) -> bool {
+        std::fs::metadata(self.tmp.join(name))
+            .map(|m| m.is_file() && m.len() == len)
+            .unwrap_or(false)
+    }
+
     /// Creates a file of `len` bytes named `name` inside the directory.
     pub fn file(&self, name: &str, len: u64) -> Result<SegmentWriter, ExecError> {
         let path = self.tmp.join(name);

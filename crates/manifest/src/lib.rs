@@ -52,7 +52,11 @@ pub async fn publish_with(
     {
         CreateOutcome::Created => {}
         CreateOutcome::AlreadyExists => {
-            let existing = store.get_bytes(&key).await?;
+            // Verified read: a damaged transfer is read again rather than mistaken for
+            // another writer's manifest.
+            let existing = store
+                .get_bytes_verified(&key, |b| Manifest::decode(&key, b).map(|_| ()))
+                .await?;
             if existing.as_ref() != bytes.as_slice() {
                 let winner = Manifest::decode(&key, &existing)
                     .map(|m| m.writer)

@@ -134,6 +134,16 @@ enum Stage {
     Bytes(Vec<u8>),
 }
 
+impl Drop for BlobSink<'_> {
+    /// Uploads still in flight when the sink is dropped (an error, a cancel) are aborted:
+    /// nothing outlives the attempt that started it.
+    fn drop(&mut self) {
+        for task in self.in_flight.iter() {
+            task.abort();
+        }
+    }
+}
+
 impl BlobSink<'_> {
     async fn drain_to(&mut self, max: usize) -> Result<(), CairnError> {
         while self.in_flight.len() > max {
@@ -276,15 +286,23 @@ impl Checkpointer {
             },
             Source::Segments(p) => Source::Segments(absolute(p)?),
         };
+        // Engine marks apply to a raw page file the engine writes in place; a SQLite source
+        // is read from a snapshot taken later, so marks drained earlier would miss writes
+        // made in between. Marks may come unsorted (merged drains).
+        let dirty = match source {
+            Source::Pages { .. } => opts.dirty.as_ref().filter(|d| !d.overflow).map(|d| {
+                let mut pages = d.pages.clone();
+                pages.sort_unstable();
+                pages.dedup();
+                pages
+            }),
+            Source::Sqlite(_) | Source::Segments(_) => None,
+        };
         let id = self.enqueue(JobSpec::Checkpoint {
             db: db.clone(),
             source,
             chunk_size: self.cfg.chunk_size,
-            dirty: opts
-                .dirty
-                .as_ref()
-                .filter(|d| !d.overflow)
-                .map(|d| d.pages.clone()),
+            dirty,
         })?;
         match self.run_job(id).await? {
             JobOutcome::Checkpoint(r) => Ok(r),
@@ -321,9 +339,14 @@ impl Checkpointer {
                 return Ok(items.report(&tenant, &db, source.kind(), plan, started));
             }
         }
+        let mut dirty = dirty;
         let plan = match items.plan.take() {
             Some(p) if p.still_valid() => p,
             stale => {
+                if stale.is_some() {
+                    // The marks described the file as it was; it changed since.
+                    dirty = None;
+                }
                 if let Some(p) = &stale {
                     // The page file changed under an interrupted job. If its manifest
                     // reached the store before the interruption, the job is published:
@@ -368,6 +391,7 @@ impl Checkpointer {
                 chunk_size,
                 len,
                 chunks,
+                ..
             } => {
                 let page_file = PageFile::open(file, *page_size)?;
                 if page_file.len != *len {
@@ -453,7 +477,11 @@ impl Checkpointer {
         if self.store.head(&key).await?.is_none() {
             return Ok(false);
         }
-        let m = Manifest::decode(&key, &self.store.get_bytes(&key).await?)?;
+        let bytes = self
+            .store
+            .get_bytes_verified(&key, |b| Manifest::decode(&key, b).map(|_| ()))
+            .await?;
+        let m = Manifest::decode(&key, &bytes)?;
         if m.job.as_deref() != Some(rec.id.to_string().as_str()) {
             return Ok(false);
         }
@@ -530,6 +558,7 @@ impl Checkpointer {
                     page_size: plan.page_size,
                     chunk_size: plan.chunk_size,
                     len: plan.len,
+                    stamp: file_stamp(&page_file.path),
                     chunks: plan.chunks,
                 };
                 (body, units, plan.len)
@@ -586,6 +615,13 @@ fn absolute(p: &Path) -> Result<PathBuf, CairnError> {
     })
 }
 
+fn file_stamp(path: &Path) -> Option<(u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.ino(), m.mtime(), m.mtime_nsec()))
+}
+
 /// A checkpoint's persisted plan.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct CkptPlan {
@@ -605,6 +641,10 @@ enum PlanBody {
         page_size: u32,
         chunk_size: u64,
         len: u64,
+        /// Inode and modification time of the file when planned: a file changed in place
+        /// since (not quiescent after all) makes the plan stale instead of mixing contents.
+        #[serde(default)]
+        stamp: Option<(u64, i64, i64)>,
         chunks: Vec<ChunkPlan>,
     },
     Segments {
@@ -618,9 +658,14 @@ impl CkptPlan {
     /// Whether the plan can still be executed (its page file is there with its length).
     fn still_valid(&self) -> bool {
         match &self.body {
-            PlanBody::Pages { file, len, .. } => std::fs::metadata(file)
-                .map(|m| m.len() == *len)
-                .unwrap_or(false),
+            PlanBody::Pages {
+                file, len, stamp, ..
+            } => {
+                std::fs::metadata(file)
+                    .map(|m| m.len() == *len)
+                    .unwrap_or(false)
+                    && (stamp.is_none() || file_stamp(file) == *stamp)
+            }
             PlanBody::Segments { dir, .. } => dir.is_dir(),
         }
     }

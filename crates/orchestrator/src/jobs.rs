@@ -25,6 +25,10 @@ use crate::{CairnError, Source};
 /// Attempts before a job with retryable errors is given up.
 pub const MAX_ATTEMPTS: u32 = 3;
 
+/// Starts (including those cut short by a crash) before a job is given up, so a job that
+/// kills its process is not resumed forever.
+pub const MAX_STARTS: u32 = 10;
+
 /// What a job does.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]

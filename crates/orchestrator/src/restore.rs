@@ -261,7 +261,13 @@ impl Checkpointer {
             }
             ManifestBody::Segments(s) => {
                 let (asm, reopened) = DirAssembler::open(to, !done.is_empty())?;
-                if !reopened {
+                if reopened {
+                    done.retain(|i| {
+                        s.segments
+                            .get(*i as usize)
+                            .is_some_and(|e| asm.has_file(&e.name, e.len))
+                    });
+                } else {
                     done.clear();
                 }
                 self.start_restore_progress(&mut job, units, bytes_total, &done, |i| {
@@ -287,8 +293,20 @@ impl Checkpointer {
                     })
                     .buffer_unordered(concurrency);
                 while let Some(r) = stream.next().await {
-                    let (i, len) = r?;
+                    let (i, len) = match r {
+                        Ok(v) => v,
+                        Err(e) => {
+                            drop(stream);
+                            if job.is_none() {
+                                cairn_executor::assemble::discard_partial(to)?;
+                            }
+                            return Err(e);
+                        }
+                    };
                     report.blobs_read += 1;
+                    if job.is_some() {
+                        asm.sync()?;
+                    }
                     record_done!(i, len);
                 }
                 drop(stream);

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use cairn_core::JobId;
 use serde::Serialize;
 
-use crate::jobs::{backoff_ms, JobRecord, JobSpec, JobState, Phase, Progress, MAX_ATTEMPTS};
+use crate::jobs::{self, backoff_ms, JobRecord, JobSpec, JobState, Phase, Progress, MAX_ATTEMPTS};
 use crate::{CairnError, CheckpointReport, Checkpointer, RestoreReport, VerifyReport};
 
 /// What a finished job produced.
@@ -85,6 +85,7 @@ impl Checkpointer {
         if rec.state == JobState::Queued && rec.phase == Phase::New {
             rec.state = JobState::Cancelled;
             self.save_job(&mut rec, &[])?;
+            self.cancels.forget(id);
         }
         Ok(())
     }
@@ -123,6 +124,22 @@ impl Checkpointer {
                 return Err(CairnError::JobEnded {
                     job: id.to_string(),
                     state: format!("{:?}", rec.state).to_lowercase(),
+                });
+            }
+            if rec.attempts >= jobs::MAX_STARTS {
+                // Each start that never ended (the process died) counted; stop retrying.
+                rec.state = JobState::Failed;
+                rec.last_error = Some(format!(
+                    "gave up after {} starts without finishing (last error: {})",
+                    rec.attempts,
+                    rec.last_error.as_deref().unwrap_or("none recorded")
+                ));
+                self.save_job(&mut rec, &[])?;
+                self.abandon_job(&rec)?;
+                self.cancels.forget(id);
+                return Err(CairnError::JobEnded {
+                    job: id.to_string(),
+                    state: "failed".into(),
                 });
             }
             let now = self.env.clock.now_unix_ms();
