@@ -1,0 +1,131 @@
+//! Golden fixtures of the on-disk formats: a blob, a delta and a manifest encoded by this
+//! build must equal the committed bytes, and the committed bytes must decode to the same
+//! values. A format change shows up here and needs a version bump (see docs/FORMATS.md).
+//! `CAIRN_BLESS=1 cargo test -p cairn-core --test golden` rewrites the fixtures.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+
+use cairn_core::blob::{decode_blob, encode_blob};
+use cairn_core::delta::{encode_delta, DeltaHeader, DeltaView};
+use cairn_core::{
+    BlobKind, BlobRef, ChunkState, DbId, Digest128, Generation, Lsn, Manifest, ManifestBody,
+    PagesState, SegmentEntry, SegmentsState, SourceKind, TenantId,
+};
+
+fn fixture(name: &str, bytes: &[u8]) -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(name);
+    if std::env::var_os("CAIRN_BLESS").is_some() {
+        std::fs::write(&path, bytes).unwrap();
+    }
+    std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (bless with CAIRN_BLESS=1)", path.display()))
+}
+
+fn payload() -> Vec<u8> {
+    (0..1000u32).map(|i| (i * 7 % 256) as u8).collect()
+}
+
+#[test]
+fn blob_v1() {
+    let (obj, blob) = encode_blob(BlobKind::Base, &payload());
+    let golden = fixture("blob-v1.bin", &obj);
+    assert_eq!(
+        obj, golden,
+        "blob encoding changed: bump BLOB_VERSION and document it"
+    );
+    let (back, decoded) = decode_blob("golden", &golden, Some(blob)).unwrap();
+    assert_eq!(back, payload());
+    assert_eq!(decoded.address, blob.address());
+    assert_eq!(blob.name(), "base-9a9a15922194c6ca-3e8");
+}
+
+#[test]
+fn delta_v1() {
+    let h = DeltaHeader {
+        page_size: 512,
+        chunk: 3,
+        generation: 9,
+        base_crc64: 0x0123_4567_89ab_cdef,
+        chunk_len: 8 * 512,
+    };
+    let bytes: Vec<u8> = (0..3 * 512u32).map(|i| (i % 251) as u8).collect();
+    let d = encode_delta(&h, &[1, 4, 7], &bytes).unwrap();
+    let golden = fixture("delta-v1.bin", &d);
+    assert_eq!(
+        d, golden,
+        "delta encoding changed: bump DELTA_VERSION and document it"
+    );
+    let v = DeltaView::parse("golden", &golden, 3, 0x0123_4567_89ab_cdef, 512).unwrap();
+    assert_eq!(v.header, h);
+    assert_eq!(v.page(4), Some(&bytes[512..1024]));
+}
+
+fn blob(kind: BlobKind, crc: u64, len: u64) -> BlobRef {
+    BlobRef {
+        kind,
+        crc64: crc,
+        len,
+        xxh3: Digest128(u128::from(crc) << 64 | u128::from(len)),
+        alias: 0,
+    }
+}
+
+#[test]
+fn manifests_v1() {
+    let pages = Manifest {
+        format: 1,
+        tenant: TenantId::new("acme").unwrap(),
+        db: DbId::new("orders").unwrap(),
+        generation: Generation(7),
+        parent: Some(Generation(6)),
+        writer: "00000000000000aa".into(),
+        created_unix_ms: 1_795_000_000_000,
+        job: Some("00000000000000bb".into()),
+        body: ManifestBody::Pages(PagesState {
+            origin: SourceKind::Sqlite,
+            page_size: 4096,
+            chunk_size: 8192,
+            len: 12288,
+            chunks: vec![
+                ChunkState {
+                    index: 0,
+                    len: 8192,
+                    base: blob(BlobKind::Base, 1, 8192),
+                    deltas: vec![blob(BlobKind::Delta, 2, 4156)],
+                },
+                ChunkState {
+                    index: 1,
+                    len: 4096,
+                    base: blob(BlobKind::Base, 3, 4096),
+                    deltas: vec![],
+                },
+            ],
+        }),
+    };
+    let segments = Manifest {
+        generation: Generation(2),
+        parent: Some(Generation(1)),
+        job: None,
+        body: ManifestBody::Segments(SegmentsState {
+            segments: vec![SegmentEntry {
+                name: "wal-0001".into(),
+                lsn_start: Lsn(100),
+                len: 50,
+                blob: blob(BlobKind::Segment, 4, 50),
+            }],
+            lsn_end: Lsn(150),
+        }),
+        ..pages.clone()
+    };
+    for (name, m) in [
+        ("manifest-pages-v1.cmf", pages),
+        ("manifest-segments-v1.cmf", segments),
+    ] {
+        let golden = fixture(name, &m.encode());
+        assert_eq!(m.encode(), golden, "{name}: manifest encoding changed");
+        assert_eq!(Manifest::decode(name, &golden).unwrap(), m);
+    }
+}
