@@ -98,11 +98,6 @@ impl FileAssembler {
         self.file.write_all_at(bytes, offset)
     }
 
-    /// Reads back `buf.len()` bytes at `offset` (for applying deltas in place).
-    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.file.read_exact_at(buf, offset)
-    }
-
     /// Fsyncs the file and renames it over the target.
     pub fn commit(self) -> Result<PathBuf, ExecError> {
         self.file

@@ -61,11 +61,6 @@ impl Scratch {
         })
     }
 
-    /// The scratch root.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// Opens (creating) the scratch directory of `job`, deleting half-written files.
     pub fn job(&self, job: JobId) -> Result<JobScratch, ExecError> {
         let dir = self.root.join(job.to_string());

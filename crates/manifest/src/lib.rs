@@ -23,7 +23,8 @@ use bytes::Bytes;
 use cairn_core::{keys, DbId, Generation, Manifest, TenantId};
 use cairn_remote_store::{CreateOutcome, RemoteStore};
 
-/// Publishes `manifest`: conditional create of its object, then one local batch.
+/// Publishes `manifest`: conditional create of its object, then one local batch. Returns
+/// the size of the manifest object.
 ///
 /// Fails with [`ManifestError::Fenced`] if another writer already published that
 /// generation; nothing is recorded locally in that case.
@@ -31,7 +32,7 @@ pub async fn publish(
     state: &StateDb,
     store: &RemoteStore,
     manifest: &Manifest,
-) -> Result<(), ManifestError> {
+) -> Result<u64, ManifestError> {
     publish_with(state, store, manifest, &LocalUpdates::default()).await
 }
 
@@ -42,7 +43,7 @@ pub async fn publish_with(
     store: &RemoteStore,
     manifest: &Manifest,
     local: &LocalUpdates<'_>,
-) -> Result<(), ManifestError> {
+) -> Result<u64, ManifestError> {
     let key = keys::manifest_key(&manifest.tenant, &manifest.db, manifest.generation);
     manifest.validate(&key)?;
     let bytes = manifest.encode();
@@ -72,7 +73,7 @@ pub async fn publish_with(
         }
     }
     state.record_generation_with(manifest, local)?;
-    Ok(())
+    Ok(bytes.len() as u64)
 }
 
 /// Imports every generation published in the store that the local state lacks, so a fresh

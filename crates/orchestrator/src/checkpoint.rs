@@ -24,7 +24,7 @@ use cairn_planner::{
     decide_chunk, plan_pages, plan_segments, ChainInfo, ChunkDecision, ChunkInput, ChunkPlan,
     CostModel, PagesInput, SegmentAction, SegmentInput,
 };
-use cairn_remote_store::RemoteStore;
+use cairn_remote_store::StoreError;
 use futures::stream::{self, FuturesUnordered, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
@@ -122,7 +122,26 @@ struct BlobSink<'a> {
     scratch: &'a JobScratch,
     in_flight: FuturesUnordered<UploadTask>,
     this_job: HashMap<String, BlobRef>,
-    report: CheckpointReport,
+    stats: UploadStats,
+}
+
+/// What one attempt did with blobs.
+#[derive(Default)]
+struct UploadStats {
+    bytes_uploaded: u64,
+    blobs_uploaded: u64,
+    blobs_reused: u64,
+}
+
+/// Where an upload reads its blob from.
+enum Upload {
+    /// A staged file, deleted once uploaded; `hold` keeps its scratch reservation till then.
+    Staged {
+        path: PathBuf,
+        hold: Option<StagedBlob>,
+    },
+    /// Bytes of an immutable source file, framed on the fly.
+    Range { path: PathBuf, offset: u64 },
 }
 
 enum Stage {
@@ -148,8 +167,8 @@ impl BlobSink<'_> {
     async fn drain_to(&mut self, max: usize) -> Result<(), CairnError> {
         while self.in_flight.len() > max {
             if let Some(done) = self.in_flight.next().await {
-                self.report.bytes_uploaded += done.map_err(task_err)??;
-                self.report.blobs_uploaded += 1;
+                self.stats.bytes_uploaded += done.map_err(task_err)??;
+                self.stats.blobs_uploaded += 1;
             }
         }
         Ok(())
@@ -160,7 +179,7 @@ impl BlobSink<'_> {
     async fn ensure_stored(&mut self, blob: &BlobRef) -> Result<bool, CairnError> {
         let key = keys::blob_key(&self.cp.cfg.tenant, self.db, blob);
         if self.cp.store.head(&key).await? == Some(blob.object_len()) {
-            self.report.blobs_reused += 1;
+            self.stats.blobs_reused += 1;
             return Ok(true);
         }
         let staged = self.scratch.dir().join(blob.name());
@@ -170,13 +189,30 @@ impl BlobSink<'_> {
         self.this_job.insert(blob.name(), *blob);
         self.drain_to(self.cp.cfg.upload_concurrency.saturating_sub(1))
             .await?;
-        let (store, blob) = (self.cp.store.clone(), *blob);
+        let from = Upload::Staged {
+            path: staged,
+            hold: None,
+        };
+        self.spawn_upload(key, *blob, from);
+        Ok(true)
+    }
+
+    /// Uploads `blob` in the background (the caller bounds how many are in flight).
+    fn spawn_upload(&mut self, key: String, blob: BlobRef, from: Upload) {
+        let store = self.cp.store.clone();
         self.in_flight.push(tokio::spawn(async move {
-            store.put_blob_file(&key, &staged, &blob).await?;
-            let _ = std::fs::remove_file(&staged);
+            match from {
+                Upload::Staged { path, hold } => {
+                    store.put_blob_file(&key, &path, &blob).await?;
+                    let _ = std::fs::remove_file(&path);
+                    drop(hold);
+                }
+                Upload::Range { path, offset } => {
+                    store.put_blob_range(&key, &path, offset, &blob).await?
+                }
+            }
             Ok(blob.object_len())
         }));
-        Ok(true)
     }
 
     /// Makes sure a payload with this content address is stored as a blob of `kind`:
@@ -196,7 +232,7 @@ impl BlobSink<'_> {
             .find_blob(tenant, self.db, kind, addr.crc64, addr.len, xxh3)?
         {
             BlobLookup::Found(b) => {
-                self.report.blobs_reused += 1;
+                self.stats.blobs_reused += 1;
                 return Ok(b);
             }
             BlobLookup::New { alias } => alias,
@@ -210,14 +246,14 @@ impl BlobSink<'_> {
         };
         let name = blob.name();
         if let Some(b) = self.this_job.get(&name) {
-            self.report.blobs_reused += 1;
+            self.stats.blobs_reused += 1;
             return Ok(*b);
         }
         self.this_job.insert(name, blob);
         let key = keys::blob_key(tenant, self.db, &blob);
         // An interrupted earlier attempt may have uploaded it already.
         if self.cp.store.head(&key).await? == Some(blob.object_len()) {
-            self.report.blobs_reused += 1;
+            self.stats.blobs_reused += 1;
             return Ok(blob);
         }
         self.drain_to(self.cp.cfg.upload_concurrency.saturating_sub(1))
@@ -228,11 +264,11 @@ impl BlobSink<'_> {
             // A sealed segment is immutable, so the file itself is as stable as a staged
             // copy: stream it straight to a remote store (verified while it streams; an
             // interrupted upload is redone from the file). See docs/decisions/0016.
-            let (store, path, offset) = (self.cp.store.clone(), path.clone(), *offset);
-            self.in_flight.push(tokio::spawn(async move {
-                store.put_blob_range(&key, &path, offset, &blob).await?;
-                Ok(blob.object_len())
-            }));
+            let from = Upload::Range {
+                path: path.clone(),
+                offset: *offset,
+            };
+            self.spawn_upload(key, blob, from);
             return Ok(blob);
         }
         let job = self.scratch.clone();
@@ -244,16 +280,11 @@ impl BlobSink<'_> {
         })
         .await
         .map_err(task_err)??;
-        let store: RemoteStore = self.cp.store.clone();
-        self.in_flight.push(tokio::spawn(async move {
-            store
-                .put_blob_file(&key, &staged.path, &staged.blob)
-                .await?;
-            let size = staged.blob.object_len();
-            let _ = std::fs::remove_file(&staged.path);
-            drop(staged);
-            Ok(size)
-        }));
+        let from = Upload::Staged {
+            path: staged.path.clone(),
+            hold: Some(staged),
+        };
+        self.spawn_upload(key, blob, from);
         Ok(blob)
     }
 }
@@ -381,7 +412,7 @@ impl Checkpointer {
             scratch: &scratch,
             in_flight: FuturesUnordered::new(),
             this_job: HashMap::new(),
-            report: CheckpointReport::default(),
+            stats: UploadStats::default(),
         };
         let (body, local_digests, chunks) = match &plan.body {
             PlanBody::Pages {
@@ -431,7 +462,7 @@ impl Checkpointer {
             }
         };
         sink.drain_to(0).await?;
-        let mut uploaded = std::mem::take(&mut sink.report);
+        let uploaded = std::mem::take(&mut sink.stats);
         drop(sink);
         self.check_cancel(job)?;
         rec.phase = Phase::Uploaded;
@@ -455,13 +486,13 @@ impl Checkpointer {
             chunks,
             job: Some((job.0, &record)),
         };
-        cairn_manifest::publish_with(&self.state, &self.store, &manifest, &local).await?;
+        let manifest_bytes =
+            cairn_manifest::publish_with(&self.state, &self.store, &manifest, &local).await?;
         let mut report = items.report(&tenant, &db, source.kind(), &plan, started);
         report.blobs_uploaded = uploaded.blobs_uploaded;
         report.blobs_reused = uploaded.blobs_reused;
-        report.manifest_bytes = manifest.encode().len() as u64;
-        uploaded.bytes_uploaded += report.manifest_bytes;
-        report.bytes_uploaded = uploaded.bytes_uploaded;
+        report.manifest_bytes = manifest_bytes;
+        report.bytes_uploaded = uploaded.bytes_uploaded + manifest_bytes;
         Ok(report)
     }
 
@@ -474,13 +505,15 @@ impl Checkpointer {
         plan: &CkptPlan,
     ) -> Result<bool, CairnError> {
         let key = keys::manifest_key(&self.cfg.tenant, db, Generation(plan.generation));
-        if self.store.head(&key).await?.is_none() {
-            return Ok(false);
-        }
-        let bytes = self
+        let bytes = match self
             .store
             .get_bytes_verified(&key, |b| Manifest::decode(&key, b).map(|_| ()))
-            .await?;
+            .await
+        {
+            Ok(b) => b,
+            Err(StoreError::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
         let m = Manifest::decode(&key, &bytes)?;
         if m.job.as_deref() != Some(rec.id.to_string().as_str()) {
             return Ok(false);
@@ -1197,7 +1230,7 @@ async fn segments_run(
         let i = i as u64;
         match action {
             SegmentAction::Reuse(e) => {
-                sink.report.blobs_reused += 1;
+                sink.stats.blobs_reused += 1;
                 segments.push(e.clone());
             }
             SegmentAction::Upload {

@@ -150,17 +150,16 @@ impl Checkpointer {
             return Err(CairnError::Task("not a restore job".into()));
         };
         // The generation is resolved once, so a resumed "latest" restore stays on it.
-        let g = match rec.generation {
-            Some(g) => g,
+        let m = match rec.generation {
+            Some(g) => self.manifest(&db, Some(Generation(g))).await?,
             None => {
                 let m = self.manifest(&db, generation.map(Generation)).await?;
                 rec.generation = Some(m.generation.0);
                 rec.phase = Phase::Planned;
                 self.save_job(rec, &[])?;
-                m.generation.0
+                m
             }
         };
-        let m = self.manifest(&db, Some(Generation(g))).await?;
         let mut report = self.restore_manifest(&m, &to, Some(rec)).await?;
         report.duration_ms = started.elapsed().as_millis() as u64;
         Ok(report)
