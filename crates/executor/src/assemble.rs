@@ -10,21 +10,12 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::ExecError;
+use crate::fsutil::{fsync_dir, fsync_parent, remove_if_exists};
 
 fn staging_path(target: &Path) -> PathBuf {
     let mut s = target.as_os_str().to_os_string();
     s.push(".cairn-restore");
     PathBuf::from(s)
-}
-
-fn fsync_parent(path: &Path) -> Result<(), ExecError> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    File::open(&parent)
-        .and_then(|d| d.sync_all())
-        .map_err(ExecError::io("fsync directory", &parent))
 }
 
 /// A restored file being assembled from pieces written at offsets.
@@ -158,9 +149,7 @@ impl DirAssembler {
 
     /// Fsyncs the directory's entries (before recording files in it as done).
     pub fn sync(&self) -> Result<(), ExecError> {
-        File::open(&self.tmp)
-            .and_then(|d| d.sync_all())
-            .map_err(ExecError::io("fsync restore directory", &self.tmp))
+        fsync_dir(&self.tmp)
     }
 
     /// Whether a file written earlier is there with `len` bytes (a resumed restore trusts
@@ -182,9 +171,7 @@ impl DirAssembler {
 
     /// Fsyncs the directory and moves it into place, replacing any previous target.
     pub fn commit(self) -> Result<PathBuf, ExecError> {
-        File::open(&self.tmp)
-            .and_then(|d| d.sync_all())
-            .map_err(ExecError::io("fsync restore directory", &self.tmp))?;
+        fsync_dir(&self.tmp)?;
         if self.target.exists() {
             std::fs::remove_dir_all(&self.target)
                 .map_err(ExecError::io("replace restore target", &self.target))?;
@@ -221,19 +208,5 @@ impl SegmentWriter {
 
 /// Removes what an abandoned restore to `target` left beside it (`<target>.cairn-restore`).
 pub fn discard_partial(target: &Path) -> Result<(), ExecError> {
-    let tmp = staging_path(target);
-    let result = if tmp.is_dir() {
-        std::fs::remove_dir_all(&tmp)
-    } else {
-        std::fs::remove_file(&tmp)
-    };
-    match result {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(ExecError::Io {
-            op: "remove partial restore",
-            path: tmp.display().to_string(),
-            source: e,
-        }),
-    }
+    remove_if_exists(&staging_path(target), "remove partial restore")
 }

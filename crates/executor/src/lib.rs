@@ -4,6 +4,7 @@
 
 pub mod assemble;
 pub mod error;
+mod fsutil;
 pub mod scratch;
 pub mod source;
 

@@ -19,6 +19,7 @@ use cairn_core::{BlobKind, BlobRef, JobId, PayloadHasher};
 use cairn_quota::{Budget, Reservation};
 
 use crate::error::ExecError;
+use crate::fsutil::{fsync_dir, remove_if_exists};
 use crate::source::read_range;
 
 /// The scratch root, `<state>/scratch`, with the byte budget staging draws from.
@@ -43,12 +44,6 @@ pub struct StagedBlob {
     /// The staged file (header + payload + footer).
     pub path: PathBuf,
     _reservation: Reservation,
-}
-
-fn fsync_dir(dir: &Path) -> Result<(), ExecError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(ExecError::io("fsync directory", dir))
 }
 
 impl Scratch {
@@ -79,16 +74,7 @@ impl Scratch {
 
     /// Deletes the scratch directory of `job` and everything in it.
     pub fn remove_job(&self, job: JobId) -> Result<(), ExecError> {
-        let dir = self.root.join(job.to_string());
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(ExecError::Io {
-                op: "remove job scratch",
-                path: dir.display().to_string(),
-                source: e,
-            }),
-        }
+        remove_if_exists(&self.root.join(job.to_string()), "remove job scratch")
     }
 
     /// Job directories present under the scratch root (for the janitor).
