@@ -1,4 +1,29 @@
-//! The error kinds shared by every crate that decodes Cairn's formats.
+//! The error kinds shared by every crate: [`ErrorClass`], the one typed answer to "retry
+//! this?", and [`CoreError`], the errors of decoding Cairn's formats.
+
+/// What a caller may do about an error, decided once where its cause is known and passed
+/// on unchanged by every layer above (each crate's error has a `class()` method).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    /// A passing condition (a timeout, a reset connection, a 5xx, throttling, a busy
+    /// database): the same operation may succeed if it is tried again later.
+    Transient,
+    /// The operation cannot succeed as asked (bad input, a missing object, a refusal, a
+    /// broken invariant): trying again gives the same answer.
+    Permanent,
+    /// Another writer published first. Repeating the same plan can never succeed; a new
+    /// plan on top of the winner's generation can.
+    Fenced,
+    /// Bytes failed their checksums even after the store's own re-reads: damage at rest.
+    Corrupt,
+}
+
+impl ErrorClass {
+    /// Whether retrying the same operation could succeed (only [`ErrorClass::Transient`]).
+    pub fn is_transient(self) -> bool {
+        self == ErrorClass::Transient
+    }
+}
 
 /// Errors raised while validating identifiers or decoding blobs and manifests.
 #[derive(Debug, thiserror::Error)]
@@ -42,11 +67,17 @@ pub enum CoreError {
 }
 
 impl CoreError {
-    /// Whether retrying the operation that produced this error could succeed.
-    ///
-    /// Decoding errors describe bytes, not a transient condition; a caller that read the
-    /// bytes from the network may still choose to read them again.
-    pub fn is_retryable(&self) -> bool {
-        false
+    /// Decoding errors describe bytes, not a passing condition: damaged bytes are
+    /// [`ErrorClass::Corrupt`], a bad name or an unknown version is permanent. (A caller
+    /// that read the bytes from the network re-reads them itself before it reports this.)
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            CoreError::CorruptBlob { .. } | CoreError::CorruptManifest { .. } => {
+                ErrorClass::Corrupt
+            }
+            CoreError::InvalidName { .. } | CoreError::UnsupportedVersion { .. } => {
+                ErrorClass::Permanent
+            }
+        }
     }
 }

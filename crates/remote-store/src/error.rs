@@ -1,6 +1,6 @@
 //! The remote store's error type.
 
-use cairn_core::CoreError;
+use cairn_core::{CoreError, ErrorClass};
 
 /// Errors from the object store seam. Every variant names the key, URL or path involved;
 /// none ever carries credentials.
@@ -132,26 +132,40 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Whether retrying the operation could succeed.
-    pub fn is_retryable(&self) -> bool {
+    /// What a caller may do about this error (see [`ErrorClass`]). A read that still fails
+    /// verification after the store's own re-reads is damage at rest, not a transient
+    /// failure.
+    pub fn class(&self) -> ErrorClass {
         match self {
-            StoreError::Backend { retryable, .. } => *retryable,
-            // A corrupt read may be a damaged transfer; reading again is worth a try.
-            StoreError::Corrupt(_) => true,
-            StoreError::Io { source, .. } => matches!(
-                source.kind(),
-                std::io::ErrorKind::Interrupted | std::io::ErrorKind::TimedOut
-            ),
+            StoreError::Backend { retryable, .. } => {
+                if *retryable {
+                    ErrorClass::Transient
+                } else {
+                    ErrorClass::Permanent
+                }
+            }
+            StoreError::Corrupt(_) => ErrorClass::Corrupt,
+            StoreError::Io { source, .. } => match source.kind() {
+                std::io::ErrorKind::Interrupted | std::io::ErrorKind::TimedOut => {
+                    ErrorClass::Transient
+                }
+                _ => ErrorClass::Permanent,
+            },
             // The cause was transient: a later attempt (a resumed job) may succeed.
-            StoreError::RetriesExhausted { last, .. } => last.is_retryable(),
+            StoreError::RetriesExhausted { last, .. } => last.class(),
             StoreError::BadUrl { .. }
             | StoreError::Config { .. }
             | StoreError::BadRange { .. }
             | StoreError::ConditionalCreateUnsupported { .. }
             | StoreError::NotFound { .. }
             | StoreError::AlreadyExists { .. }
-            | StoreError::WrongSize { .. } => false,
+            | StoreError::WrongSize { .. } => ErrorClass::Permanent,
         }
+    }
+
+    /// Whether retrying the same operation could succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.class().is_transient()
     }
 
     /// Whether the store refused an operation as unsupported by the backend (e.g. a
