@@ -185,10 +185,8 @@ async fn publish_with_bad_delta(
     m.parent = Some(m.generation);
     m.generation = m.generation.next();
     let dir = tempfile::tempdir().unwrap();
-    let side = cairn_manifest::StateDb::open(dir.path()).unwrap();
-    cairn_manifest::publish(&side, cp.store(), &m)
-        .await
-        .unwrap();
+    let side = cairn_state::StateDb::open(dir.path()).unwrap();
+    cairn_state::publish(&side, cp.store(), &m).await.unwrap();
     (m.generation, key)
 }
 

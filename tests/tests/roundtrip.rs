@@ -5,9 +5,9 @@
 use std::path::Path;
 
 use cairn_core::{keys, DbId, Generation};
-use cairn_manifest::ManifestError;
 use cairn_orchestrator::{CairnError, Checkpointer, Config, Env, Source};
 use cairn_remote_store::RemoteStore;
+use cairn_state::StateError;
 use cairn_tests::fixtures;
 use rand::SeedableRng;
 
@@ -259,7 +259,7 @@ async fn two_publishers_of_one_generation_exactly_one_wins() {
     let fenced: Vec<_> = results
         .iter()
         .filter_map(|r| r.as_ref().err())
-        .filter(|e| matches!(e, CairnError::Manifest(ManifestError::Fenced { .. })))
+        .filter(|e| matches!(e, CairnError::State(StateError::Fenced { .. })))
         .collect();
     assert_eq!(won.len(), 1, "exactly one publisher wins: {results:?}");
     assert_eq!(won[0].generation, 1);

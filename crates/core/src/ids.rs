@@ -114,14 +114,6 @@ num_id!(
     /// A log sequence number: for segment sources, a byte offset in the concatenated log.
     Lsn
 );
-num_id!(
-    /// A page number within a page source (0-based).
-    PageNo
-);
-num_id!(
-    /// The index of a fixed-size chunk within a page source (0-based).
-    ChunkId
-);
 
 impl Generation {
     /// The generation after this one.

@@ -17,7 +17,7 @@ pub mod manifest;
 pub use address::{BlobKind, BlobRef, ContentAddress, Digest128, PayloadHasher};
 pub use dirty::{DirtySet, DirtyTracker};
 pub use error::{CoreError, ErrorClass};
-pub use ids::{ChunkId, DbId, Generation, JobId, Lsn, PageNo, TenantId};
+pub use ids::{DbId, Generation, JobId, Lsn, TenantId};
 pub use manifest::{
     ChunkState, Manifest, ManifestBody, PagesState, SegmentEntry, SegmentsState, SourceKind,
 };

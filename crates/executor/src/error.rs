@@ -1,5 +1,7 @@
 //! The executor's error type.
 
+use cairn_core::ErrorClass;
+
 /// Errors from reading sources, staging blobs and assembling restored files.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
@@ -45,22 +47,28 @@ pub enum ExecError {
 }
 
 impl ExecError {
-    /// Whether retrying could succeed.
-    pub fn is_retryable(&self) -> bool {
+    /// What a caller may do about this error. Interrupted or timed-out I/O and a full
+    /// disk are transient (the condition may pass), as are a busy SQLite database and a
+    /// source that changed between two reads (a new attempt plans again); the rest is
+    /// permanent.
+    pub fn class(&self) -> ErrorClass {
         match self {
-            ExecError::Io { source, .. } => matches!(
-                source.kind(),
+            ExecError::Io { source, .. } => match source.kind() {
                 std::io::ErrorKind::Interrupted
-                    | std::io::ErrorKind::TimedOut
-                    | std::io::ErrorKind::WouldBlock
-            ),
-            ExecError::Sqlite { source, .. } => matches!(
-                source.sqlite_error_code(),
-                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
-            ),
-            ExecError::SourceChanged { .. } => true,
-            ExecError::Quota(q) => q.is_retryable(),
-            ExecError::BadSource { .. } => false,
+                | std::io::ErrorKind::TimedOut
+                | std::io::ErrorKind::WouldBlock
+                | std::io::ErrorKind::StorageFull => ErrorClass::Transient,
+                _ => ErrorClass::Permanent,
+            },
+            ExecError::Sqlite { source, .. } => match source.sqlite_error_code() {
+                Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                    ErrorClass::Transient
+                }
+                _ => ErrorClass::Permanent,
+            },
+            ExecError::SourceChanged { .. } => ErrorClass::Transient,
+            ExecError::Quota(q) => q.class(),
+            ExecError::BadSource { .. } => ErrorClass::Permanent,
         }
     }
 

@@ -12,6 +12,6 @@ pub use assemble::{DirAssembler, FileAssembler};
 pub use error::ExecError;
 pub use scratch::{JobScratch, Scratch, StagedBlob};
 pub use source::{
-    hash_range, list_segments, page_digest, read_pages, scan_chunk, sqlite_integrity_check,
-    sqlite_snapshot, ChunkScan, PageFile, SegmentFile,
+    hash_range, list_segments, page_digest, read_pages, scan_pages, sqlite_integrity_check,
+    sqlite_snapshot, PageFile, PageScan, SegmentFile,
 };

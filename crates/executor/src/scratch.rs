@@ -1,9 +1,11 @@
 //! Scratch space and staging.
 //!
 //! Contract: each job owns `<state>/scratch/<job>/`. A blob is staged by streaming its
-//! payload from the source through a fixed-size buffer into `<name>.partial` with the blob
-//! header in front and the CRC64-NVME footer behind, then fsynced and renamed to `<name>`
-//! (and the directory fsynced), so a file named after a blob is always complete.
+//! payload from the source through a fixed-size buffer into a `.partial` file with the blob
+//! header in front and the CRC64-NVME footer behind, hashing it (and, for page sources,
+//! digesting each page) on the way, so the source is read once; the file is then fsynced
+//! and renamed to the blob's name (and the directory fsynced), so a file named after a blob
+//! is always complete and holds exactly the bytes its name and digests describe.
 //!
 //! Crash: a crash leaves at most `*.partial` files, which [`Scratch::job`] deletes when the
 //! job's scratch is reopened, and complete staged blobs, which a resumed job reuses after
@@ -13,6 +15,8 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use cairn_core::blob::{encode_footer, encode_header};
 use cairn_core::{BlobKind, BlobRef, JobId, PayloadHasher};
@@ -20,7 +24,7 @@ use cairn_quota::{Budget, Reservation};
 
 use crate::error::ExecError;
 use crate::fsutil::{fsync_dir, remove_if_exists};
-use crate::source::read_range;
+use crate::source::{page_digest, read_range};
 
 /// The scratch root, `<state>/scratch`, with the byte budget staging draws from.
 #[derive(Clone, Debug)]
@@ -34,6 +38,8 @@ pub struct Scratch {
 pub struct JobScratch {
     dir: PathBuf,
     budget: Budget,
+    /// Numbers the `.partial` files of stagings in progress.
+    next_partial: Arc<AtomicU64>,
 }
 
 /// A complete, fsynced staged blob. Holds its share of the scratch budget until dropped.
@@ -44,6 +50,27 @@ pub struct StagedBlob {
     /// The staged file (header + payload + footer).
     pub path: PathBuf,
     _reservation: Reservation,
+}
+
+impl StagedBlob {
+    /// Renames the staged file for `alias` (a payload that shares its CRC64 and length
+    /// with another, already stored one).
+    pub fn set_alias(&mut self, alias: u32) -> Result<(), ExecError> {
+        if alias == self.blob.alias {
+            return Ok(());
+        }
+        self.blob.alias = alias;
+        let path = self.path.with_file_name(self.blob.name());
+        std::fs::rename(&self.path, &path).map_err(ExecError::io("rename staged file", &path))?;
+        self.path = path;
+        Ok(())
+    }
+
+    /// Deletes the staged file (its blob turned out to be stored already) and gives its
+    /// scratch space back.
+    pub fn discard(self) -> Result<(), ExecError> {
+        remove_if_exists(&self.path, "remove staged file")
+    }
 }
 
 impl Scratch {
@@ -69,7 +96,11 @@ impl Scratch {
             }
         }
         let budget = self.budget.child(format!("job:{job}"), self.budget.limit());
-        Ok(JobScratch { dir, budget })
+        Ok(JobScratch {
+            dir,
+            budget,
+            next_partial: Arc::new(AtomicU64::new(0)),
+        })
     }
 
     /// Deletes the scratch directory of `job` and everything in it.
@@ -104,9 +135,9 @@ impl JobScratch {
         &self.dir
     }
 
-    /// Stages `len` bytes of `src` at `offset` as a blob of `kind`. When `expect` is given
-    /// (from an earlier hashing pass), the staged payload must have exactly those digests,
-    /// otherwise the source changed underneath and the staging fails.
+    /// Stages `len` bytes of `src` at `offset` as a blob of `kind`, in one read of the
+    /// source that also computes its content address and, with `page_size`, one digest per
+    /// page (returned; empty without it). The blob gets alias 0 ([`StagedBlob::set_alias`]).
     pub fn stage_range(
         &self,
         kind: BlobKind,
@@ -114,17 +145,13 @@ impl JobScratch {
         src_path: &Path,
         offset: u64,
         len: u64,
-        expect: Option<&BlobRef>,
-    ) -> Result<StagedBlob, ExecError> {
+        page_size: Option<u32>,
+    ) -> Result<(StagedBlob, Vec<u128>), ExecError> {
         let object_len =
             cairn_core::blob::HEADER_LEN as u64 + len + cairn_core::blob::FOOTER_LEN as u64;
         let reservation = self.budget.try_reserve(object_len)?;
-        let partial = match expect {
-            Some(b) => self.dir.join(format!("{}.partial", b.name())),
-            None => self
-                .dir
-                .join(format!("{}-{offset:x}.partial", kind.as_str())),
-        };
+        let n = self.next_partial.fetch_add(1, Ordering::Relaxed);
+        let partial = self.dir.join(format!("staging-{n}.partial"));
         let mut out = OpenOptions::new()
             .write(true)
             .create(true)
@@ -132,13 +159,23 @@ impl JobScratch {
             .open(&partial)
             .map_err(ExecError::io("create staged file", &partial))?;
         let mut hasher = PayloadHasher::new();
+        let mut digests = Vec::new();
         out.write_all(&encode_header(kind, len))
             .map_err(ExecError::io("write staged file", &partial))?;
-        read_range(src, src_path, offset, len, |piece| {
+        let staged = read_range(src, src_path, offset, len, |piece| {
             hasher.update(piece);
+            if let Some(ps) = page_size {
+                // IO_BUF is a multiple of every supported page size: pieces hold whole pages.
+                digests.extend(piece.chunks(ps as usize).map(page_digest));
+            }
             out.write_all(piece)
                 .map_err(ExecError::io("write staged file", &partial))
-        })?;
+        });
+        if let Err(e) = staged {
+            drop(out);
+            let _ = std::fs::remove_file(&partial);
+            return Err(e);
+        }
         let (addr, xxh3) = hasher.finish();
         out.write_all(&encode_footer(addr.crc64))
             .map_err(ExecError::io("write staged file", &partial))?;
@@ -150,25 +187,17 @@ impl JobScratch {
             crc64: addr.crc64,
             len: addr.len,
             xxh3,
-            alias: expect.map_or(0, |b| b.alias),
+            alias: 0,
         };
-        if let Some(e) = expect {
-            if !e.same_payload(&blob) {
-                let _ = std::fs::remove_file(&partial);
-                return Err(ExecError::SourceChanged {
-                    path: src_path.display().to_string(),
-                    detail: format!("bytes {offset}..{} differ between two reads", offset + len),
-                });
-            }
-        }
         let path = self.dir.join(blob.name());
         std::fs::rename(&partial, &path).map_err(ExecError::io("rename staged file", &path))?;
         fsync_dir(&self.dir)?;
-        Ok(StagedBlob {
+        let staged = StagedBlob {
             blob,
             path,
             _reservation: reservation,
-        })
+        };
+        Ok((staged, digests))
     }
 
     /// Stages an in-memory payload (small blobs such as deltas).
@@ -218,34 +247,50 @@ mod tests {
         std::fs::write(job.dir().join("junk.partial"), b"x").unwrap();
         let job = scratch.job(JobId(1)).unwrap();
         assert!(!job.dir().join("junk.partial").exists());
-        let staged = job
-            .stage_range(BlobKind::Base, &src, &src_path, 1000, 2_000_000, None)
+        let (staged, digests) = job
+            .stage_range(BlobKind::Base, &src, &src_path, 4096, 2_048_000, Some(4096))
             .unwrap();
         let obj = std::fs::read(&staged.path).unwrap();
         let (payload, _) = decode_blob("t", &obj, Some(staged.blob)).unwrap();
-        assert_eq!(payload, &data[1000..2_001_000]);
+        assert_eq!(payload, &data[4096..4096 + 2_048_000]);
+        assert_eq!(digests.len(), 500);
+        assert_eq!(digests[3], page_digest(&data[4 * 4096..5 * 4096]));
+        let mut staged = staged;
+        staged.set_alias(2).unwrap();
+        assert!(staged.path.ends_with(staged.blob.name()) && staged.blob.name().ends_with("-2"));
+        assert!(staged.path.is_file());
+        let path = staged.path.clone();
+        staged.discard().unwrap();
+        assert!(!path.exists());
         assert_eq!(scratch.jobs().unwrap(), vec![JobId(1)]);
         scratch.remove_job(JobId(1)).unwrap();
         assert!(scratch.jobs().unwrap().is_empty());
     }
 
     #[test]
-    fn changed_source_is_detected_and_budget_enforced() {
+    fn a_source_that_shrinks_while_staged_fails_and_the_budget_is_enforced() {
         let dir = tempfile::tempdir().unwrap();
         let src_path = dir.path().join("src");
         std::fs::write(&src_path, vec![1u8; 8192]).unwrap();
         let src = File::open(&src_path).unwrap();
         let scratch = Scratch::open(&dir.path().join("s"), Budget::root("global", 10_000)).unwrap();
         let job = scratch.job(JobId(2)).unwrap();
-        let first = job
+        let (first, _) = job
             .stage_range(BlobKind::Base, &src, &src_path, 0, 4096, None)
             .unwrap();
-        let mut wrong = first.blob;
-        wrong.crc64 ^= 1;
+        std::fs::write(&src_path, vec![1u8; 2048]).unwrap();
         let err = job
-            .stage_range(BlobKind::Base, &src, &src_path, 4096, 4096, Some(&wrong))
+            .stage_range(BlobKind::Base, &src, &src_path, 0, 4096, None)
             .unwrap_err();
         assert!(matches!(err, ExecError::SourceChanged { .. }), "{err}");
+        assert!(
+            std::fs::read_dir(job.dir()).unwrap().all(|e| !e
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".partial")),
+            "a failed staging leaves no partial file"
+        );
         let _hold = first;
         let err = job
             .stage_range(BlobKind::Base, &src, &src_path, 0, 8192, None)

@@ -236,40 +236,55 @@ pub fn page_digest(page: &[u8]) -> u128 {
     xxhash_rust::xxh3::xxh3_128(page)
 }
 
-/// What one read of a chunk found.
+/// What one read of a chunk found, against the page digests of its previous state.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ChunkScan {
-    /// One digest per page.
+pub struct PageScan {
+    /// One digest per page of the chunk now.
     pub digests: Vec<u128>,
-    /// Content address and confirming digest of the whole chunk, if asked for.
-    pub whole: Option<(ContentAddress, Digest128)>,
+    /// Pages whose digest differs from the previous one (or that had none), ascending.
+    pub changed: Vec<u32>,
+    /// The changed pages' bytes in `changed` order, if there were at most `capture` of
+    /// them; `None` once more changed (the chunk will be rewritten, not patched).
+    pub captured: Option<Vec<u8>>,
 }
 
-/// Reads a chunk once, computing every page's digest and, with `whole`, the chunk's
-/// content address. `len` must be a multiple of `page_size`.
-pub fn scan_chunk(
+/// Reads a chunk once, computing every page's digest, comparing it with `known` (the
+/// digests of the chunk's previous state) and keeping the bytes of up to `capture` changed
+/// pages, so a delta needs no second read. `len` must be a multiple of `page_size`.
+pub fn scan_pages(
     file: &File,
     path: &Path,
     offset: u64,
     len: u64,
     page_size: u32,
-    whole: bool,
-) -> Result<ChunkScan, ExecError> {
+    known: &[u128],
+    capture: usize,
+) -> Result<PageScan, ExecError> {
     let ps = page_size as usize;
-    let mut digests = Vec::with_capacity(usize::try_from(len / u64::from(page_size)).unwrap_or(0));
-    let mut hasher = whole.then(PayloadHasher::new);
+    let pages = usize::try_from(len / u64::from(page_size)).unwrap_or(0);
+    let mut scan = PageScan {
+        digests: Vec::with_capacity(pages),
+        changed: Vec::new(),
+        captured: Some(Vec::new()),
+    };
     // IO_BUF is a multiple of every supported page size, so pieces hold whole pages.
     read_range(file, path, offset, len, |piece| {
-        if let Some(h) = hasher.as_mut() {
-            h.update(piece);
+        for page in piece.chunks(ps) {
+            let index = scan.digests.len();
+            let d = page_digest(page);
+            if known.get(index) != Some(&d) {
+                scan.changed.push(u32::try_from(index).unwrap_or(u32::MAX));
+                if scan.changed.len() > capture {
+                    scan.captured = None;
+                } else if let Some(c) = scan.captured.as_mut() {
+                    c.extend_from_slice(page);
+                }
+            }
+            scan.digests.push(d);
         }
-        digests.extend(piece.chunks(ps).map(page_digest));
         Ok(())
     })?;
-    Ok(ChunkScan {
-        digests,
-        whole: hasher.map(|h| h.finish()),
-    })
+    Ok(scan)
 }
 
 /// Reads the given pages (numbers within the chunk at `chunk_offset`, ascending) and
@@ -304,24 +319,48 @@ mod tests {
     use super::*;
 
     #[test]
-    fn scan_and_read_pages_agree() {
+    fn scan_finds_changed_pages_and_reads_them_once() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
-        let data: Vec<u8> = (0..(3 << 20) + 8192)
+        let mut data: Vec<u8> = (0..(3 << 20) + 8192)
             .map(|i| (i % 241) as u8 ^ (i >> 12) as u8)
             .collect();
         std::fs::write(&p, &data).unwrap();
         let f = File::open(&p).unwrap();
         let off = 4096 * 3;
         let len = (data.len() - off) as u64;
-        let s = scan_chunk(&f, &p, off as u64, len, 4096, true).unwrap();
-        assert_eq!(s.digests.len() as u64, len / 4096);
+        let first = scan_pages(&f, &p, off as u64, len, 4096, &[], 0).unwrap();
+        assert_eq!(first.digests.len() as u64, len / 4096);
         assert_eq!(
-            s.digests[5],
+            first.changed.len(),
+            first.digests.len(),
+            "no known digests: all changed"
+        );
+        assert_eq!(
+            first.captured, None,
+            "more than 0 changed: nothing captured"
+        );
+        assert_eq!(
+            first.digests[5],
             page_digest(&data[off + 5 * 4096..off + 6 * 4096])
         );
-        let (addr, _) = s.whole.unwrap();
-        assert_eq!(addr.crc64, cairn_core::address::crc64(&data[off..]));
+        for pg in [1usize, 9, 700] {
+            data[off + pg * 4096 + 17] ^= 0xff;
+        }
+        std::fs::write(&p, &data).unwrap();
+        let again = scan_pages(&f, &p, off as u64, len, 4096, &first.digests, 3).unwrap();
+        assert_eq!(again.changed, vec![1, 9, 700]);
+        let want: Vec<u8> = [1usize, 9, 700]
+            .iter()
+            .flat_map(|pg| data[off + pg * 4096..off + (pg + 1) * 4096].to_vec())
+            .collect();
+        assert_eq!(again.captured.as_deref(), Some(&want[..]));
+        assert_eq!(
+            read_pages(&f, &p, off as u64, 4096, &[1, 9, 700]).unwrap(),
+            want
+        );
+        let over = scan_pages(&f, &p, off as u64, len, 4096, &first.digests, 2).unwrap();
+        assert_eq!((over.changed.len(), over.captured), (3, None));
         let got = read_pages(&f, &p, off as u64, 4096, &[0, 1, 2, 9, 700]).unwrap();
         let want: Vec<u8> = [0usize, 1, 2, 9, 700]
             .iter()

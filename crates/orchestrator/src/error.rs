@@ -1,10 +1,10 @@
 //! The orchestrator's error type.
 
-use cairn_core::{CoreError, DbId, Generation, TenantId};
+use cairn_core::{CoreError, DbId, ErrorClass, Generation, TenantId};
 use cairn_executor::ExecError;
-use cairn_manifest::ManifestError;
 use cairn_planner::PlanError;
 use cairn_remote_store::StoreError;
+use cairn_state::StateError;
 
 /// Errors of the `Checkpointer` facade. Each names the database, generation, path or key.
 #[derive(Debug, thiserror::Error)]
@@ -62,26 +62,12 @@ pub enum CairnError {
         #[source]
         source: PlanError,
     },
-    /// Verification found damage.
-    #[error("verify of {tenant}/{db} generation {generation} found {count} bad blob(s): {first}")]
-    VerifyFailed {
-        /// Tenant.
-        tenant: TenantId,
-        /// Database.
-        db: DbId,
-        /// Generation.
-        generation: Generation,
-        /// Number of problems.
-        count: usize,
-        /// The first problem.
-        first: String,
-    },
     /// Source reading, staging or assembling failed.
     #[error(transparent)]
     Exec(#[from] ExecError),
     /// Local state or publishing failed.
     #[error(transparent)]
-    Manifest(#[from] ManifestError),
+    State(#[from] StateError),
     /// The object store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -108,31 +94,96 @@ pub enum CairnError {
         /// The job.
         job: String,
     },
-    /// A background task failed.
-    #[error("internal task failed: {0}")]
-    Task(String),
+    /// A job's record or one of its items cannot be read back.
+    #[error("job {job}: unreadable {item}: {reason}")]
+    CorruptJob {
+        /// The job.
+        job: String,
+        /// Which record or item.
+        item: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A job record or item cannot be encoded.
+    #[error("job {job}: cannot encode {item}: {source}")]
+    Encode {
+        /// The job.
+        job: String,
+        /// Which record or item.
+        item: &'static str,
+        /// The underlying error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A blocking task of a job panicked or was cancelled with its runtime.
+    #[error("job {job}: {what} did not finish: {source}")]
+    Join {
+        /// The job.
+        job: String,
+        /// The task.
+        what: &'static str,
+        /// The underlying error.
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    /// A checkpoint's plan builds on a generation the local state does not hold.
+    #[error("job {job}: parent generation {generation} of {tenant}/{db} is not recorded in this state directory")]
+    ParentMissing {
+        /// The job.
+        job: String,
+        /// Tenant.
+        tenant: TenantId,
+        /// Database.
+        db: DbId,
+        /// The parent generation.
+        generation: Generation,
+    },
+    /// A checkpoint reached publication without a record for one of its chunks.
+    #[error("job {job}: chunk {chunk} was never recorded; the job cannot publish")]
+    ChunkNotRecorded {
+        /// The job.
+        job: String,
+        /// The chunk index.
+        chunk: u64,
+    },
+    /// A job produced an outcome of another kind than it was enqueued for.
+    #[error("job {job} was enqueued as a {expected} but produced another outcome")]
+    UnexpectedOutcome {
+        /// The job.
+        job: String,
+        /// The kind expected.
+        expected: &'static str,
+    },
 }
 
 impl CairnError {
-    /// Whether retrying the whole operation could succeed.
-    pub fn is_retryable(&self) -> bool {
+    /// What a caller may do about this error, as decided where its cause is known. Only
+    /// [`ErrorClass::Transient`] errors are retried (by the job runner).
+    pub fn class(&self) -> ErrorClass {
         match self {
-            CairnError::Exec(e) => e.is_retryable(),
-            CairnError::Manifest(e) => e.is_retryable(),
-            // A read that still fails verification after the store's own re-reads is damage.
-            CairnError::Store(StoreError::Corrupt(_)) => false,
-            CairnError::Store(e) => e.is_retryable(),
-            CairnError::Core(e) => e.is_retryable(),
-            CairnError::Task(_) => true,
-            CairnError::Cancelled { .. }
-            | CairnError::JobEnded { .. }
-            | CairnError::UnknownJob { .. } => false,
+            CairnError::Exec(e) => e.class(),
+            CairnError::State(e) => e.class(),
+            CairnError::Store(e) => e.class(),
+            CairnError::Core(e) => e.class(),
+            CairnError::CorruptJob { .. } => ErrorClass::Corrupt,
             CairnError::Config { .. }
             | CairnError::UnknownDb { .. }
             | CairnError::UnknownGeneration { .. }
             | CairnError::KindMismatch { .. }
             | CairnError::Plan { .. }
-            | CairnError::VerifyFailed { .. } => false,
+            | CairnError::Cancelled { .. }
+            | CairnError::JobEnded { .. }
+            | CairnError::UnknownJob { .. }
+            | CairnError::Encode { .. }
+            | CairnError::Join { .. }
+            | CairnError::ParentMissing { .. }
+            | CairnError::ChunkNotRecorded { .. }
+            | CairnError::UnexpectedOutcome { .. } => ErrorClass::Permanent,
         }
+    }
+
+    /// Whether retrying the same operation could succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.class().is_transient()
     }
 }

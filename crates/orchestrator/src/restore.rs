@@ -1,5 +1,15 @@
 //! Restoring a generation: parallel verified reads assembled beside the target, then one
 //! rename over it.
+//!
+//! Contract: a restore writes exactly the bytes of the published generation to its target,
+//! or leaves the target untouched: everything is assembled in `<target>.cairn-restore`
+//! and renamed over the target only when complete and synced. Every blob is verified end to
+//! end while it is read, and each delta is checked against its chunk, base and page size
+//! before it is applied. Crash: each finished chunk or segment is synced and then recorded
+//! as a job item, so a resumed restore reopens the partial file and skips what is recorded;
+//! a crash before the rename leaves only the partial file (deleted when the job fails or is
+//! cancelled). Retries: the store retries requests and re-reads damaged transfers.
+//! Cancellation: checked after each restored chunk or segment.
 
 use std::path::Path;
 use std::time::Instant;
@@ -15,7 +25,7 @@ use cairn_remote_store::RemoteStore;
 use futures::stream::{self, StreamExt};
 use serde::Serialize;
 
-use crate::jobs::{JobRecord, JobSpec, Phase, Progress};
+use crate::queue::{Item, Job, JobSpec, Phase, Progress};
 use crate::{CairnError, Checkpointer, JobOutcome};
 
 /// What a restore did.
@@ -137,30 +147,37 @@ impl Checkpointer {
         })?;
         match self.run_job(id).await? {
             JobOutcome::Restore(r) => Ok(r),
-            other => Err(CairnError::Task(format!("restore job returned {other:?}"))),
+            _ => Err(CairnError::UnexpectedOutcome {
+                job: id.to_string(),
+                expected: "restore",
+            }),
         }
     }
 
     pub(crate) async fn run_restore(
         &self,
-        rec: &mut JobRecord,
+        job: &mut Job<'_>,
+        db: &DbId,
+        generation: Option<u64>,
+        to: &Path,
     ) -> Result<RestoreReport, CairnError> {
         let started = Instant::now();
-        let JobSpec::Restore { db, generation, to } = rec.spec.clone() else {
-            return Err(CairnError::Task("not a restore job".into()));
-        };
         // The generation is resolved once, so a resumed "latest" restore stays on it.
-        let m = match rec.generation {
-            Some(g) => self.manifest(&db, Some(Generation(g))).await?,
+        let m = match job.rec().generation {
+            Some(g) => self.manifest(db, Some(Generation(g))).await?,
             None => {
-                let m = self.manifest(&db, generation.map(Generation)).await?;
-                rec.generation = Some(m.generation.0);
-                rec.phase = Phase::Planned;
-                self.save_job(rec, &[])?;
+                let m = self.manifest(db, generation.map(Generation)).await?;
+                job.update(
+                    |r| {
+                        r.generation = Some(m.generation.0);
+                        r.phase = Phase::Planned;
+                    },
+                    &[],
+                )?;
                 m
             }
         };
-        let mut report = self.restore_manifest(&m, &to, Some(rec)).await?;
+        let mut report = self.restore_manifest(&m, to, Some(job)).await?;
         report.duration_ms = started.elapsed().as_millis() as u64;
         Ok(report)
     }
@@ -171,7 +188,7 @@ impl Checkpointer {
         &self,
         m: &Manifest,
         to: &Path,
-        mut job: Option<&mut JobRecord>,
+        mut job: Option<&mut Job<'_>>,
     ) -> Result<RestoreReport, CairnError> {
         let (tenant, db) = (&m.tenant, &m.db);
         let concurrency = self.cfg.download_concurrency;
@@ -182,17 +199,10 @@ impl Checkpointer {
             path: to.display().to_string(),
             ..Default::default()
         };
-        let mut done: BTreeSet<u64> = BTreeSet::new();
-        if let Some(rec) = job.as_deref() {
-            for (k, _) in self.state.job_items(rec.id.0)? {
-                if let Some(i) = k
-                    .strip_prefix(b"r")
-                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                {
-                    done.insert(u64::from_be_bytes(i));
-                }
-            }
-        }
+        let mut done: BTreeSet<u64> = match job.as_deref() {
+            Some(j) => j.items()?.restored,
+            None => BTreeSet::new(),
+        };
         let (units, bytes_total): (u64, u64) = match &m.body {
             ManifestBody::Pages(p) => (p.chunks.len() as u64, p.len),
             ManifestBody::Segments(s) => (
@@ -202,12 +212,15 @@ impl Checkpointer {
         };
         macro_rules! record_done {
             ($index:expr, $bytes:expr) => {
-                if let Some(rec) = job.as_deref_mut() {
-                    self.check_cancel(rec.id)?;
-                    rec.progress.done += 1;
-                    rec.progress.bytes_done += $bytes;
-                    let key = [&b"r"[..], &$index.to_be_bytes()].concat();
-                    self.save_job(rec, &[(&key, Some(&b""[..]))])?;
+                if let Some(j) = job.as_deref_mut() {
+                    self.check_cancel(j.id())?;
+                    j.update(
+                        |r| {
+                            r.progress.done += 1;
+                            r.progress.bytes_done += $bytes;
+                        },
+                        &[Item::Restored($index)],
+                    )?;
                 }
             };
         }
@@ -314,52 +327,46 @@ impl Checkpointer {
                 report.bytes_written = bytes_total;
             }
         }
-        if let Some(rec) = job {
-            rec.phase = Phase::Committed;
-            self.save_job(rec, &[])?;
+        if let Some(j) = job {
+            j.update(|r| r.phase = Phase::Committed, &[])?;
         }
         Ok(report)
     }
 
-    fn mark_written(&self, job: &mut Option<&mut JobRecord>) -> Result<(), CairnError> {
-        if let Some(rec) = job.as_deref_mut() {
-            rec.phase = Phase::Written;
-            self.save_job(rec, &[])?;
+    fn mark_written(&self, job: &mut Option<&mut Job<'_>>) -> Result<(), CairnError> {
+        if let Some(j) = job.as_deref_mut() {
+            j.update(|r| r.phase = Phase::Written, &[])?;
         }
         Ok(())
     }
 
     fn start_restore_progress(
         &self,
-        job: &mut Option<&mut JobRecord>,
+        job: &mut Option<&mut Job<'_>>,
         units: u64,
         bytes_total: u64,
         done: &BTreeSet<u64>,
         len_of: impl Fn(u64) -> u64,
     ) -> Result<(), CairnError> {
-        if let Some(rec) = job.as_deref_mut() {
-            rec.progress = Progress {
-                done: done.len() as u64,
-                total: units,
-                bytes_done: done.iter().map(|i| len_of(*i)).sum(),
-                bytes_total,
-            };
-            if done.is_empty() {
-                // A fresh assembly: forget progress recorded against an older file.
-                let stale: Vec<Vec<u8>> = self
-                    .state
-                    .job_items(rec.id.0)?
-                    .into_iter()
-                    .map(|(k, _)| k)
-                    .filter(|k| k.first() == Some(&b'r'))
-                    .collect();
-                let deletes: Vec<(&[u8], Option<&[u8]>)> =
-                    stale.iter().map(|k| (k.as_slice(), None)).collect();
-                self.save_job(rec, &deletes)?;
-            } else {
-                self.save_job(rec, &[])?;
-            }
-        }
-        Ok(())
+        let Some(j) = job.as_deref_mut() else {
+            return Ok(());
+        };
+        let progress = Progress {
+            done: done.len() as u64,
+            total: units,
+            bytes_done: done.iter().map(|i| len_of(*i)).sum(),
+            bytes_total,
+        };
+        // A fresh assembly forgets progress recorded against an older file.
+        let stale: Vec<Item<'_>> = if done.is_empty() {
+            j.items()?
+                .restored
+                .into_iter()
+                .map(|i| Item::Delete(cairn_state::ItemKey::Restored(i)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        j.update(|r| r.progress = progress, &stale)
     }
 }

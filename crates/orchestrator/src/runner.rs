@@ -1,11 +1,26 @@
-//! Running, resuming and cancelling jobs (see [`crate::jobs`] for the contract).
+//! Running and resuming jobs.
+//!
+//! Contract: [`Checkpointer::run_job`] runs a queued (or orphaned running) job to its end.
+//! An attempt that fails with a [`cairn_core::ErrorClass::Transient`] error sends the job
+//! back to `queued` with an exponential backoff with jitter, up to
+//! [`crate::queue::MAX_ATTEMPTS`]; any other error (permanent, fenced, corrupt) fails it
+//! at once. A job that will not run again gives up its scratch, its items and, for a
+//! restore, the partial target beside the destination.
+//!
+//! Crash: every transition is one synced batch of the job's record (see
+//! [`crate::queue`]), and each start counts as an attempt before the work begins, so a job
+//! that keeps killing its process is failed after [`crate::queue::MAX_STARTS`] starts
+//! instead of being resumed forever. A checkpoint is recorded as `cleaned`/`succeeded`
+//! before its scratch goes: a crash in between leaves only garbage for the janitor, never a
+//! job that would publish again. Cancellation: see [`Checkpointer::cancel`]; uploads in
+//! flight when an attempt ends are aborted with it.
 
 use std::sync::atomic::Ordering;
 
 use cairn_core::JobId;
 use serde::Serialize;
 
-use crate::jobs::{self, backoff_ms, JobRecord, JobSpec, JobState, Phase, Progress, MAX_ATTEMPTS};
+use crate::queue::{backoff_ms, Job, JobSpec, JobState, Phase, MAX_ATTEMPTS, MAX_STARTS};
 use crate::{CairnError, CheckpointReport, Checkpointer, RestoreReport, VerifyReport};
 
 /// What a finished job produced.
@@ -21,104 +36,40 @@ pub enum JobOutcome {
 }
 
 impl Checkpointer {
-    /// Persists a new job; it runs when [`Checkpointer::run_job`] or
-    /// [`Checkpointer::resume`] is called.
-    pub fn enqueue(&self, spec: JobSpec) -> Result<JobId, CairnError> {
-        let now = self.env.clock.now_unix_ms();
-        let mut rec = JobRecord {
-            id: JobId(self.env.next_u64()),
-            seq: self.state.next_counter("jobs")?,
-            tenant: self.cfg.tenant.clone(),
-            spec,
-            state: JobState::Queued,
-            phase: Phase::New,
-            attempts: 0,
-            last_error: None,
-            not_before_ms: 0,
-            created_ms: now,
-            updated_ms: now,
-            owner: None,
-            progress: Progress::default(),
-            generation: None,
-            result: None,
-        };
-        self.save_job(&mut rec, &[])?;
-        Ok(rec.id)
-    }
-
-    /// A job's record.
-    pub fn job(&self, id: JobId) -> Result<JobRecord, CairnError> {
-        match self.state.job(id.0)? {
-            Some(b) => JobRecord::decode(id.0, &b),
-            None => Err(CairnError::UnknownJob {
-                job: id.to_string(),
-            }),
-        }
-    }
-
-    /// Every job recorded in this state directory, oldest first.
-    pub fn jobs(&self) -> Result<Vec<JobRecord>, CairnError> {
-        let mut out = self
-            .state
-            .jobs()?
-            .into_iter()
-            .map(|(id, b)| JobRecord::decode(id, &b))
-            .collect::<Result<Vec<_>, _>>()?;
-        out.sort_by_key(|r| r.seq);
-        Ok(out)
-    }
-
-    pub(crate) fn save_job(
-        &self,
-        rec: &mut JobRecord,
-        items: &[(&[u8], Option<&[u8]>)],
-    ) -> Result<(), CairnError> {
-        rec.updated_ms = self.env.clock.now_unix_ms();
-        self.state.put_job(rec.id.0, &rec.encode()?, items)?;
-        Ok(())
-    }
-
-    /// Asks a job to stop at its next safe point. A queued job is cancelled at once.
-    pub fn cancel(&self, id: JobId) -> Result<(), CairnError> {
-        let mut rec = self.job(id)?;
-        self.cancels.cancel(id);
-        if rec.state == JobState::Queued && rec.phase == Phase::New {
-            rec.state = JobState::Cancelled;
-            self.save_job(&mut rec, &[])?;
-            self.cancels.forget(id);
-        }
-        Ok(())
-    }
-
-    pub(crate) fn check_cancel(&self, id: JobId) -> Result<(), CairnError> {
-        if self.cancels.flag(id).load(Ordering::SeqCst) {
-            Err(CairnError::Cancelled {
-                job: id.to_string(),
-            })
-        } else {
-            Ok(())
-        }
-    }
-
     fn release_job(&self, id: JobId) -> Result<(), CairnError> {
         self.scratch.remove_job(id)?;
-        self.state.delete_job(id.0, false)?;
+        self.state.delete_job(id, false)?;
         Ok(())
     }
 
     /// A job that will not run again gives up its scratch, its items and, for a restore,
     /// the partial file or directory beside the target.
-    fn abandon_job(&self, rec: &JobRecord) -> Result<(), CairnError> {
-        if let JobSpec::Restore { to, .. } = &rec.spec {
+    fn abandon_job(&self, job: &Job<'_>) -> Result<(), CairnError> {
+        if let JobSpec::Restore { to, .. } = &job.rec().spec {
             cairn_executor::assemble::discard_partial(to)?;
         }
-        self.release_job(rec.id)
+        self.release_job(job.id())
     }
 
-    /// Runs (or resumes) a job to its end, retrying retryable failures with backoff.
+    /// Ends a job that will not run again with `state`, keeping `error` as its last one.
+    fn end_job(&self, mut job: Job<'_>, state: JobState, error: String) -> Result<(), CairnError> {
+        job.update(
+            |r| {
+                r.state = state;
+                r.last_error = Some(error);
+            },
+            &[],
+        )?;
+        self.abandon_job(&job)?;
+        self.cancels.forget(job.id());
+        Ok(())
+    }
+
+    /// Runs (or resumes) a job to its end, retrying transient failures with backoff.
     pub async fn run_job(&self, id: JobId) -> Result<JobOutcome, CairnError> {
         loop {
-            let mut rec = self.job(id)?;
+            let mut job = self.job_handle(id)?;
+            let rec = job.rec();
             if !rec.state.is_unfinished() {
                 self.cancels.forget(id);
                 return Err(CairnError::JobEnded {
@@ -126,82 +77,92 @@ impl Checkpointer {
                     state: format!("{:?}", rec.state).to_lowercase(),
                 });
             }
-            if rec.attempts >= jobs::MAX_STARTS {
+            if rec.attempts >= MAX_STARTS {
                 // Each start that never ended (the process died) counted; stop retrying.
-                rec.state = JobState::Failed;
-                rec.last_error = Some(format!(
+                let error = format!(
                     "gave up after {} starts without finishing (last error: {})",
                     rec.attempts,
                     rec.last_error.as_deref().unwrap_or("none recorded")
-                ));
-                self.save_job(&mut rec, &[])?;
-                self.abandon_job(&rec)?;
-                self.cancels.forget(id);
+                );
+                self.end_job(job, JobState::Failed, error)?;
                 return Err(CairnError::JobEnded {
                     job: id.to_string(),
                     state: "failed".into(),
                 });
             }
-            let now = self.env.clock.now_unix_ms();
+            let now = self.env.now_ms();
             if rec.not_before_ms > now {
                 tokio::time::sleep(std::time::Duration::from_millis(rec.not_before_ms - now)).await;
             }
-            rec.state = JobState::Running;
-            rec.attempts += 1;
-            rec.owner = Some(std::process::id());
-            self.save_job(&mut rec, &[])?;
-            let result = match rec.spec.clone() {
-                JobSpec::Checkpoint { .. } => self
-                    .run_checkpoint(&mut rec)
+            job.update(
+                |r| {
+                    r.state = JobState::Running;
+                    r.attempts += 1;
+                    r.owner = Some(std::process::id());
+                },
+                &[],
+            )?;
+            let result = match job.rec().spec.clone() {
+                JobSpec::Checkpoint {
+                    db,
+                    source,
+                    chunk_size,
+                } => self
+                    .run_checkpoint(&mut job, &db, &source, chunk_size)
                     .await
                     .map(JobOutcome::Checkpoint),
-                JobSpec::Restore { .. } => {
-                    self.run_restore(&mut rec).await.map(JobOutcome::Restore)
-                }
-                JobSpec::Verify { .. } => self.run_verify(&mut rec).await.map(JobOutcome::Verify),
+                JobSpec::Restore { db, generation, to } => self
+                    .run_restore(&mut job, &db, generation, &to)
+                    .await
+                    .map(JobOutcome::Restore),
+                JobSpec::Verify {
+                    db,
+                    generation,
+                    deep,
+                } => self
+                    .run_verify(&mut job, &db, generation, deep)
+                    .await
+                    .map(JobOutcome::Verify),
             };
-            // The runner may have advanced the persisted record; continue from it.
-            let mut rec = self.job(id)?;
             match result {
                 Ok(outcome) => {
-                    if matches!(rec.spec, JobSpec::Checkpoint { .. }) {
-                        // Recorded before the scratch goes: a crash in between leaves only
-                        // garbage for the janitor, never a job that would publish again.
-                        rec.phase = Phase::Cleaned;
-                    }
-                    rec.state = JobState::Succeeded;
-                    rec.last_error = None;
-                    rec.result = serde_json::to_value(&outcome).ok();
-                    self.save_job(&mut rec, &[])?;
+                    let result = serde_json::to_value(&outcome).ok();
+                    job.update(
+                        |r| {
+                            if matches!(r.spec, JobSpec::Checkpoint { .. }) {
+                                // Recorded before the scratch goes: a crash in between
+                                // leaves only garbage for the janitor.
+                                r.phase = Phase::Cleaned;
+                            }
+                            r.state = JobState::Succeeded;
+                            r.last_error = None;
+                            r.result = result;
+                        },
+                        &[],
+                    )?;
                     self.release_job(id)?;
                     self.cancels.forget(id);
                     return Ok(outcome);
                 }
                 Err(e @ CairnError::Cancelled { .. }) => {
-                    rec.state = JobState::Cancelled;
-                    rec.last_error = Some(e.to_string());
-                    self.save_job(&mut rec, &[])?;
-                    self.abandon_job(&rec)?;
-                    self.cancels.forget(id);
+                    self.end_job(job, JobState::Cancelled, e.to_string())?;
                     return Err(e);
                 }
                 Err(e) => {
-                    rec.last_error = Some(e.to_string());
-                    let fenced = matches!(
-                        e,
-                        CairnError::Manifest(cairn_manifest::ManifestError::Fenced { .. })
-                    );
-                    if e.is_retryable() && !fenced && rec.attempts < MAX_ATTEMPTS {
-                        rec.state = JobState::Queued;
-                        rec.not_before_ms = self.env.clock.now_unix_ms()
-                            + backoff_ms(rec.attempts - 1, self.env.next_u64());
-                        self.save_job(&mut rec, &[])?;
+                    if e.class().is_transient() && job.rec().attempts < MAX_ATTEMPTS {
+                        let not_before = self.env.now_ms()
+                            + backoff_ms(job.rec().attempts - 1, self.env.next_u64());
+                        job.update(
+                            |r| {
+                                r.last_error = Some(e.to_string());
+                                r.state = JobState::Queued;
+                                r.not_before_ms = not_before;
+                            },
+                            &[],
+                        )?;
                         continue;
                     }
-                    rec.state = JobState::Failed;
-                    self.save_job(&mut rec, &[])?;
-                    self.abandon_job(&rec)?;
-                    self.cancels.forget(id);
+                    self.end_job(job, JobState::Failed, e.to_string())?;
                     return Err(e);
                 }
             }
@@ -233,29 +194,5 @@ impl Checkpointer {
             }
         }
         Ok(())
-    }
-
-    async fn run_verify(&self, rec: &mut JobRecord) -> Result<VerifyReport, CairnError> {
-        let JobSpec::Verify {
-            db,
-            generation,
-            deep,
-        } = rec.spec.clone()
-        else {
-            return Err(CairnError::Task("not a verify job".into()));
-        };
-        let report = self
-            .verify_now(&db, generation.map(cairn_core::Generation), deep)
-            .await?;
-        rec.generation = Some(report.generation);
-        rec.phase = Phase::Checked;
-        rec.progress = Progress {
-            done: report.blobs_checked,
-            total: report.blobs_checked,
-            bytes_done: report.bytes_read,
-            bytes_total: report.bytes_read,
-        };
-        self.save_job(rec, &[])?;
-        Ok(report)
     }
 }

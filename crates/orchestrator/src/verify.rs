@@ -1,6 +1,11 @@
 //! Verifying a generation: every referenced blob exists with the right size; deep mode
 //! re-reads every blob and re-checks both digests, and for SQLite sources restores into
 //! scratch and runs `PRAGMA integrity_check`.
+//!
+//! Contract: problems are collected, not raised: each names the object key, and the report
+//! is `ok` only without any. Nothing is written but the deep SQLite check's scratch copy,
+//! removed when the check ends. Crash: a verify job resumes by running again from the
+//! start. Retries: the store's. Cancellation: dropping the future.
 
 use std::time::Instant;
 
@@ -9,7 +14,8 @@ use cairn_core::{keys, BlobRef, DbId, Generation, ManifestBody, SourceKind};
 use futures::stream::{self, StreamExt};
 use serde::Serialize;
 
-use crate::{CairnError, Checkpointer};
+use crate::queue::{Job, Phase, Progress};
+use crate::{CairnError, Checkpointer, JobOutcome};
 
 /// What a verify found.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -48,15 +54,44 @@ impl Checkpointer {
         deep: bool,
     ) -> Result<VerifyReport, CairnError> {
         self.ensure_resumed().await?;
-        let id = self.enqueue(crate::JobSpec::Verify {
+        let id = self.enqueue(crate::queue::JobSpec::Verify {
             db: db.clone(),
             generation: generation.map(|g| g.0),
             deep,
         })?;
         match self.run_job(id).await? {
-            crate::JobOutcome::Verify(r) => Ok(r),
-            other => Err(CairnError::Task(format!("verify job returned {other:?}"))),
+            JobOutcome::Verify(r) => Ok(r),
+            _ => Err(CairnError::UnexpectedOutcome {
+                job: id.to_string(),
+                expected: "verify",
+            }),
         }
+    }
+
+    pub(crate) async fn run_verify(
+        &self,
+        job: &mut Job<'_>,
+        db: &DbId,
+        generation: Option<u64>,
+        deep: bool,
+    ) -> Result<VerifyReport, CairnError> {
+        let report = self
+            .verify_now(db, generation.map(Generation), deep)
+            .await?;
+        job.update(
+            |r| {
+                r.generation = Some(report.generation);
+                r.phase = Phase::Checked;
+                r.progress = Progress {
+                    done: report.blobs_checked,
+                    total: report.blobs_checked,
+                    bytes_done: report.bytes_read,
+                    bytes_total: report.bytes_read,
+                };
+            },
+            &[],
+        )?;
+        Ok(report)
     }
 
     pub(crate) async fn verify_now(
@@ -148,7 +183,11 @@ impl Checkpointer {
                 let t = target.clone();
                 tokio::task::spawn_blocking(move || cairn_executor::sqlite_integrity_check(&t))
                     .await
-                    .map_err(|e| CairnError::Task(e.to_string()))?
+                    .map_err(|source| CairnError::Join {
+                        job: job.to_string(),
+                        what: "PRAGMA integrity_check",
+                        source,
+                    })?
                     .map_err(CairnError::from)
             }
             .await;

@@ -8,10 +8,9 @@
 //!   every node on the path is charged or none is. The sum of live reservations charged to a
 //!   node never exceeds its limit (no over-commit), whatever the number of threads.
 //! - A child's limit may be larger than its parent's; the parent then caps it in practice.
-//! - A [`Reservation`] is released when dropped, or explicitly with [`Reservation::release`];
-//!   [`Reservation::shrink`] gives part of it back early. Releasing wakes blocked waiters.
-//! - Errors say which budget refused and why: [`QuotaError::Exhausted`] (retryable: space may
-//!   free up) or [`QuotaError::ExceedsLimit`] (not retryable: the request can never fit).
+//! - A [`Reservation`] is released when dropped.
+//! - Errors say which budget refused and why: [`QuotaError::Exhausted`] (transient: space
+//!   may free up) or [`QuotaError::ExceedsLimit`] (permanent: the request can never fit).
 //!
 //! # Crash behaviour
 //! Budgets live in memory only. Nothing is persisted, so nothing survives a crash and there
@@ -19,19 +18,17 @@
 //! reserve again before they stage anything.
 //!
 //! # Cancellation
-//! [`Budget::try_reserve`] never blocks. [`Budget::reserve_blocking`] blocks the calling thread
-//! for at most its timeout and then fails with [`QuotaError::Timeout`]; callers that must be
-//! cancellable (async tasks) should use short timeouts in a loop, or `try_reserve` with their
-//! own back-off, and check their cancellation signal between attempts. Dropping a reservation
-//! (including during unwinding or when a task is cancelled) always returns its bytes.
+//! [`Budget::try_reserve`] never blocks. Dropping a reservation (including during unwinding
+//! or when a task is cancelled) always returns its bytes.
 //!
 //! One mutex per tree serialises reservations; reservations are per job or per blob, never on
 //! an engine's hot path, so this is not a contention point.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use cairn_core::ErrorClass;
 
 /// Why a reservation was refused. `budget` is the path of the refusing budget; `requested`
 /// the bytes asked for; `available` the bytes free there when refused; `limit` its limit.
@@ -53,40 +50,31 @@ pub enum QuotaError {
         requested: u64,
         limit: u64,
     },
-    /// [`Budget::reserve_blocking`] waited `waited` without enough space freeing up.
-    #[error("timed out after {waited:?} waiting for {requested} bytes at budget `{budget}` ({available} bytes available)")]
-    Timeout {
-        budget: String,
-        requested: u64,
-        available: u64,
-        waited: Duration,
-    },
 }
 
 impl QuotaError {
-    /// Whether retrying later may succeed (space can free up) — false when it never can.
-    pub fn is_retryable(&self) -> bool {
+    /// Exhausted is transient (space may free up); a request above a limit can never fit.
+    pub fn class(&self) -> ErrorClass {
         match self {
-            QuotaError::Exhausted { .. } | QuotaError::Timeout { .. } => true,
-            QuotaError::ExceedsLimit { .. } => false,
+            QuotaError::Exhausted { .. } => ErrorClass::Transient,
+            QuotaError::ExceedsLimit { .. } => ErrorClass::Permanent,
         }
     }
 
     /// Path of the budget that refused the request.
     pub fn budget(&self) -> &str {
         match self {
-            QuotaError::Exhausted { budget, .. }
-            | QuotaError::ExceedsLimit { budget, .. }
-            | QuotaError::Timeout { budget, .. } => budget,
+            QuotaError::Exhausted { budget, .. } | QuotaError::ExceedsLimit { budget, .. } => {
+                budget
+            }
         }
     }
 }
 
-/// Lock and wake-up shared by every node of one tree.
+/// The lock shared by every node of one tree.
 #[derive(Default)]
 struct Tree {
     lock: Mutex<()>,
-    freed: Condvar,
 }
 
 impl Tree {
@@ -189,48 +177,6 @@ impl Budget {
         self.reserve_locked(bytes)
     }
 
-    /// Like [`Budget::try_reserve`] but waits up to `timeout` for space to be released.
-    /// Requests that can never fit fail at once with [`QuotaError::ExceedsLimit`].
-    pub fn reserve_blocking(
-        &self,
-        bytes: u64,
-        timeout: Duration,
-    ) -> Result<Reservation, QuotaError> {
-        let start = Instant::now();
-        let tree = &self.node.tree;
-        let mut guard = tree.lock();
-        loop {
-            match self.reserve_locked(bytes) {
-                Err(QuotaError::Exhausted {
-                    budget,
-                    requested,
-                    available,
-                    ..
-                }) => {
-                    let waited = start.elapsed();
-                    match timeout.checked_sub(waited).filter(|d| !d.is_zero()) {
-                        Some(left) => {
-                            guard = tree
-                                .freed
-                                .wait_timeout(guard, left)
-                                .unwrap_or_else(PoisonError::into_inner)
-                                .0;
-                        }
-                        None => {
-                            return Err(QuotaError::Timeout {
-                                budget,
-                                requested,
-                                available,
-                                waited,
-                            })
-                        }
-                    }
-                }
-                done => return done,
-            }
-        }
-    }
-
     /// Checks and charges the whole chain; caller holds the tree lock.
     fn reserve_locked(&self, bytes: u64) -> Result<Reservation, QuotaError> {
         if let Some(n) = self.node.chain().find(|n| bytes > n.limit) {
@@ -260,18 +206,15 @@ impl Budget {
         })
     }
 
-    /// Returns `bytes` to this node and its ancestors and wakes waiters.
+    /// Returns `bytes` to this node and its ancestors.
     fn give_back(&self, bytes: u64) {
         if bytes == 0 {
             return;
         }
-        {
-            let _guard = self.node.tree.lock();
-            for n in self.node.chain() {
-                n.used.fetch_sub(bytes, Ordering::Relaxed);
-            }
+        let _guard = self.node.tree.lock();
+        for n in self.node.chain() {
+            n.used.fetch_sub(bytes, Ordering::Relaxed);
         }
-        self.node.tree.freed.notify_all();
     }
 }
 
@@ -302,20 +245,6 @@ impl Reservation {
     /// The budget this reservation was taken from.
     pub fn budget(&self) -> &Budget {
         &self.budget
-    }
-
-    /// Reduces the reservation to `to` bytes, returning the difference; a no-op if `to` is
-    /// not smaller than what is held. Returns the number of bytes released.
-    pub fn shrink(&mut self, to: u64) -> u64 {
-        let released = self.bytes.saturating_sub(to);
-        self.bytes -= released;
-        self.budget.give_back(released);
-        released
-    }
-
-    /// Releases the whole reservation now (same as dropping it).
-    pub fn release(self) {
-        drop(self);
     }
 }
 
@@ -368,7 +297,7 @@ mod tests {
                 limit: 600,
             }
         );
-        assert!(err.is_retryable());
+        assert!(err.class().is_transient());
         assert!(err.to_string().contains("global/tenant:acme"), "{err}");
         assert_eq!((global.used(), tenant.used(), job.used()), (350, 350, 0));
         let _b = global.try_reserve(650).unwrap();
@@ -390,30 +319,11 @@ mod tests {
             }
         ));
         assert_eq!(err.budget(), "global/tenant:acme/job:0001");
-        assert!(!err.is_retryable());
+        assert_eq!(err.class(), ErrorClass::Permanent);
         let big = Budget::root("g", 100).child("t", 1000);
-        assert_eq!(big.try_reserve(101).unwrap_err().budget(), "g");
-        let err = big
-            .reserve_blocking(101, Duration::from_secs(10))
-            .unwrap_err();
-        assert!(!err.is_retryable());
-    }
-
-    #[test]
-    fn shrink_and_release() {
-        let (global, _tenant, job) = tree();
-        let mut r = job.try_reserve(400).unwrap();
-        assert_eq!(r.shrink(150), 250);
-        assert_eq!((r.bytes(), job.used(), global.used()), (150, 150, 150));
-        assert_eq!(r.shrink(500), 0);
-        assert_eq!(r.bytes(), 150);
-        let r2 = job.try_reserve(250).unwrap();
-        r.release();
-        assert_eq!(global.used(), 250);
-        drop(r2);
-        assert_eq!(global.used(), 0);
-        let z = job.try_reserve(0).unwrap();
-        assert_eq!(z.bytes(), 0);
+        let err = big.try_reserve(101).unwrap_err();
+        assert_eq!(err.budget(), "g");
+        assert_eq!(err.class(), ErrorClass::Permanent);
     }
 
     #[test]
@@ -426,37 +336,6 @@ mod tests {
         ));
         let _b = g.try_reserve(1).unwrap();
         assert_eq!(g.available(), 0);
-    }
-
-    #[test]
-    fn blocking_reserve_waits_for_release_and_times_out() {
-        let (global, tenant, job) = tree();
-        let held = tenant.try_reserve(500).unwrap();
-        let err = job
-            .reserve_blocking(200, Duration::from_millis(50))
-            .unwrap_err();
-        assert!(matches!(
-            err,
-            QuotaError::Timeout {
-                requested: 200,
-                available: 100,
-                ..
-            }
-        ));
-        assert!(err.is_retryable());
-        assert!(err.to_string().contains("global/tenant:acme"), "{err}");
-
-        let waiter = {
-            let job = job.clone();
-            thread::spawn(move || {
-                job.reserve_blocking(200, Duration::from_secs(30))
-                    .map(|r| r.bytes())
-            })
-        };
-        thread::sleep(Duration::from_millis(50));
-        drop(held);
-        assert_eq!(waiter.join().unwrap(), Ok(200));
-        assert_eq!(global.used(), 0);
     }
 
     #[test]
@@ -477,17 +356,12 @@ mod tests {
                 thread::spawn(move || {
                     let mut seed = w.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
                     let (mut granted, mut refused) = (0u32, 0u32);
-                    for i in 0..20_000u32 {
+                    for _ in 0..20_000u32 {
                         seed ^= seed << 13;
                         seed ^= seed >> 7;
                         seed ^= seed << 17;
                         let bytes = seed % 1_200 + 1;
-                        let res = if i % 50 == 0 {
-                            job.reserve_blocking(bytes, Duration::from_millis(5))
-                        } else {
-                            job.try_reserve(bytes)
-                        };
-                        let Ok(mut r) = res else {
+                        let Ok(r) = job.try_reserve(bytes) else {
                             refused += 1;
                             continue;
                         };
@@ -495,12 +369,8 @@ mod tests {
                         assert!(held_t.fetch_add(bytes, Ordering::SeqCst) + bytes <= 2_500);
                         assert!(held_total.fetch_add(bytes, Ordering::SeqCst) + bytes <= 4_000);
                         assert!(job.used() <= 1_500);
-                        let keep = bytes / 2;
-                        held_t.fetch_sub(bytes - keep, Ordering::SeqCst);
-                        held_total.fetch_sub(bytes - keep, Ordering::SeqCst);
-                        r.shrink(keep);
-                        held_t.fetch_sub(keep, Ordering::SeqCst);
-                        held_total.fetch_sub(keep, Ordering::SeqCst);
+                        held_t.fetch_sub(bytes, Ordering::SeqCst);
+                        held_total.fetch_sub(bytes, Ordering::SeqCst);
                         drop(r);
                     }
                     (granted, refused)

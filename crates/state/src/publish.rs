@@ -1,38 +1,35 @@
-//! The source of truth: the local RocksDB catalog and the published remote manifests.
+//! Publishing a generation and importing those published by others.
 //!
-//! Contract: [`StateDb`] holds, per tenant and database, every known generation's manifest,
-//! the catalog of blobs those manifests reference (for dedup, confirmed by XXH3-128), the
-//! latest generation, and an append-only change log. Every state change that must be
-//! atomic is one synced RocksDB write batch. [`publish`] creates the remote manifest object
-//! with a conditional create and only then records it locally, so the local state never
-//! claims a generation the store lacks.
+//! Contract: [`publish`] creates the remote manifest object with a conditional create and
+//! only then records it locally, so the local state never claims a generation the store
+//! lacks; the loser of a race gets [`StateError::Fenced`] and records nothing.
+//! [`sync_from_remote`] imports every generation the store has and the local state lacks.
 //!
 //! Crash: after the remote create and before the local batch, the store holds a generation
 //! the local state does not; the next [`sync_from_remote`] imports it, so nothing is lost or
-//! published twice. Retries: a conditional create that reports "already exists" is resolved
-//! by reading the object back: identical bytes mean our earlier attempt won.
-//! Cancellation: dropping a future between the two steps is the crash case above.
-
-mod error;
-mod state;
-
-pub use error::ManifestError;
-pub use state::{BlobLookup, ChunkDigests, DbRecord, LocalUpdates, StateDb};
+//! published twice. Retries: a conditional create that reports "already exists" is settled
+//! by reading the object back: identical bytes mean our earlier attempt won (its response
+//! was lost). Requests are retried by the store. Cancellation: dropping a future between
+//! the two steps is the crash case above.
 
 use bytes::Bytes;
 use cairn_core::{keys, DbId, Generation, Manifest, TenantId};
 use cairn_remote_store::{CreateOutcome, RemoteStore};
 
+use crate::catalog::LocalUpdates;
+use crate::error::StateError;
+use crate::StateDb;
+
 /// Publishes `manifest`: conditional create of its object, then one local batch. Returns
 /// the size of the manifest object.
 ///
-/// Fails with [`ManifestError::Fenced`] if another writer already published that
+/// Fails with [`StateError::Fenced`] if another writer already published that
 /// generation; nothing is recorded locally in that case.
 pub async fn publish(
     state: &StateDb,
     store: &RemoteStore,
     manifest: &Manifest,
-) -> Result<u64, ManifestError> {
+) -> Result<u64, StateError> {
     publish_with(state, store, manifest, &LocalUpdates::default()).await
 }
 
@@ -43,7 +40,7 @@ pub async fn publish_with(
     store: &RemoteStore,
     manifest: &Manifest,
     local: &LocalUpdates<'_>,
-) -> Result<u64, ManifestError> {
+) -> Result<u64, StateError> {
     let key = keys::manifest_key(&manifest.tenant, &manifest.db, manifest.generation);
     manifest.validate(&key)?;
     let bytes = manifest.encode();
@@ -62,7 +59,7 @@ pub async fn publish_with(
                 let winner = Manifest::decode(&key, &existing)
                     .map(|m| m.writer)
                     .unwrap_or_else(|_| "unknown".into());
-                return Err(ManifestError::Fenced {
+                return Err(StateError::Fenced {
                     tenant: manifest.tenant.clone(),
                     db: manifest.db.clone(),
                     generation: manifest.generation,
@@ -84,7 +81,7 @@ pub async fn sync_from_remote(
     store: &RemoteStore,
     tenant: &TenantId,
     db: &DbId,
-) -> Result<Vec<Generation>, ManifestError> {
+) -> Result<Vec<Generation>, StateError> {
     let listed = store.list(&keys::manifests_prefix(tenant, db)).await?;
     let mut gens = Vec::with_capacity(listed.len());
     for obj in listed {
@@ -101,7 +98,7 @@ pub async fn sync_from_remote(
             .await?;
         let m = Manifest::decode(&obj.key, &bytes)?;
         if &m.tenant != tenant || &m.db != db || m.generation != generation {
-            return Err(ManifestError::Corrupt {
+            return Err(StateError::Corrupt {
                 key: obj.key.clone(),
                 reason: format!(
                     "manifest describes {}/{} generation {}, not the database and generation its key names",
@@ -119,7 +116,7 @@ pub async fn sync_from_remote(
 pub async fn remote_databases(
     store: &RemoteStore,
     tenant: &TenantId,
-) -> Result<Vec<DbId>, ManifestError> {
+) -> Result<Vec<DbId>, StateError> {
     let prefix = keys::dbs_prefix(tenant);
     let listed = store.list(&prefix).await?;
     let mut out: Vec<DbId> = listed
@@ -170,7 +167,7 @@ mod tests {
         // Same bytes again (a lost response retried): accepted, not published twice.
         publish(&a, &store, &m("a")).await.unwrap();
         let err = publish(&b, &store, &m("b")).await.unwrap_err();
-        assert!(matches!(err, ManifestError::Fenced { .. }), "{err}");
+        assert!(matches!(err, StateError::Fenced { .. }), "{err}");
         assert!(err.to_string().contains("another writer (a)"), "{err}");
         let t = TenantId::new("t").unwrap();
         let d = DbId::new("d").unwrap();

@@ -1,28 +1,15 @@
-//! The durable job queue.
-//!
-//! Contract: every checkpoint, restore and verify is a [`JobRecord`] in the state
-//! database's `jobs` column family, written before any work starts. A job moves through
-//! persisted phases; its plan and per-blob progress are job items written in the same synced
-//! batch as the record, so after a crash at any instant the next [`crate::Checkpointer`]
-//! finds every unfinished job and resumes it from its last recorded step.
-//!
-//! Crash: a `running` job found at open belonged to a dead process (the RocksDB lock makes
-//! one process own a state directory) and is resumed. Retries: a job whose attempt fails
-//! with a retryable error goes back to `queued` with an exponential backoff with jitter
-//! (`not_before`), up to `MAX_ATTEMPTS`; other errors fail it. Cancellation: a cancel flag
-//! checked at every safe point; a cancelled job publishes nothing and its scratch is freed.
+//! The job records of the durable queue: what a job does ([`JobSpec`]), where it is
+//! ([`JobState`], [`Phase`], [`Progress`]) and how `cairn status` shows it ([`JobStatus`]).
+//! Records are plain data; [`super::Job`] is the one place that changes and persists them.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 
 use cairn_core::{DbId, JobId, TenantId};
 use serde::{Deserialize, Serialize};
 
 use crate::{CairnError, Source};
 
-/// Attempts before a job with retryable errors is given up.
+/// Attempts before a job with transient errors is given up.
 pub const MAX_ATTEMPTS: u32 = 3;
 
 /// Starts (including those cut short by a crash) before a job is given up, so a job that
@@ -41,9 +28,6 @@ pub enum JobSpec {
         source: Source,
         /// Chunk size to plan with.
         chunk_size: u64,
-        /// The engine's dirty pages, if it supplied them.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        dirty: Option<Vec<u64>>,
     },
     /// Restore a generation.
     Restore {
@@ -229,13 +213,19 @@ impl From<&JobRecord> for JobStatus {
 
 impl JobRecord {
     pub(crate) fn encode(&self) -> Result<Vec<u8>, CairnError> {
-        serde_json::to_vec(self)
-            .map_err(|e| CairnError::Task(format!("encode job {}: {e}", self.id)))
+        serde_json::to_vec(self).map_err(|source| CairnError::Encode {
+            job: self.id.to_string(),
+            item: "record",
+            source,
+        })
     }
 
-    pub(crate) fn decode(id: u64, bytes: &[u8]) -> Result<Self, CairnError> {
-        serde_json::from_slice(bytes)
-            .map_err(|e| CairnError::Task(format!("job {:016x}: unreadable record: {e}", id)))
+    pub(crate) fn decode(id: JobId, bytes: &[u8]) -> Result<Self, CairnError> {
+        serde_json::from_slice(bytes).map_err(|e| CairnError::CorruptJob {
+            job: id.to_string(),
+            item: "record".into(),
+            reason: e.to_string(),
+        })
     }
 }
 
@@ -243,32 +233,6 @@ impl JobRecord {
 pub fn backoff_ms(attempt: u32, jitter: u64) -> u64 {
     let base = 1000u64.saturating_mul(1 << attempt.min(6)).min(60_000);
     base / 2 + jitter % base.max(1)
-}
-
-/// In-process cancel flags of running jobs.
-#[derive(Default)]
-pub(crate) struct CancelFlags {
-    flags: Mutex<HashMap<JobId, Arc<AtomicBool>>>,
-}
-
-impl CancelFlags {
-    pub(crate) fn flag(&self, id: JobId) -> Arc<AtomicBool> {
-        match self.flags.lock() {
-            Ok(mut m) => Arc::clone(m.entry(id).or_default()),
-            Err(p) => Arc::clone(p.into_inner().entry(id).or_default()),
-        }
-    }
-
-    pub(crate) fn cancel(&self, id: JobId) {
-        self.flag(id).store(true, Ordering::SeqCst);
-    }
-
-    pub(crate) fn forget(&self, id: JobId) {
-        match self.flags.lock() {
-            Ok(mut m) => m.remove(&id),
-            Err(p) => p.into_inner().remove(&id),
-        };
-    }
 }
 
 #[cfg(test)]
@@ -305,7 +269,7 @@ mod tests {
             generation: None,
             result: None,
         };
-        let back = JobRecord::decode(7, &r.encode().unwrap()).unwrap();
+        let back = JobRecord::decode(JobId(7), &r.encode().unwrap()).unwrap();
         assert_eq!(back, r);
         assert_eq!(JobStatus::from(&r).id, "0000000000000007");
     }

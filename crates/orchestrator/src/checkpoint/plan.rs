@@ -1,0 +1,229 @@
+//! Planning a checkpoint: catch up with the store, take the SQLite snapshot, ask the pure
+//! planner for the work, and persist the plan, the first durable step of the job.
+//!
+//! Crash: before the plan is persisted nothing durable exists but the record (and possibly
+//! a snapshot in scratch, taken again by the next attempt); after it, every attempt
+//! executes the same plan: same generation, parent and creation time. A plan whose file
+//! changed since ([`CkptPlan::still_valid`]) is dropped and the job plans again, unless its
+//! manifest already reached the store, in which case the job adopts that generation.
+//! Retries: none here. Cancellation: checked before planning.
+
+use std::path::Path;
+
+use cairn_core::{keys, DbId, Generation, Manifest, ManifestBody};
+use cairn_executor::{list_segments, sqlite_snapshot, JobScratch, PageFile};
+use cairn_planner::{plan_pages, plan_segments, PagesInput, SegmentInput};
+use cairn_remote_store::StoreError;
+
+use crate::queue::{CkptPlan, Item, Job, Phase, PlanBody, Progress};
+use crate::{CairnError, Checkpointer, Source};
+
+/// Inode and modification time of a file.
+pub(super) fn file_stamp(path: &Path) -> Option<(u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.ino(), m.mtime(), m.mtime_nsec()))
+}
+
+impl CkptPlan {
+    /// Whether the plan can still be executed: its page file is there with its length and
+    /// unchanged in place, or its segment directory exists.
+    pub(crate) fn still_valid(&self) -> bool {
+        match &self.body {
+            PlanBody::Pages {
+                file, len, stamp, ..
+            } => {
+                std::fs::metadata(file)
+                    .map(|m| m.len() == *len)
+                    .unwrap_or(false)
+                    && (stamp.is_none() || file_stamp(file) == *stamp)
+            }
+            PlanBody::Segments { dir, .. } => dir.is_dir(),
+        }
+    }
+}
+
+impl Checkpointer {
+    /// Whether the store holds this job's manifest for the planned generation; if so it is
+    /// imported and the job recorded as published.
+    pub(super) async fn adopt_published(
+        &self,
+        job: &mut Job<'_>,
+        db: &DbId,
+        plan: &CkptPlan,
+    ) -> Result<bool, CairnError> {
+        let key = keys::manifest_key(&self.cfg.tenant, db, Generation(plan.generation));
+        let bytes = match self
+            .store
+            .get_bytes_verified(&key, |b| Manifest::decode(&key, b).map(|_| ()))
+            .await
+        {
+            Ok(b) => b,
+            Err(StoreError::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        let m = Manifest::decode(&key, &bytes)?;
+        if m.job.as_deref() != Some(job.id().to_string().as_str()) {
+            return Ok(false);
+        }
+        cairn_state::sync_from_remote(&self.state, &self.store, &self.cfg.tenant, db).await?;
+        job.update(|r| r.phase = Phase::Published, &[])?;
+        Ok(true)
+    }
+
+    /// Takes the snapshot (SQLite), plans, and persists the plan: the first durable step.
+    pub(super) async fn plan_checkpoint(
+        &self,
+        job: &mut Job<'_>,
+        db: &DbId,
+        source: &Source,
+        chunk_size: u64,
+        scratch: &JobScratch,
+    ) -> Result<CkptPlan, CairnError> {
+        let tenant = self.cfg.tenant.clone();
+        self.check_cancel(job.id())?;
+        let gens = self.generations(db).await?;
+        let prev = match gens.last() {
+            Some(g) => self.state.manifest(&tenant, db, *g)?,
+            None => None,
+        };
+        if let Some(p) = &prev {
+            let recorded = p.kind();
+            if recorded != source.kind() {
+                return Err(CairnError::KindMismatch {
+                    tenant,
+                    db: db.clone(),
+                    recorded: recorded.as_str(),
+                    given: source.kind().as_str(),
+                });
+            }
+        }
+        let generation = prev.as_ref().map_or(Generation(1), |m| m.generation.next());
+        let plan_err = |e| CairnError::Plan {
+            db: db.clone(),
+            source: e,
+        };
+        let page_body = |page_file: PageFile| {
+            let prev_pages = prev.as_ref().and_then(|m| match &m.body {
+                ManifestBody::Pages(p) => Some((m.generation.0, p)),
+                ManifestBody::Segments(_) => None,
+            });
+            let input = PagesInput {
+                origin: source.kind(),
+                len: page_file.len,
+                page_size: page_file.page_size,
+                chunk_size,
+            };
+            let plan = plan_pages(prev_pages, &input).map_err(plan_err)?;
+            let units = plan.chunks.len() as u64;
+            let body = PlanBody::Pages {
+                origin: source.kind(),
+                file: page_file.path.clone(),
+                page_size: plan.page_size,
+                chunk_size: plan.chunk_size,
+                len: plan.len,
+                stamp: file_stamp(&page_file.path),
+                chunks: plan.chunks,
+            };
+            Ok::<_, CairnError>((body, units, plan.len))
+        };
+        let (body, units, bytes) = match source {
+            Source::Sqlite(p) => {
+                let (p, dest) = (p.clone(), scratch.dir().join("snapshot.sqlite"));
+                let page_file = tokio::task::spawn_blocking(move || sqlite_snapshot(&p, &dest))
+                    .await
+                    .map_err(|source| CairnError::Join {
+                        job: job.id().to_string(),
+                        what: "SQLite snapshot",
+                        source,
+                    })??;
+                page_body(page_file)?
+            }
+            Source::Pages { path, page_size } => page_body(PageFile::open(path, *page_size)?)?,
+            Source::Segments(dir) => {
+                let files = list_segments(dir)?;
+                let inputs: Vec<SegmentInput> = files
+                    .iter()
+                    .map(|f| SegmentInput {
+                        name: f.name.clone(),
+                        len: f.len,
+                    })
+                    .collect();
+                let prev_segs = prev.as_ref().and_then(|m| match &m.body {
+                    ManifestBody::Segments(s) => Some(s),
+                    ManifestBody::Pages(_) => None,
+                });
+                let plan = plan_segments(prev_segs, &inputs).map_err(plan_err)?;
+                let bytes = files.iter().map(|f| f.len).sum();
+                let units = plan.actions.len() as u64;
+                let body = PlanBody::Segments {
+                    dir: dir.clone(),
+                    actions: plan.actions,
+                    lsn_end: plan.lsn_end,
+                };
+                (body, units, bytes)
+            }
+        };
+        let plan = CkptPlan {
+            generation: generation.0,
+            parent: prev.as_ref().map(|m| m.generation.0),
+            created_unix_ms: self.env.now_ms(),
+            body,
+        };
+        job.update(
+            |r| {
+                r.phase = Phase::Planned;
+                r.generation = Some(generation.0);
+                r.progress = Progress {
+                    done: 0,
+                    total: units,
+                    bytes_done: 0,
+                    bytes_total: bytes,
+                };
+            },
+            &[Item::Plan(&plan)],
+        )?;
+        Ok(plan)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_core::SourceKind;
+    use cairn_planner::ChunkPlan;
+
+    #[test]
+    fn a_plan_goes_stale_when_its_file_changes_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pages");
+        std::fs::write(&file, vec![1u8; 8192]).unwrap();
+        let plan = CkptPlan {
+            generation: 3,
+            parent: Some(2),
+            created_unix_ms: 7,
+            body: PlanBody::Pages {
+                origin: SourceKind::Pages,
+                file: file.clone(),
+                page_size: 4096,
+                chunk_size: 8192,
+                len: 8192,
+                stamp: file_stamp(&file),
+                chunks: vec![ChunkPlan {
+                    index: 0,
+                    offset: 0,
+                    len: 8192,
+                }],
+            },
+        };
+        assert!(plan.still_valid());
+        // Same length, rewritten in place (a new file under the name).
+        let tmp = dir.path().join("tmp");
+        std::fs::write(&tmp, vec![2u8; 8192]).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+        assert!(!plan.still_valid());
+        std::fs::remove_file(&file).unwrap();
+        assert!(!plan.still_valid());
+    }
+}

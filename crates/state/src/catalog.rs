@@ -1,0 +1,320 @@
+//! The catalog: every known generation's manifest, the blobs those manifests reference
+//! (for dedup, confirmed by XXH3-128) and each database's latest generation.
+//!
+//! Contract: the catalog holds only what is published (by this state directory or imported
+//! from the store): [`StateDb::record_generation_with`] writes a generation, its blobs, the
+//! database record and the publisher's local updates (page digests, its job record) in one
+//! synced batch, so a crash leaves all of it or none. Nothing here retries or is
+//! cancellable; each call is one RocksDB operation.
+
+use cairn_core::{BlobKind, BlobRef, DbId, Digest128, Generation, Manifest, SourceKind, TenantId};
+use rocksdb::{Direction, IteratorMode, WriteBatch};
+use serde::{Deserialize, Serialize};
+
+use crate::db::{db_key, sub_key};
+use crate::digests::ChunkDigests;
+use crate::error::StateError;
+use crate::jobs::job_key;
+use crate::StateDb;
+
+/// What the catalog knows of one database.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DbRecord {
+    /// Source kind of the database.
+    pub kind: SourceKind,
+    /// Latest generation known (published by anyone).
+    pub latest: Generation,
+}
+
+/// Result of a dedup lookup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlobLookup {
+    /// A blob with the same CRC64, length and XXH3-128 is already stored.
+    Found(BlobRef),
+    /// Not stored; use this alias so the name cannot collide with a different payload
+    /// that shares the CRC64 and length.
+    New {
+        /// The alias to give the new blob.
+        alias: u32,
+    },
+}
+
+/// Local changes committed in the same batch as a published generation.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LocalUpdates<'a> {
+    /// Page digests to write.
+    pub digests: &'a [ChunkDigests],
+    /// With `Some(n)`, page digests of chunks `n..` are deleted.
+    pub chunks: Option<u64>,
+    /// A job record (id, encoded record) to write.
+    pub job: Option<(cairn_core::JobId, &'a [u8])>,
+}
+
+fn encode<T: Serialize>(key: impl FnOnce() -> String, v: &T) -> Result<Vec<u8>, StateError> {
+    serde_json::to_vec(v).map_err(|source| StateError::Encode { key: key(), source })
+}
+
+impl StateDb {
+    /// What the catalog knows of a database.
+    pub fn db_record(&self, tenant: &TenantId, db: &DbId) -> Result<Option<DbRecord>, StateError> {
+        match self.get("dbs", &db_key(tenant, db))? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| StateError::Corrupt {
+                    key: format!("dbs/{tenant}/{db}"),
+                    reason: e.to_string(),
+                }),
+        }
+    }
+
+    /// Whether a generation's manifest is recorded locally.
+    pub fn has_generation(
+        &self,
+        tenant: &TenantId,
+        db: &DbId,
+        g: Generation,
+    ) -> Result<bool, StateError> {
+        Ok(self
+            .get("generations", &sub_key(tenant, db, &g.0.to_be_bytes()))?
+            .is_some())
+    }
+
+    /// The manifest of a generation, if recorded locally.
+    pub fn manifest(
+        &self,
+        tenant: &TenantId,
+        db: &DbId,
+        g: Generation,
+    ) -> Result<Option<Manifest>, StateError> {
+        match self.get("generations", &sub_key(tenant, db, &g.0.to_be_bytes()))? {
+            None => Ok(None),
+            Some(v) => Ok(Some(Manifest::decode(
+                &format!("local generation {g} of {tenant}/{db}"),
+                &v,
+            )?)),
+        }
+    }
+
+    /// Generations recorded locally, ascending.
+    pub fn generations(&self, tenant: &TenantId, db: &DbId) -> Result<Vec<Generation>, StateError> {
+        let prefix = sub_key(tenant, db, &[]);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf("generations")?,
+            IteratorMode::From(&prefix, Direction::Forward),
+        ) {
+            let (k, _) = item.map_err(self.rocks("scan generations"))?;
+            let Some(rest) = k.strip_prefix(prefix.as_slice()) else {
+                break;
+            };
+            let bytes: [u8; 8] = rest.try_into().map_err(|_| StateError::Corrupt {
+                key: format!("generations/{tenant}/{db}"),
+                reason: "malformed generation key".into(),
+            })?;
+            out.push(Generation(u64::from_be_bytes(bytes)));
+        }
+        Ok(out)
+    }
+
+    /// Looks up a payload in the catalog by content address, confirmed by XXH3-128.
+    pub fn find_blob(
+        &self,
+        tenant: &TenantId,
+        db: &DbId,
+        kind: BlobKind,
+        crc64: u64,
+        len: u64,
+        xxh3: Digest128,
+    ) -> Result<BlobLookup, StateError> {
+        let base = BlobRef {
+            kind,
+            crc64,
+            len,
+            xxh3,
+            alias: 0,
+        };
+        let prefix = sub_key(tenant, db, base.name().as_bytes());
+        let mut aliases = 0u32;
+        for item in self.db.iterator_cf(
+            self.cf("catalog")?,
+            IteratorMode::From(&prefix, Direction::Forward),
+        ) {
+            let (k, v) = item.map_err(self.rocks("scan catalog"))?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            // Names are `<base name>` or `<base name>-<alias>`; skip longer lengths that
+            // merely share a hex prefix.
+            let rest = &k[prefix.len()..];
+            if !(rest.is_empty() || rest.first() == Some(&b'-')) {
+                continue;
+            }
+            let known: BlobRef = serde_json::from_slice(&v).map_err(|e| StateError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                reason: e.to_string(),
+            })?;
+            if known.same_payload(&base) {
+                return Ok(BlobLookup::Found(known));
+            }
+            aliases = aliases.max(known.alias + 1);
+        }
+        Ok(BlobLookup::New { alias: aliases })
+    }
+
+    fn put_blob(
+        &self,
+        b: &mut WriteBatch,
+        tenant: &TenantId,
+        db: &DbId,
+        blob: &BlobRef,
+    ) -> Result<(), StateError> {
+        let v = encode(|| blob.name(), blob)?;
+        b.put_cf(
+            self.cf("catalog")?,
+            sub_key(tenant, db, blob.name().as_bytes()),
+            v,
+        );
+        Ok(())
+    }
+
+    /// Records a published generation in one atomic batch: its manifest, the blobs it
+    /// references and the database's latest generation.
+    pub fn record_generation(&self, m: &Manifest) -> Result<(), StateError> {
+        self.record_generation_with(m, &LocalUpdates::default())
+    }
+
+    /// Like [`StateDb::record_generation`], with the writer's other local changes in the
+    /// same batch (see [`LocalUpdates`]).
+    pub fn record_generation_with(
+        &self,
+        m: &Manifest,
+        local: &LocalUpdates<'_>,
+    ) -> Result<(), StateError> {
+        let _serial = self.serial();
+        let mut b = WriteBatch::default();
+        b.put_cf(
+            self.cf("generations")?,
+            sub_key(&m.tenant, &m.db, &m.generation.0.to_be_bytes()),
+            m.encode(),
+        );
+        for blob in m.blobs() {
+            self.put_blob(&mut b, &m.tenant, &m.db, &blob)?;
+        }
+        let latest = match self.db_record(&m.tenant, &m.db)? {
+            Some(r) if r.latest > m.generation => r.latest,
+            _ => m.generation,
+        };
+        let rec = DbRecord {
+            kind: m.kind(),
+            latest,
+        };
+        let rec = encode(|| format!("dbs/{}/{}", m.tenant, m.db), &rec)?;
+        b.put_cf(self.cf("dbs")?, db_key(&m.tenant, &m.db), rec);
+        self.put_digests(&mut b, m, local)?;
+        if let Some((id, record)) = local.job {
+            b.put_cf(self.cf("jobs")?, job_key(id), record);
+        }
+        self.write(b)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use cairn_core::{ManifestBody, SegmentEntry, SegmentsState};
+
+    pub(crate) fn manifest(g: u64, blobs: &[BlobRef]) -> Manifest {
+        let mut lsn = 0;
+        let segments = blobs
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let e = SegmentEntry {
+                    name: format!("s{i:03}"),
+                    lsn_start: cairn_core::Lsn(lsn),
+                    len: b.len,
+                    blob: *b,
+                };
+                lsn += b.len;
+                e
+            })
+            .collect();
+        Manifest {
+            format: 1,
+            tenant: TenantId::new("t").unwrap(),
+            db: DbId::new("d").unwrap(),
+            generation: Generation(g),
+            parent: (g > 1).then(|| Generation(g - 1)),
+            writer: "w".into(),
+            created_unix_ms: 0,
+            job: None,
+            body: ManifestBody::Segments(SegmentsState {
+                segments,
+                lsn_end: cairn_core::Lsn(lsn),
+            }),
+        }
+    }
+
+    fn blob(crc: u64, len: u64, x: u128, alias: u32) -> BlobRef {
+        BlobRef {
+            kind: BlobKind::Segment,
+            crc64: crc,
+            len,
+            xxh3: Digest128(x),
+            alias,
+        }
+    }
+
+    #[test]
+    fn generations_and_catalog() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDb::open(dir.path()).unwrap();
+        let t = TenantId::new("t").unwrap();
+        let d = DbId::new("d").unwrap();
+        let w = s.writer_id(|| 42).unwrap();
+        assert_eq!(w, s.writer_id(|| 7).unwrap());
+        s.record_generation(&manifest(1, &[blob(5, 10, 1, 0)]))
+            .unwrap();
+        s.record_generation(&manifest(2, &[blob(5, 10, 1, 0), blob(6, 10, 2, 0)]))
+            .unwrap();
+        assert_eq!(
+            s.generations(&t, &d).unwrap(),
+            vec![Generation(1), Generation(2)]
+        );
+        assert_eq!(s.db_record(&t, &d).unwrap().unwrap().latest, Generation(2));
+        assert_eq!(
+            s.manifest(&t, &d, Generation(2)).unwrap().unwrap(),
+            manifest(2, &[blob(5, 10, 1, 0), blob(6, 10, 2, 0)])
+        );
+        // Dedup: same address and digest is found; same address, other digest gets an alias.
+        assert_eq!(
+            s.find_blob(&t, &d, BlobKind::Segment, 5, 10, Digest128(1))
+                .unwrap(),
+            BlobLookup::Found(blob(5, 10, 1, 0))
+        );
+        assert_eq!(
+            s.find_blob(&t, &d, BlobKind::Segment, 5, 10, Digest128(9))
+                .unwrap(),
+            BlobLookup::New { alias: 1 }
+        );
+        s.record_generation(&manifest(3, &[blob(5, 10, 9, 1)]))
+            .unwrap();
+        assert_eq!(
+            s.find_blob(&t, &d, BlobKind::Segment, 5, 10, Digest128(9))
+                .unwrap(),
+            BlobLookup::Found(blob(5, 10, 9, 1))
+        );
+        assert_eq!(
+            s.find_blob(&t, &d, BlobKind::Segment, 5, 10, Digest128(3))
+                .unwrap(),
+            BlobLookup::New { alias: 2 }
+        );
+        // A length that shares a hex prefix (0x10 vs 0x100) is a different address.
+        assert_eq!(
+            s.find_blob(&t, &d, BlobKind::Segment, 5, 16, Digest128(1))
+                .unwrap(),
+            BlobLookup::New { alias: 0 }
+        );
+    }
+}

@@ -1,0 +1,230 @@
+//! The RocksDB handle: opening (one process per state directory), the column families,
+//! synced write batches, the writer identity and durable counters.
+//!
+//! Contract: every change is one synced [`WriteBatch`], so after a crash each batch is
+//! either wholly present or absent. A state directory is owned by one process: `open`
+//! takes an exclusive advisory lock on `<state>/lock` before it opens RocksDB, and a second
+//! process gets [`StateError::Locked`]. Nothing here retries or is cancellable: each call
+//! is one local RocksDB operation.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use cairn_core::{DbId, TenantId};
+use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
+
+use crate::error::StateError;
+
+/// Column families of this build; see the crate documentation for their keys.
+pub(crate) const CFS: &[&str] = &[
+    "meta",
+    "dbs",
+    "generations",
+    "catalog",
+    "pagedigests",
+    "jobs",
+];
+
+/// Families earlier builds created and this one no longer uses; dropped at open.
+const OBSOLETE_CFS: &[&str] = &["changelog", "leases", "pins"];
+
+/// The local state database.
+pub struct StateDb {
+    pub(crate) db: DB,
+    pub(crate) path: PathBuf,
+    /// Serialises read-modify-write sequences (counters, the latest generation).
+    seq_lock: Mutex<()>,
+    /// The advisory lock that makes this process the state directory's only user.
+    _lock: File,
+}
+
+impl std::fmt::Debug for StateDb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateDb").field("path", &self.path).finish()
+    }
+}
+
+/// `tenant \0 db`: names never contain `\0`.
+pub(crate) fn db_key(tenant: &TenantId, db: &DbId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(tenant.as_str().len() + db.as_str().len() + 1);
+    k.extend_from_slice(tenant.as_str().as_bytes());
+    k.push(0);
+    k.extend_from_slice(db.as_str().as_bytes());
+    k
+}
+
+/// `tenant \0 db \0 rest`.
+pub(crate) fn sub_key(tenant: &TenantId, db: &DbId, rest: &[u8]) -> Vec<u8> {
+    let mut k = db_key(tenant, db);
+    k.push(0);
+    k.extend_from_slice(rest);
+    k
+}
+
+impl StateDb {
+    /// Opens (creating) the state database in `<state_dir>/db`.
+    pub fn open(state_dir: &Path) -> Result<Self, StateError> {
+        let path = state_dir.join("db");
+        std::fs::create_dir_all(&path).map_err(|source| StateError::CreateDir {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let lock_path = state_dir.join("lock");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| StateError::CreateDir {
+                path: lock_path.display().to_string(),
+                source,
+            })?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StateError::Locked {
+                    path: state_dir.display().to_string(),
+                })
+            }
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(StateError::CreateDir {
+                    path: lock_path.display().to_string(),
+                    source,
+                })
+            }
+        }
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        let rocks = |op: &'static str| {
+            let path = path.display().to_string();
+            move |source| StateError::Rocks { op, path, source }
+        };
+        // Every family present must be opened; obsolete ones are dropped right after.
+        let mut names: Vec<String> = CFS.iter().map(|s| s.to_string()).collect();
+        if path.join("CURRENT").exists() {
+            for existing in DB::list_cf(&opts, &path).map_err(rocks("list column families"))? {
+                if existing != "default" && !names.contains(&existing) {
+                    names.push(existing);
+                }
+            }
+        }
+        let cfs = names
+            .iter()
+            .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        let mut db = DB::open_cf_descriptors(&opts, &path, cfs).map_err(rocks("open"))?;
+        for old in OBSOLETE_CFS {
+            if names.iter().any(|n| n == old) {
+                db.drop_cf(old)
+                    .map_err(rocks("drop obsolete column family"))?;
+            }
+        }
+        Ok(Self {
+            db,
+            path,
+            seq_lock: Mutex::new(()),
+            _lock: lock,
+        })
+    }
+
+    pub(crate) fn cf(&self, name: &'static str) -> Result<&ColumnFamily, StateError> {
+        self.db.cf_handle(name).ok_or_else(|| StateError::Corrupt {
+            key: name.to_string(),
+            reason: "column family missing".into(),
+        })
+    }
+
+    pub(crate) fn rocks(&self, op: &'static str) -> impl FnOnce(rocksdb::Error) -> StateError + '_ {
+        move |source| StateError::Rocks {
+            op,
+            path: self.path.display().to_string(),
+            source,
+        }
+    }
+
+    pub(crate) fn get(&self, cf: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
+        self.db
+            .get_cf(self.cf(cf)?, key)
+            .map_err(self.rocks("read"))
+    }
+
+    /// Writes `batch` with `sync = true`: durable when this returns.
+    pub(crate) fn write(&self, batch: WriteBatch) -> Result<(), StateError> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db
+            .write_opt(batch, &wo)
+            .map_err(self.rocks("write batch"))
+    }
+
+    /// Held across a read-modify-write of shared records.
+    pub(crate) fn serial(&self) -> MutexGuard<'_, ()> {
+        // The guarded sequences leave consistent state even if a holder panicked.
+        self.seq_lock.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// This state directory's writer identity, created from `fresh` on first use.
+    pub fn writer_id(&self, fresh: impl FnOnce() -> u64) -> Result<String, StateError> {
+        if let Some(v) = self.get("meta", b"writer_id")? {
+            return String::from_utf8(v).map_err(|_| StateError::Corrupt {
+                key: "meta/writer_id".into(),
+                reason: "not UTF-8".into(),
+            });
+        }
+        let id = format!("{:016x}", fresh());
+        let mut b = WriteBatch::default();
+        b.put_cf(self.cf("meta")?, b"writer_id", id.as_bytes());
+        self.write(b)?;
+        Ok(id)
+    }
+
+    /// The next value of a named counter (1, 2, 3 …), durable across restarts.
+    pub fn next_counter(&self, name: &str) -> Result<u64, StateError> {
+        let _guard = self.serial();
+        let key = format!("counter/{name}");
+        let next = match self.get("meta", key.as_bytes())? {
+            Some(v) => v.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0) + 1,
+            None => 1,
+        };
+        let mut b = WriteBatch::default();
+        b.put_cf(self.cf("meta")?, key.as_bytes(), next.to_be_bytes());
+        self.write(b)?;
+        Ok(next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_open_is_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let _a = StateDb::open(dir.path()).unwrap();
+        let err = StateDb::open(dir.path()).unwrap_err();
+        assert!(matches!(err, StateError::Locked { .. }), "{err}");
+        assert!(
+            err.to_string().contains("in use by another cairn process"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn obsolete_families_of_an_older_build_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let mut opts = Options::default();
+            opts.create_if_missing(true);
+            opts.create_missing_column_families(true);
+            let old = ["meta", "changelog", "leases", "pins"];
+            let _db = DB::open_cf(&opts, &path, old).unwrap();
+        }
+        let s = StateDb::open(dir.path()).unwrap();
+        assert!(s.db.cf_handle("changelog").is_none());
+        assert!(s.db.cf_handle("jobs").is_some());
+        assert_eq!(s.next_counter("x").unwrap(), 1);
+        assert_eq!(s.next_counter("x").unwrap(), 2);
+    }
+}

@@ -1,0 +1,139 @@
+//! Page digests: per chunk, one XXH3-128 per page of this state directory's latest
+//! published generation, so a checkpoint without the engine's dirty pages finds changed
+//! pages by reading each chunk once, without downloading anything.
+//!
+//! Contract: records are written only in the batch that records a published generation
+//! (see [`crate::LocalUpdates`]), so they never describe unpublished state; each is tagged
+//! with its chain's tip, so a record that describes another chain is never used. A record
+//! that fails to decode counts as absent: it costs a full read of the chunk, not an error.
+//! Nothing here retries or is cancellable.
+
+use cairn_core::{DbId, Manifest, TenantId};
+use rocksdb::WriteBatch;
+
+use crate::catalog::LocalUpdates;
+use crate::db::sub_key;
+use crate::error::StateError;
+use crate::StateDb;
+
+/// Per-page XXH3-128 digests of one chunk, valid for the chain whose newest blob is `tip`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkDigests {
+    /// Chunk index.
+    pub index: u64,
+    /// Name of the newest blob of the chunk's chain (base or last delta) these digests
+    /// describe; stale digests (another writer's generation, a crash) never match.
+    pub tip: String,
+    /// Page size the digests were taken with.
+    pub page_size: u32,
+    /// One digest per page of the chunk.
+    pub digests: Vec<u128>,
+}
+
+impl ChunkDigests {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(8 + self.tip.len() + 16 * self.digests.len());
+        v.extend_from_slice(&(self.tip.len() as u32).to_le_bytes());
+        v.extend_from_slice(self.tip.as_bytes());
+        v.extend_from_slice(&self.page_size.to_le_bytes());
+        v.extend_from_slice(&cairn_core::address::digests_to_bytes(&self.digests));
+        v
+    }
+
+    fn decode(index: u64, v: &[u8]) -> Option<Self> {
+        let n = u32::from_le_bytes(v.get(0..4)?.try_into().ok()?) as usize;
+        let tip = std::str::from_utf8(v.get(4..4 + n)?).ok()?.to_string();
+        let page_size = u32::from_le_bytes(v.get(4 + n..8 + n)?.try_into().ok()?);
+        let digests = cairn_core::address::digests_from_bytes(v.get(8 + n..)?)?;
+        Some(Self {
+            index,
+            tip,
+            page_size,
+            digests,
+        })
+    }
+}
+
+impl StateDb {
+    /// The page digests recorded for chunk `index`, if any (undecodable records count as
+    /// absent: they only cost a rescan).
+    pub fn chunk_digests(
+        &self,
+        tenant: &TenantId,
+        db: &DbId,
+        index: u64,
+    ) -> Result<Option<ChunkDigests>, StateError> {
+        Ok(self
+            .get("pagedigests", &sub_key(tenant, db, &index.to_be_bytes()))?
+            .and_then(|v| ChunkDigests::decode(index, &v)))
+    }
+
+    /// Adds the digest writes and truncation of `local` to a generation's batch.
+    pub(crate) fn put_digests(
+        &self,
+        b: &mut WriteBatch,
+        m: &Manifest,
+        local: &LocalUpdates<'_>,
+    ) -> Result<(), StateError> {
+        let pd = self.cf("pagedigests")?;
+        for d in local.digests {
+            b.put_cf(
+                pd,
+                sub_key(&m.tenant, &m.db, &d.index.to_be_bytes()),
+                d.encode(),
+            );
+        }
+        if let Some(n) = local.chunks {
+            b.delete_range_cf(
+                pd,
+                sub_key(&m.tenant, &m.db, &n.to_be_bytes()),
+                sub_key(&m.tenant, &m.db, &u64::MAX.to_be_bytes()),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::tests::manifest;
+    use cairn_core::JobId;
+
+    #[test]
+    fn page_digests_are_replaced_and_truncated_with_the_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDb::open(dir.path()).unwrap();
+        let t = TenantId::new("t").unwrap();
+        let d = DbId::new("d").unwrap();
+        let cd = |i: u64, tip: &str| ChunkDigests {
+            index: i,
+            tip: tip.into(),
+            page_size: 4096,
+            digests: vec![i.into(), 7],
+        };
+        s.record_generation_with(
+            &manifest(1, &[]),
+            &LocalUpdates {
+                digests: &[cd(0, "a"), cd(1, "b"), cd(2, "c")],
+                chunks: Some(3),
+                job: Some((JobId(9), b"done")),
+            },
+        )
+        .unwrap();
+        assert_eq!(s.chunk_digests(&t, &d, 1).unwrap(), Some(cd(1, "b")));
+        s.record_generation_with(
+            &manifest(2, &[]),
+            &LocalUpdates {
+                digests: &[cd(0, "z")],
+                chunks: Some(1),
+                job: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(s.chunk_digests(&t, &d, 0).unwrap(), Some(cd(0, "z")));
+        assert_eq!(s.chunk_digests(&t, &d, 1).unwrap(), None);
+        assert_eq!(s.chunk_digests(&t, &d, 2).unwrap(), None);
+        assert_eq!(s.job(JobId(9)).unwrap().as_deref(), Some(&b"done"[..]));
+    }
+}

@@ -1,0 +1,35 @@
+//! The local state crate: the RocksDB state directory that is this machine's source of
+//! truth about what is published, and the publication of manifests to the store.
+//!
+//! Column families (keys join tenant and database names with `\0`, which names never
+//! contain; numbers are big-endian so keys sort numerically):
+//!
+//! | family | key | value |
+//! |---|---|---|
+//! | `meta` | `writer_id`, `counter/<name>` | writer identity, durable counters |
+//! | `dbs` | tenant `\0` db | [`DbRecord`] (JSON) |
+//! | `generations` | tenant `\0` db `\0` generation | encoded manifest |
+//! | `catalog` | tenant `\0` db `\0` blob name | [`cairn_core::BlobRef`] (JSON) |
+//! | `pagedigests` | tenant `\0` db `\0` chunk index | [`ChunkDigests`] of this writer's latest generation |
+//! | `jobs` | see [`jobs`] | the durable job queue's records and items |
+//!
+//! Contract: every state change that must be atomic is one synced RocksDB write batch, and
+//! one process owns a state directory at a time. Module by module: [`db`] (opening, the
+//! lock, batches, counters), [`catalog`] (generations and blobs), [`digests`] (page
+//! digests), [`jobs`] (the queue's storage) and [`mod@publish`] (conditional create, then the
+//! local batch; importing others' generations). What a crash leaves and what is retried is
+//! said in each module.
+
+pub mod catalog;
+pub mod db;
+pub mod digests;
+mod error;
+pub mod jobs;
+pub mod publish;
+
+pub use catalog::{BlobLookup, DbRecord, LocalUpdates};
+pub use db::StateDb;
+pub use digests::ChunkDigests;
+pub use error::StateError;
+pub use jobs::{ItemKey, ItemWrite};
+pub use publish::{publish, publish_with, remote_databases, sync_from_remote};
