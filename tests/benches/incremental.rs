@@ -171,10 +171,11 @@ fn main() {
         inc.push((r, t.elapsed()));
         let opts = CheckpointOptions {
             dirty: Some(tracker.drain()),
+            ..Default::default()
         };
         let t = Instant::now();
         let r = rt
-            .block_on(tracked_cp.checkpoint_with(&db, &source, &opts))
+            .block_on(tracked_cp.checkpoint_with(&db, &source, &opts).wait())
             .unwrap();
         inc_tracked.push((r, t.elapsed()));
         if let Some(r) = &restic {

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use bytes::Bytes;
 use cairn_core::delta::{encode_delta, DeltaHeader, DELTA_HEADER_LEN};
-use cairn_core::{keys, BlobKind, DbId, DirtyTracker, Generation, ManifestBody};
+use cairn_core::{keys, BlobKind, DbId, DirtyTracker, Generation};
 use cairn_orchestrator::{CheckpointOptions, Checkpointer, Config, Env, Source};
 use cairn_remote_store::RemoteStore;
 use rand::{Rng, RngCore, SeedableRng};
@@ -98,6 +98,7 @@ async fn engine_marks_are_used_and_unmarked_pages_are_not_read() {
         std::fs::write(&src, &data).unwrap();
         let opts = CheckpointOptions {
             dirty: Some(tracker.drain()),
+            ..Default::default()
         };
         let r = cp.checkpoint_with(&db, &source, &opts).await.unwrap();
         assert_eq!(r.chunks_full, 0, "round {round}: {r:?}");
@@ -113,6 +114,7 @@ async fn engine_marks_are_used_and_unmarked_pages_are_not_read() {
             &source,
             &CheckpointOptions {
                 dirty: Some(tracker.drain()),
+                ..Default::default()
             },
         )
         .await
@@ -151,10 +153,7 @@ async fn chains_are_bounded_by_the_cost_model() {
         std::fs::write(&src, &data).unwrap();
         let r = cp.checkpoint(&db, &source).await.unwrap();
         kinds.push(if r.chunks_full == 1 { 'F' } else { 'D' });
-        let m = cp.manifest(&db, None).await.unwrap();
-        let ManifestBody::Pages(p) = m.body else {
-            panic!()
-        };
+        let p = cp.state(&db, None).await.unwrap().state.pages.unwrap();
         assert!(p.chunks[0].deltas.len() <= 3);
     }
     assert_eq!(kinds.iter().collect::<String>(), "FDDDFDDDF");
@@ -173,15 +172,16 @@ async fn publish_with_bad_delta(
     db: &DbId,
     payload: Vec<u8>,
 ) -> (Generation, String) {
-    let mut m = cp.manifest(db, None).await.unwrap();
+    let gs = cp.state(db, None).await.unwrap();
+    let mut m = gs.manifest;
+    let mut state = gs.state;
     let (obj, blob) = cairn_core::blob::encode_blob(BlobKind::Delta, &payload);
     let key = keys::blob_key(&m.tenant, db, &blob);
     cp.store().put_bytes(&key, Bytes::from(obj)).await.unwrap();
-    let ManifestBody::Pages(p) = &mut m.body else {
-        panic!()
-    };
+    let p = state.pages.as_mut().unwrap();
     let c = p.chunks.iter_mut().find(|c| !c.deltas.is_empty()).unwrap();
     c.deltas[0] = blob;
+    m.content = cairn_core::Content::Full(state);
     m.parent = Some(m.generation);
     m.generation = m.generation.next();
     let dir = tempfile::tempdir().unwrap();
@@ -205,15 +205,13 @@ async fn corrupt_deltas_are_rejected_by_restore_and_deep_verify() {
     data[3 * PS] ^= 1;
     std::fs::write(&src, &data).unwrap();
     cp.checkpoint(&db, &source).await.unwrap();
-    let m = cp.manifest(&db, None).await.unwrap();
-    let ManifestBody::Pages(p) = &m.body else {
-        panic!()
-    };
+    let m = cp.state(&db, None).await.unwrap();
+    let p = m.state.pages.as_ref().unwrap();
     let good_delta = p.chunks[0].deltas[0];
     let base_crc = p.chunks[0].base.crc64;
 
     // 1. Bad footer: flip a footer byte of the stored delta object.
-    let key = keys::blob_key(&m.tenant, &db, &good_delta);
+    let key = keys::blob_key(&m.manifest.tenant, &db, &good_delta);
     let path = dir.path().join("store").join(&key);
     let mut obj = std::fs::read(&path).unwrap();
     let n = obj.len();
@@ -306,7 +304,14 @@ async fn merged_unsorted_engine_marks_lose_no_page() {
         overflow: false,
     };
     let r = cp
-        .checkpoint_with(&db, &source, &CheckpointOptions { dirty: Some(dirty) })
+        .checkpoint_with(
+            &db,
+            &source,
+            &CheckpointOptions {
+                dirty: Some(dirty),
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
     assert_eq!(r.pages_dirty, 4, "{r:?}");

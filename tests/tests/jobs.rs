@@ -43,6 +43,7 @@ fn spec(db: &DbId, source: &Source) -> JobSpec {
         db: db.clone(),
         source: source.clone(),
         chunk_size: 16 * 1024,
+        lsn: None,
     }
 }
 

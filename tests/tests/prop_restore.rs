@@ -1,11 +1,13 @@
 //! Property: for random sources and random sequences of changes, restoring every
-//! generation gives exactly the bytes checkpointed for it.
+//! generation gives exactly the bytes checkpointed for it (for segment directories: the
+//! published stream, which keeps segments the engine deleted locally until a head
+//! truncation drops them).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
 
 use cairn_core::{DbId, DirtyTracker, Generation};
-use cairn_orchestrator::{CheckpointOptions, Checkpointer, Config, Env, Source};
+use cairn_orchestrator::{CheckpointOptions, Checkpointer, Config, Env, HeadOptions, Lsn, Source};
 use cairn_remote_store::RemoteStore;
 use proptest::prelude::*;
 
@@ -84,7 +86,7 @@ proptest! {
                 }
                 std::fs::write(&src, &data).unwrap();
                 // Either the engine's marks (pages past the old end need none) or digests.
-                let opts = CheckpointOptions { dirty: tracked.then(|| tracker.drain()) };
+                let opts = CheckpointOptions { dirty: tracked.then(|| tracker.drain()), ..Default::default() };
                 let source = Source::Pages { path: src.clone(), page_size: PAGE as u32 };
                 let r = cp.checkpoint_with(&db, &source, &opts).await.unwrap();
                 snapshots.insert(r.generation, data.clone());
@@ -102,7 +104,7 @@ proptest! {
 
     #[test]
     fn every_segment_generation_restores_exactly(
-        batches in proptest::collection::vec((0usize..4, proptest::collection::vec(0usize..5000, 0..5)), 1..5),
+        batches in proptest::collection::vec((0usize..4, any::<bool>(), proptest::collection::vec(0usize..5000, 0..5)), 1..5),
     ) {
         let dir = tempfile::tempdir().unwrap();
         let store_url = format!("memory://prop-seg-{}", dir.path().display().to_string().replace('/', "-"));
@@ -115,26 +117,46 @@ proptest! {
         let src = dir.path().join("wal");
         std::fs::create_dir_all(&src).unwrap();
         let mut next = 0usize;
+        // The published stream: every segment written, minus what head truncation dropped.
+        let mut stream: BTreeMap<String, (u64, Vec<u8>)> = BTreeMap::new();
+        let mut end = 0u64;
         let mut snapshots = BTreeMap::new();
         rt().block_on(async {
-            for (drop_head, lens) in &batches {
+            for (drop_head, truncate, lens) in &batches {
+                // The engine deletes its oldest local segments (they are published) …
                 let mut names: Vec<_> = std::fs::read_dir(&src).unwrap().map(|e| e.unwrap().file_name()).collect();
                 names.sort();
                 for n in names.iter().take(*drop_head) {
                     std::fs::remove_file(src.join(n)).unwrap();
                 }
+                // … and sometimes truncates the published head below what it deleted.
+                if *truncate && *drop_head > 0 {
+                    if let Some(last) = names.get(drop_head.min(&names.len()).saturating_sub(1)) {
+                        let last = last.to_string_lossy().into_owned();
+                        let before = stream[&last].0 + stream[&last].1.len() as u64;
+                        let opts = HeadOptions { force: true, ..Default::default() };
+                        if let Some(g) = cp.truncate_head(&db, Lsn(before), &opts).await.unwrap().generation {
+                            stream.retain(|_, (s, b)| *s + b.len() as u64 > before);
+                            snapshots.insert(g, stream.clone());
+                        }
+                    }
+                }
                 for len in lens {
                     let bytes: Vec<u8> = (0..*len).map(|i| (i * 7 + next) as u8).collect();
-                    std::fs::write(src.join(format!("{next:06}.seg")), bytes).unwrap();
+                    let name = format!("{next:06}.seg");
+                    std::fs::write(src.join(&name), &bytes).unwrap();
+                    stream.insert(name, (end, bytes.clone()));
+                    end += bytes.len() as u64;
                     next += 1;
                 }
                 let r = cp.checkpoint(&db, &Source::Segments(src.clone())).await.unwrap();
-                snapshots.insert(r.generation, cairn_tests::fixtures::read_dir_files(&src).unwrap());
+                snapshots.insert(r.generation, stream.clone());
             }
             for (g, want) in &snapshots {
                 let out = dir.path().join(format!("out-{g}"));
                 cp.restore(&db, Some(Generation(*g)), &out).await.unwrap();
-                assert_eq!(&cairn_tests::fixtures::read_dir_files(&out).unwrap(), want, "generation {g}");
+                let want: BTreeMap<String, Vec<u8>> = want.iter().map(|(n, (_, b))| (n.clone(), b.clone())).collect();
+                assert_eq!(cairn_tests::fixtures::read_dir_files(&out).unwrap(), want, "generation {g}");
             }
         });
     }

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use cairn_core::{keys, DbId, Generation};
-use cairn_orchestrator::{CairnError, Checkpointer, Config, Env, Source};
+use cairn_orchestrator::{CairnError, Checkpointer, Config, Env, HeadOptions, Lsn, Source};
 use cairn_remote_store::RemoteStore;
 use cairn_state::StateError;
 use cairn_tests::fixtures;
@@ -70,7 +70,7 @@ async fn pages_roundtrip_with_partial_last_chunk_and_dedup() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn segments_roundtrip_across_appends_and_head_truncation() {
+async fn segments_roundtrip_across_appends_local_deletion_and_head_truncation() {
     let dir = tempfile::tempdir().unwrap();
     let store = file_url(&dir.path().join("store"));
     let cp = open(&dir.path().join("state"), &store, 64 * 1024);
@@ -82,13 +82,30 @@ async fn segments_roundtrip_across_appends_and_head_truncation() {
     let g1_files = fixtures::read_dir_files(&src).unwrap();
     let r1 = cp.checkpoint(&db, &source).await.unwrap();
     assert_eq!(r1.blobs_uploaded, 6);
-    // Append two segments and drop the oldest (WAL truncation).
+    // Append two segments; the engine deletes its oldest local one (it is published, below
+    // the watermark). The published stream keeps it: deleting local WAL is not truncation.
     fixtures::write_segments(&src, 6, 2, 100_000, &mut rng).unwrap();
+    let w = cp.watermark(&db).await.unwrap();
+    assert_eq!(w.watermark, w.wal_end.unwrap());
     std::fs::remove_file(src.join("seg-00000000")).unwrap();
-    let g2_files = fixtures::read_dir_files(&src).unwrap();
+    let mut g2_files = fixtures::read_dir_files(&src).unwrap();
+    g2_files.insert("seg-00000000".into(), g1_files["seg-00000000"].clone());
     let r2 = cp.checkpoint(&db, &source).await.unwrap();
-    assert_eq!((r2.blobs_uploaded, r2.blobs_reused), (2, 5), "{r2:?}");
-    for (g, want) in [(1, &g1_files), (2, &g2_files)] {
+    assert_eq!(r2.blobs_uploaded, 2, "{r2:?}");
+    // Dropping the head of the stream is an explicit truncation, in its own generation.
+    let seg0 = g1_files["seg-00000000"].len() as u64;
+    let opts = HeadOptions {
+        force: true,
+        ..Default::default()
+    };
+    let t = cp.truncate_head(&db, Lsn(seg0), &opts).await.unwrap();
+    assert_eq!(
+        (t.generation, t.segments_dropped, t.wal_start),
+        (Some(3), 1, seg0)
+    );
+    let mut g3_files = g2_files.clone();
+    g3_files.remove("seg-00000000");
+    for (g, want) in [(1, &g1_files), (2, &g2_files), (3, &g3_files)] {
         let out = dir.path().join(format!("restored-{g}"));
         cp.restore(&db, Some(Generation(g)), &out).await.unwrap();
         assert_eq!(
@@ -97,14 +114,8 @@ async fn segments_roundtrip_across_appends_and_head_truncation() {
             "generation {g}"
         );
     }
-    let m = cp.manifest(&db, Some(Generation(2))).await.unwrap();
-    let cairn_core::ManifestBody::Segments(s) = m.body else {
-        panic!("not segments")
-    };
-    assert_eq!(
-        s.segments[0].lsn_start.0,
-        g1_files["seg-00000000"].len() as u64
-    );
+    let wal = cp.state(&db, None).await.unwrap().state.wal.unwrap();
+    assert_eq!(wal.segments[0].lsn_start.0, seg0);
     // A sealed segment that changed is refused, naming it.
     std::fs::write(src.join("seg-00000003"), b"rewritten").unwrap();
     let err = cp.checkpoint(&db, &source).await.unwrap_err().to_string();
@@ -188,8 +199,7 @@ async fn corrupt_or_missing_blobs_are_named_by_verify_and_restore() {
     )
     .await
     .unwrap();
-    let m = cp.manifest(&db, None).await.unwrap();
-    let blobs = m.blobs();
+    let blobs = cp.state(&db, None).await.unwrap().state.blobs();
     let tenant = cp.config().tenant.clone();
     let corrupt_key = keys::blob_key(&tenant, &db, &blobs[0]);
     let missing_key = keys::blob_key(&tenant, &db, &blobs[2]);
@@ -283,6 +293,10 @@ async fn two_publishers_of_one_generation_exactly_one_wins() {
         .await
         .unwrap();
     assert_eq!(r.generation, 2);
-    let m = loser.manifest(&db, Some(Generation(2))).await.unwrap();
+    let m = loser
+        .state(&db, Some(Generation(2)))
+        .await
+        .unwrap()
+        .manifest;
     assert_eq!(m.parent, Some(Generation(1)));
 }

@@ -3,12 +3,15 @@
 
 mod demo;
 mod output;
+mod wal;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use cairn_core::{DbId, Generation, SourceKind, TenantId};
-use cairn_orchestrator::{CairnError, Checkpointer, Config, Source};
+use cairn_core::{DbId, Generation, Lsn, SourceKind, TenantId};
+use cairn_orchestrator::{
+    CairnError, CheckpointOptions, Checkpointer, Config, HeadOptions, Source,
+};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -61,16 +64,28 @@ enum Cmd {
         /// Chunk size of page sources, in bytes.
         #[arg(long, default_value_t = cairn_orchestrator::DEFAULT_CHUNK_SIZE)]
         chunk_size: u64,
+        /// The LSN of the engine's WAL this page checkpoint covers (sqlite, pages).
+        #[arg(long)]
+        lsn: Option<u64>,
+        /// For segments: a file of `NAME START END` lines giving each segment file's LSN
+        /// range, for an engine whose LSNs are not byte offsets (default: byte offsets in
+        /// name order).
+        #[arg(long)]
+        ranges: Option<PathBuf>,
     },
-    /// Restore a generation (the latest by default) to a path.
+    /// Restore a generation (the latest by default), or a point of the WAL, to a path.
     Restore {
         /// Database name.
         #[arg(long)]
         db: String,
         /// Generation to restore [default: latest].
-        #[arg(long)]
+        #[arg(long, conflicts_with = "lsn")]
         generation: Option<u64>,
-        /// Where to write the database file or segment directory.
+        /// Restore to this LSN: DIR/pages (the newest page checkpoint at or below it) and
+        /// DIR/wal/ (the segments to replay from it).
+        #[arg(long)]
+        lsn: Option<u64>,
+        /// Where to write the database file, segment directory or point directory.
         #[arg(long)]
         to: PathBuf,
     },
@@ -92,6 +107,63 @@ enum Cmd {
         /// Database name.
         #[arg(long)]
         db: Option<String>,
+    },
+    /// How far the engine may delete its local WAL: the watermark and the leases in force.
+    Watermark {
+        /// Database name.
+        #[arg(long)]
+        db: String,
+    },
+    /// Lease a range of the WAL: the watermark does not pass its start until it is
+    /// released or expires.
+    Lease {
+        /// Database name.
+        #[arg(long)]
+        db: String,
+        /// First LSN held.
+        #[arg(long)]
+        start: u64,
+        /// One past the last LSN held.
+        #[arg(long)]
+        end: u64,
+        /// How long it lasts, e.g. 60s, 10m.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+    },
+    /// Release a lease.
+    Release {
+        /// Database name.
+        #[arg(long)]
+        db: String,
+        /// The lease's id (16 hex digits).
+        #[arg(long)]
+        lease: String,
+    },
+    /// Drop published WAL segments from the head (below an LSN) or the tail (past one).
+    Truncate {
+        /// Database name.
+        #[arg(long)]
+        db: String,
+        /// Drop the segments that end at or below this LSN.
+        #[arg(
+            long,
+            conflicts_with = "tail_after",
+            required_unless_present = "tail_after"
+        )]
+        head_before: Option<u64>,
+        /// Drop the segments past this LSN (a segment boundary).
+        #[arg(long)]
+        tail_after: Option<u64>,
+        /// How long a head truncation waits for leases that overlap it.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+        timeout: std::time::Duration,
+        /// Cancel the jobs holding overlapping leases instead of waiting.
+        #[arg(long)]
+        cancel: bool,
+        /// Truncate even if the newest state becomes unrestorable (head) or published
+        /// state past the point is dropped (tail).
+        #[arg(long)]
+        force: bool,
     },
     /// List jobs with kind, database, state, phase, progress, attempts and last error.
     /// (The only command that does not resume unfinished jobs first.)
@@ -136,6 +208,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// clap enforces one of --head-before and --tail-after; this names the case anyway.
+fn unreachable_args() -> Result<cairn_orchestrator::TruncateReport, CairnError> {
+    Err(CairnError::Config {
+        what: "cairn truncate".into(),
+        reason: "give --head-before or --tail-after".into(),
+    })
+}
+
 fn config(cli: &Cli) -> Result<Config, CairnError> {
     let mut cfg = Config::new(&cli.state)?;
     cfg.tenant = TenantId::new(cli.tenant.clone())?;
@@ -166,6 +246,8 @@ async fn run(cli: Cli) -> Result<ExitCode, CairnError> {
             kind,
             page_size,
             chunk_size,
+            lsn,
+            ranges,
         } => {
             let mut cfg = config(&cli)?;
             cfg.chunk_size = *chunk_size;
@@ -178,16 +260,78 @@ async fn run(cli: Cli) -> Result<ExitCode, CairnError> {
                 },
                 SourceKind::Segments => Source::Segments(source.clone()),
             };
-            let r = cp.checkpoint(&DbId::new(db.clone())?, &src).await?;
+            let opts = CheckpointOptions {
+                lsn: lsn.map(Lsn),
+                segment_lsns: ranges.as_deref().map(wal::read_ranges).transpose()?,
+                ..Default::default()
+            };
+            let r = cp
+                .checkpoint_with(&DbId::new(db.clone())?, &src, &opts)
+                .await?;
             output::checkpoint(json, &r);
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Restore { db, generation, to } => {
+        Cmd::Restore {
+            db,
+            generation,
+            lsn,
+            to,
+        } => {
             let cp = open(config(&cli)?).await?;
-            let r = cp
-                .restore(&DbId::new(db.clone())?, generation.map(Generation), to)
-                .await?;
+            let db = DbId::new(db.clone())?;
+            let r = match lsn {
+                Some(l) => cp.restore_at(&db, Lsn(*l), to).await?,
+                None => cp.restore(&db, generation.map(Generation), to).await?,
+            };
             output::restore(json, &r);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Watermark { db } => {
+            let cp = open(config(&cli)?).await?;
+            wal::watermark(json, &cp.watermark(&DbId::new(db.clone())?).await?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Lease {
+            db,
+            start,
+            end,
+            ttl,
+        } => {
+            let cp = open(config(&cli)?).await?;
+            let l = cp.lease(&DbId::new(db.clone())?, Lsn(*start)..Lsn(*end), *ttl)?;
+            wal::leased(json, l.lease());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Release { db, lease } => {
+            let cp = open(config(&cli)?).await?;
+            let db = DbId::new(db.clone())?;
+            cp.release(&db, wal::lease_id(&db, lease)?)?;
+            wal::released(json, lease);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Truncate {
+            db,
+            head_before,
+            tail_after,
+            timeout,
+            cancel,
+            force,
+        } => {
+            let cp = open(config(&cli)?).await?;
+            let db = DbId::new(db.clone())?;
+            let r = match (head_before, tail_after) {
+                (Some(before), _) => {
+                    let opts = HeadOptions {
+                        timeout: *timeout,
+                        cancel: *cancel,
+                        force: *force,
+                    };
+                    cp.truncate_head(&db, Lsn(*before), &opts).await?
+                }
+                (None, Some(after)) => cp.truncate_tail(&db, Lsn(*after), *force).await?,
+                (None, None) => unreachable_args()?,
+            };
+            wal::truncated(json, &r);
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Verify {

@@ -19,5 +19,6 @@ pub use dirty::{DirtySet, DirtyTracker};
 pub use error::{CoreError, ErrorClass};
 pub use ids::{DbId, Generation, JobId, Lsn, TenantId};
 pub use manifest::{
-    ChunkState, Manifest, ManifestBody, PagesState, SegmentEntry, SegmentsState, SourceKind,
+    ChunkState, Content, DbState, Manifest, PagesDiff, PagesState, SegmentEntry, SourceKind,
+    StateDiff, WalDiff, WalState,
 };

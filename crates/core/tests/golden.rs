@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use cairn_core::blob::{decode_blob, encode_blob};
 use cairn_core::delta::{encode_delta, DeltaHeader, DeltaView};
 use cairn_core::{
-    BlobKind, BlobRef, ChunkState, DbId, Digest128, Generation, Lsn, Manifest, ManifestBody,
-    PagesState, SegmentEntry, SegmentsState, SourceKind, TenantId,
+    BlobKind, BlobRef, ChunkState, Content, DbId, DbState, Digest128, Generation, Lsn, Manifest,
+    PagesState, SegmentEntry, SourceKind, StateDiff, TenantId, WalDiff, WalState,
 };
 
 fn fixture(name: &str, bytes: &[u8]) -> Vec<u8> {
@@ -73,9 +73,9 @@ fn blob(kind: BlobKind, crc: u64, len: u64) -> BlobRef {
     }
 }
 
-#[test]
-fn manifests_v1() {
-    let pages = Manifest {
+/// The values the version 1 fixtures hold, as this build reads them.
+fn v1_pages() -> Manifest {
+    Manifest {
         format: 1,
         tenant: TenantId::new("acme").unwrap(),
         db: DbId::new("orders").unwrap(),
@@ -84,39 +84,59 @@ fn manifests_v1() {
         writer: "00000000000000aa".into(),
         created_unix_ms: 1_795_000_000_000,
         job: Some("00000000000000bb".into()),
-        body: ManifestBody::Pages(PagesState {
-            origin: SourceKind::Sqlite,
-            page_size: 4096,
-            chunk_size: 8192,
-            len: 12288,
-            chunks: vec![
-                ChunkState {
-                    index: 0,
-                    len: 8192,
-                    base: blob(BlobKind::Base, 1, 8192),
-                    deltas: vec![blob(BlobKind::Delta, 2, 4156)],
-                },
-                ChunkState {
-                    index: 1,
-                    len: 4096,
-                    base: blob(BlobKind::Base, 3, 4096),
-                    deltas: vec![],
-                },
-            ],
+        content: Content::Full(DbState {
+            pages: Some(PagesState {
+                origin: SourceKind::Sqlite,
+                page_size: 4096,
+                chunk_size: 8192,
+                len: 12288,
+                lsn: None,
+                generation: Generation(7),
+                chunks: vec![
+                    ChunkState {
+                        index: 0,
+                        len: 8192,
+                        base: blob(BlobKind::Base, 1, 8192),
+                        deltas: vec![blob(BlobKind::Delta, 2, 4156)],
+                    },
+                    ChunkState {
+                        index: 1,
+                        len: 4096,
+                        base: blob(BlobKind::Base, 3, 4096),
+                        deltas: vec![],
+                    },
+                ],
+            }),
+            wal: None,
         }),
-    };
+    }
+}
+
+fn segment(name: &str, start: u64, len: u64, crc: u64) -> SegmentEntry {
+    SegmentEntry {
+        name: name.into(),
+        lsn_start: Lsn(start),
+        lsn_end: Lsn(start + len),
+        len,
+        blob: blob(BlobKind::Segment, crc, len),
+    }
+}
+
+#[test]
+fn manifests_v1_are_still_read() {
+    let pages = v1_pages();
     let segments = Manifest {
         generation: Generation(2),
         parent: Some(Generation(1)),
         job: None,
-        body: ManifestBody::Segments(SegmentsState {
-            segments: vec![SegmentEntry {
-                name: "wal-0001".into(),
-                lsn_start: Lsn(100),
-                len: 50,
-                blob: blob(BlobKind::Segment, 4, 50),
-            }],
-            lsn_end: Lsn(150),
+        content: Content::Full(DbState {
+            pages: None,
+            wal: Some(WalState {
+                start: Lsn(100),
+                end: Lsn(150),
+                last_name: Some("wal-0001".into()),
+                segments: vec![segment("wal-0001", 100, 50, 4)],
+            }),
         }),
         ..pages.clone()
     };
@@ -124,8 +144,74 @@ fn manifests_v1() {
         ("manifest-pages-v1.cmf", pages),
         ("manifest-segments-v1.cmf", segments),
     ] {
+        // Version 1 is read, never written: the fixtures are not blessed again.
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(name);
+        let golden = std::fs::read(&path).unwrap();
+        assert_eq!(Manifest::decode(name, &golden).unwrap(), m, "{name}");
+    }
+}
+
+#[test]
+fn manifests_v2() {
+    let both = Manifest {
+        format: 2,
+        generation: Generation(8),
+        parent: Some(Generation(7)),
+        content: Content::Full(DbState {
+            pages: match v1_pages().content {
+                Content::Full(s) => s.pages.map(|p| PagesState {
+                    lsn: Some(Lsn(150)),
+                    ..p
+                }),
+                Content::Diff(_) => None,
+            },
+            wal: Some(WalState {
+                start: Lsn(100),
+                end: Lsn(230),
+                last_name: Some("wal-0002".into()),
+                segments: vec![
+                    segment("wal-0001", 100, 50, 4),
+                    segment("wal-0002", 150, 80, 5),
+                ],
+            }),
+        }),
+        ..v1_pages()
+    };
+    let diff = Manifest {
+        format: 2,
+        generation: Generation(9),
+        parent: Some(Generation(8)),
+        content: Content::Diff(StateDiff {
+            chain: 1,
+            pages: None,
+            wal: Some(WalDiff {
+                drop_head: 1,
+                drop_tail: 0,
+                append: vec![segment("wal-0003", 230, 20, 6)],
+                start: Lsn(150),
+                end: Lsn(250),
+                last_name: Some("wal-0003".into()),
+            }),
+        }),
+        ..v1_pages()
+    };
+    for (name, m) in [
+        ("manifest-full-v2.cmf", both.clone()),
+        ("manifest-diff-v2.cmf", diff.clone()),
+    ] {
         let golden = fixture(name, &m.encode());
         assert_eq!(m.encode(), golden, "{name}: manifest encoding changed");
         assert_eq!(Manifest::decode(name, &golden).unwrap(), m);
     }
+    let (Content::Full(mut state), Content::Diff(d)) = (both.content, diff.content) else {
+        panic!("fixture shapes")
+    };
+    state.apply(&d).unwrap();
+    let wal = state.wal.unwrap();
+    assert_eq!(
+        (wal.start, wal.end, wal.segments.len()),
+        (Lsn(150), Lsn(250), 2)
+    );
 }

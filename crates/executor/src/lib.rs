@@ -5,11 +5,13 @@
 pub mod assemble;
 pub mod error;
 mod fsutil;
+pub mod point;
 pub mod scratch;
 pub mod source;
 
 pub use assemble::{DirAssembler, FileAssembler};
 pub use error::ExecError;
+pub use point::PointAssembler;
 pub use scratch::{JobScratch, Scratch, StagedBlob};
 pub use source::{
     hash_range, list_segments, page_digest, read_pages, scan_pages, sqlite_integrity_check,

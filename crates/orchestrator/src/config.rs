@@ -104,6 +104,10 @@ pub struct Config {
     pub scan_concurrency: usize,
     /// The delta-or-rewrite cost model.
     pub cost_model: CostModel,
+    /// Resume unfinished jobs in the background when opened with
+    /// [`crate::Checkpointer::open_shared`]. Otherwise resuming is explicit
+    /// ([`crate::Checkpointer::resume`], [`crate::Checkpointer::resume_db`]).
+    pub resume_at_open: bool,
 }
 
 impl Config {
@@ -121,6 +125,7 @@ impl Config {
             download_concurrency: 8,
             scan_concurrency: 2,
             cost_model: CostModel::default(),
+            resume_at_open: false,
         })
     }
 

@@ -94,6 +94,55 @@ pub enum CairnError {
         /// The job.
         job: String,
     },
+    /// The engine's dirty pages were given for a source that cannot use them.
+    #[error("database {db}: dirty pages are used only for a raw page file; a {kind} source is read whole (drop the dirty pages from the options)")]
+    DirtyPagesUnusable {
+        /// Database.
+        db: DbId,
+        /// The source kind given.
+        kind: &'static str,
+    },
+    /// No such lease.
+    #[error("database {db} has no lease {lease}")]
+    UnknownLease {
+        /// Database.
+        db: DbId,
+        /// The lease (16 hex digits).
+        lease: String,
+    },
+    /// A lease in force overlaps the range a head truncation drops.
+    #[error("database {db}: lease {lease} holds LSNs {start}..{end} until {expires_unix_ms} (ms since the epoch); waited {waited_ms} ms. Release it, wait, or cancel its job")]
+    LeaseHeld {
+        /// Database.
+        db: DbId,
+        /// The lease (16 hex digits).
+        lease: String,
+        /// First LSN it holds.
+        start: cairn_core::Lsn,
+        /// One past the last.
+        end: cairn_core::Lsn,
+        /// Its expiry.
+        expires_unix_ms: u64,
+        /// How long the truncation waited.
+        waited_ms: u64,
+    },
+    /// The database is busy with another publication of this process.
+    #[error("database {db} is busy: {what}")]
+    Busy {
+        /// Database.
+        db: DbId,
+        /// What holds it.
+        what: String,
+    },
+    /// A truncation or restore point that the WAL rules refuse.
+    #[error("database {db}: {source}")]
+    Wal {
+        /// Database.
+        db: DbId,
+        /// Why.
+        #[source]
+        source: cairn_planner::wal::WalError,
+    },
     /// A job's record or one of its items cannot be read back.
     #[error("job {job}: unreadable {item}: {reason}")]
     CorruptJob {
@@ -178,7 +227,11 @@ impl CairnError {
             | CairnError::Join { .. }
             | CairnError::ParentMissing { .. }
             | CairnError::ChunkNotRecorded { .. }
-            | CairnError::UnexpectedOutcome { .. } => ErrorClass::Permanent,
+            | CairnError::UnexpectedOutcome { .. }
+            | CairnError::DirtyPagesUnusable { .. }
+            | CairnError::UnknownLease { .. }
+            | CairnError::Wal { .. } => ErrorClass::Permanent,
+            CairnError::LeaseHeld { .. } | CairnError::Busy { .. } => ErrorClass::Transient,
         }
     }
 

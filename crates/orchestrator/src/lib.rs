@@ -22,52 +22,41 @@
 mod checkpoint;
 mod config;
 mod error;
+mod history;
 mod janitor;
+mod publication;
 mod queue;
 mod restore;
 mod runner;
+mod truncate;
 mod verify;
 
 use std::path::Path;
 use std::sync::Arc;
 
-use cairn_core::{DbId, Generation, Manifest};
 use cairn_executor::Scratch;
 use cairn_quota::Budget;
-use cairn_remote_store::{RemoteStore, StoreConfig};
 use cairn_state::StateDb;
-use serde::Serialize;
 
+pub use cairn_core::{
+    DbId, DbState, DirtySet, DirtyTracker, Generation, JobId, Lsn, Manifest, PagesState,
+    SegmentEntry, SourceKind, TenantId, WalState,
+};
 pub use cairn_executor::{sqlite_integrity_check, ExecError};
+pub use cairn_planner::wal::{PageRef, WalError};
 pub use cairn_planner::CostModel;
-pub use checkpoint::{CheckpointOptions, CheckpointReport, Source};
+pub use cairn_remote_store::{RemoteStore, StoreConfig};
+pub use cairn_state::Lease;
+pub use checkpoint::{CheckpointOptions, CheckpointReport, CheckpointRun, Source};
 pub use config::{Clock, Config, Env, SystemClock, DEFAULT_CHUNK_SIZE};
 pub use error::CairnError;
-pub use queue::{JobRecord, JobSpec, JobState, JobStatus, Phase, Progress};
+pub use history::{GenerationInfo, GenerationState};
+pub use publication::MAX_DIFF_CHAIN;
+pub use queue::{CancelHandle, JobEvent, JobRecord, JobSpec, JobState, JobStatus, Phase, Progress};
 pub use restore::RestoreReport;
 pub use runner::JobOutcome;
+pub use truncate::{HeadOptions, LeaseHandle, LeaseInfo, TruncateReport, Watermark};
 pub use verify::VerifyReport;
-
-/// Summary of one generation, as `cairn ls` shows it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct GenerationInfo {
-    /// The generation.
-    pub generation: u64,
-    /// Publication time, milliseconds since the Unix epoch.
-    pub created_unix_ms: u64,
-    /// Source kind.
-    pub kind: &'static str,
-    /// Logical size in bytes.
-    pub logical_bytes: u64,
-    /// Distinct blobs referenced.
-    pub blobs: usize,
-    /// Parent generation.
-    pub parent: Option<u64>,
-    /// Writer identity.
-    pub writer: String,
-    /// The job that published it.
-    pub job: Option<String>,
-}
 
 /// The checkpointer: local state, store, scratch, clock and randomness.
 pub struct Checkpointer {
@@ -77,8 +66,10 @@ pub struct Checkpointer {
     store: RemoteStore,
     scratch: Scratch,
     writer: String,
-    cancels: queue::CancelFlags,
-    resumed: std::sync::atomic::AtomicBool,
+    cancels: queue::Cancels,
+    /// Serialises publications per database within this process (a checkpoint from its
+    /// plan to its publish, a truncation), so they never fence each other.
+    db_locks: dashmap::DashMap<cairn_core::DbId, Arc<tokio::sync::Mutex<()>>>,
     store_checked: tokio::sync::OnceCell<()>,
 }
 
@@ -107,6 +98,34 @@ impl Checkpointer {
         Self::open_with(cfg, store, Env::system())
     }
 
+    /// Opens a checkpointer to share between tasks. With [`Config::resume_at_open`], its
+    /// unfinished jobs are resumed in the background on the current tokio runtime (a
+    /// resumed job that fails is logged and recorded as failed).
+    pub fn open_shared(cfg: Config) -> Result<Arc<Self>, CairnError> {
+        let resume = cfg.resume_at_open;
+        let cp = Arc::new(Self::open(cfg)?);
+        if resume {
+            let handle = tokio::runtime::Handle::try_current().map_err(|e| CairnError::Config {
+                what: "resume_at_open".into(),
+                reason: format!("needs a tokio runtime to resume in: {e}"),
+            })?;
+            let bg = Arc::clone(&cp);
+            handle.spawn(async move {
+                match bg.resume().await {
+                    Ok(results) => {
+                        for (id, r) in results {
+                            if let Err(e) = r {
+                                tracing::warn!(job = %id, error = %e, "resumed job did not complete");
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "could not resume unfinished jobs"),
+                }
+            });
+        }
+        Ok(cp)
+    }
+
     /// Opens with an explicit store and environment (tests, embedding).
     pub fn open_with(cfg: Config, store: RemoteStore, env: Env) -> Result<Self, CairnError> {
         cfg.validate()?;
@@ -125,8 +144,8 @@ impl Checkpointer {
             store,
             scratch,
             writer,
-            cancels: queue::CancelFlags::default(),
-            resumed: std::sync::atomic::AtomicBool::new(false),
+            cancels: queue::Cancels::default(),
+            db_locks: dashmap::DashMap::new(),
             store_checked: tokio::sync::OnceCell::new(),
         };
         cp.sweep_finished_jobs()?;
@@ -143,6 +162,11 @@ impl Checkpointer {
         Ok(())
     }
 
+    /// The publication lock of one database (see `db_locks`).
+    pub(crate) fn db_lock(&self, db: &cairn_core::DbId) -> Arc<tokio::sync::Mutex<()>> {
+        Arc::clone(self.db_locks.entry(db.clone()).or_default().value())
+    }
+
     /// The store in use.
     pub fn store(&self) -> &RemoteStore {
         &self.store
@@ -157,76 +181,6 @@ impl Checkpointer {
     pub fn writer_id(&self) -> &str {
         &self.writer
     }
-
-    /// Imports generations published by others, then returns the database's generations.
-    pub async fn generations(&self, db: &DbId) -> Result<Vec<Generation>, CairnError> {
-        cairn_state::sync_from_remote(&self.state, &self.store, &self.cfg.tenant, db).await?;
-        Ok(self.state.generations(&self.cfg.tenant, db)?)
-    }
-
-    /// The manifest of `generation` (latest if `None`).
-    pub async fn manifest(
-        &self,
-        db: &DbId,
-        generation: Option<Generation>,
-    ) -> Result<Manifest, CairnError> {
-        let gens = self.generations(db).await?;
-        let tenant = &self.cfg.tenant;
-        let Some(latest) = gens.last().copied() else {
-            return Err(CairnError::UnknownDb {
-                tenant: tenant.clone(),
-                db: db.clone(),
-                store: self.store.describe().to_string(),
-            });
-        };
-        let g = generation.unwrap_or(latest);
-        match self.state.manifest(tenant, db, g)? {
-            Some(m) => Ok(m),
-            None => Err(CairnError::UnknownGeneration {
-                tenant: tenant.clone(),
-                db: db.clone(),
-                generation: g,
-                available: summarize(&gens),
-            }),
-        }
-    }
-
-    /// Every generation of a database with its summary.
-    pub async fn list(&self, db: &DbId) -> Result<Vec<GenerationInfo>, CairnError> {
-        self.ensure_resumed().await?;
-        let gens = self.generations(db).await?;
-        if gens.is_empty() {
-            return Err(CairnError::UnknownDb {
-                tenant: self.cfg.tenant.clone(),
-                db: db.clone(),
-                store: self.store.describe().to_string(),
-            });
-        }
-        let mut out = Vec::with_capacity(gens.len());
-        for g in gens {
-            if let Some(m) = self.state.manifest(&self.cfg.tenant, db, g)? {
-                let mut names: Vec<String> = m.blobs().iter().map(|b| b.name()).collect();
-                names.sort();
-                names.dedup();
-                out.push(GenerationInfo {
-                    generation: g.0,
-                    created_unix_ms: m.created_unix_ms,
-                    kind: m.kind().as_str(),
-                    logical_bytes: m.logical_len(),
-                    blobs: names.len(),
-                    parent: m.parent.map(|p| p.0),
-                    writer: m.writer.clone(),
-                    job: m.job.clone(),
-                });
-            }
-        }
-        Ok(out)
-    }
-
-    /// Databases of the tenant that have published generations in the store.
-    pub async fn databases(&self) -> Result<Vec<DbId>, CairnError> {
-        Ok(cairn_state::remote_databases(&self.store, &self.cfg.tenant).await?)
-    }
 }
 
 /// The embedded default store of a state directory: `file://<state>/store`.
@@ -238,10 +192,16 @@ pub fn default_store_url(state_dir: &Path) -> Result<String, CairnError> {
     Ok(format!("file://{}", abs.join("store").display()))
 }
 
-fn summarize(gens: &[Generation]) -> String {
-    match (gens.first(), gens.last()) {
-        (Some(a), Some(b)) if a == b => format!("{a}"),
-        (Some(a), Some(b)) => format!("{} generations, {a}..={b}", gens.len()),
-        _ => "none".into(),
+#[cfg(test)]
+mod send_check {
+    use super::*;
+
+    #[allow(dead_code)]
+    fn futures_are_send(cp: &'static Checkpointer, db: &'static DbId, s: &'static Source) {
+        fn send<T: Send>(_: T) {}
+        send(cp.checkpoint(db, s));
+        send(cp.restore(db, None, Path::new("x")));
+        send(cp.verify(db, None, true));
+        send(cp.resume());
     }
 }

@@ -15,9 +15,7 @@
 //! job that would publish again. Cancellation: see [`Checkpointer::cancel`]; uploads in
 //! flight when an attempt ends are aborted with it.
 
-use std::sync::atomic::Ordering;
-
-use cairn_core::JobId;
+use cairn_core::{DbId, JobId, Lsn};
 use serde::Serialize;
 
 use crate::queue::{backoff_ms, Job, JobSpec, JobState, Phase, MAX_ATTEMPTS, MAX_STARTS};
@@ -36,9 +34,17 @@ pub enum JobOutcome {
 }
 
 impl Checkpointer {
-    fn release_job(&self, id: JobId) -> Result<(), CairnError> {
+    /// Frees what a job that will not run again holds: its scratch, items and leases.
+    fn release_job(&self, job: &Job<'_>) -> Result<(), CairnError> {
+        let id = job.id();
         self.scratch.remove_job(id)?;
         self.state.delete_job(id, false)?;
+        let (tenant, db) = (&job.rec().tenant, job.rec().spec.db());
+        for l in self.state.leases(tenant, db)? {
+            if l.holder == Some(id) {
+                self.state.delete_lease(tenant, db, l.id)?;
+            }
+        }
         Ok(())
     }
 
@@ -48,7 +54,7 @@ impl Checkpointer {
         if let JobSpec::Restore { to, .. } = &job.rec().spec {
             cairn_executor::assemble::discard_partial(to)?;
         }
-        self.release_job(job.id())
+        self.release_job(job)
     }
 
     /// Ends a job that will not run again with `state`, keeping `error` as its last one.
@@ -62,6 +68,18 @@ impl Checkpointer {
         )?;
         self.abandon_job(&job)?;
         self.cancels.forget(job.id());
+        Ok(())
+    }
+
+    /// Ends a job that waits in the queue (for its first run or a retry) as cancelled.
+    pub(crate) fn end_queued(&self, id: JobId) -> Result<(), CairnError> {
+        let job = self.job_handle(id)?;
+        if job.rec().state == JobState::Queued {
+            let e = CairnError::Cancelled {
+                job: id.to_string(),
+            };
+            self.end_job(job, JobState::Cancelled, e.to_string())?;
+        }
         Ok(())
     }
 
@@ -90,9 +108,18 @@ impl Checkpointer {
                     state: "failed".into(),
                 });
             }
+            let cancel = self.cancels.state(id);
             let now = self.env.now_ms();
             if rec.not_before_ms > now {
-                tokio::time::sleep(std::time::Duration::from_millis(rec.not_before_ms - now)).await;
+                let wait = std::time::Duration::from_millis(rec.not_before_ms - now);
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = cancel.cancelled() => {
+                        let e = CairnError::Cancelled { job: id.to_string() };
+                        self.end_job(job, JobState::Cancelled, e.to_string())?;
+                        return Err(e);
+                    }
+                }
             }
             job.update(
                 |r| {
@@ -102,27 +129,42 @@ impl Checkpointer {
                 },
                 &[],
             )?;
-            let result = match job.rec().spec.clone() {
-                JobSpec::Checkpoint {
-                    db,
-                    source,
-                    chunk_size,
-                } => self
-                    .run_checkpoint(&mut job, &db, &source, chunk_size)
-                    .await
-                    .map(JobOutcome::Checkpoint),
-                JobSpec::Restore { db, generation, to } => self
-                    .run_restore(&mut job, &db, generation, &to)
-                    .await
-                    .map(JobOutcome::Restore),
-                JobSpec::Verify {
-                    db,
-                    generation,
-                    deep,
-                } => self
-                    .run_verify(&mut job, &db, generation, deep)
-                    .await
-                    .map(JobOutcome::Verify),
+            let spec = job.rec().spec.clone();
+            let attempt = async {
+                match spec {
+                    JobSpec::Checkpoint {
+                        db,
+                        source,
+                        chunk_size,
+                        lsn,
+                    } => self
+                        .run_checkpoint(&mut job, &db, &source, chunk_size, lsn.map(Lsn))
+                        .await
+                        .map(JobOutcome::Checkpoint),
+                    JobSpec::Restore {
+                        db,
+                        generation,
+                        to,
+                        lsn,
+                    } => self
+                        .run_restore(&mut job, &db, generation, lsn.map(Lsn), &to)
+                        .await
+                        .map(JobOutcome::Restore),
+                    JobSpec::Verify {
+                        db,
+                        generation,
+                        deep,
+                    } => self
+                        .run_verify(&mut job, &db, generation, deep)
+                        .await
+                        .map(JobOutcome::Verify),
+                }
+            };
+            // A cancel stops the attempt wherever it waits (its uploads are aborted with
+            // it), unless the job entered publication.
+            let result = tokio::select! {
+                r = attempt => r,
+                () = cancel.cancelled() => Err(CairnError::Cancelled { job: id.to_string() }),
             };
             match result {
                 Ok(outcome) => {
@@ -140,7 +182,7 @@ impl Checkpointer {
                         },
                         &[],
                     )?;
-                    self.release_job(id)?;
+                    self.release_job(&job)?;
                     self.cancels.forget(id);
                     return Ok(outcome);
                 }
@@ -171,28 +213,28 @@ impl Checkpointer {
 
     /// Runs every unfinished job (queued, or running when a process died), oldest first.
     pub async fn resume(&self) -> Result<Vec<(JobId, Result<JobOutcome, CairnError>)>, CairnError> {
-        self.resumed.store(true, Ordering::SeqCst);
+        self.resume_where(|_| true).await
+    }
+
+    /// Runs the unfinished jobs of one database, oldest first.
+    pub async fn resume_db(
+        &self,
+        db: &DbId,
+    ) -> Result<Vec<(JobId, Result<JobOutcome, CairnError>)>, CairnError> {
+        self.resume_where(|r| r.spec.db() == db).await
+    }
+
+    async fn resume_where(
+        &self,
+        pick: impl Fn(&crate::JobRecord) -> bool,
+    ) -> Result<Vec<(JobId, Result<JobOutcome, CairnError>)>, CairnError> {
         let mut out = Vec::new();
         for rec in self.jobs()? {
-            if rec.state.is_unfinished() {
+            if rec.state.is_unfinished() && pick(&rec) {
                 let r = self.run_job(rec.id).await;
                 out.push((rec.id, r));
             }
         }
         Ok(out)
-    }
-
-    /// Resumes unfinished jobs once per `Checkpointer`, before its first operation. A job
-    /// that fails is recorded as failed; it does not fail the operation that triggered it.
-    pub(crate) async fn ensure_resumed(&self) -> Result<(), CairnError> {
-        if self.resumed.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        for (id, r) in self.resume().await? {
-            if let Err(e) = r {
-                tracing::warn!(job = %id, error = %e, "resumed job did not complete");
-            }
-        }
-        Ok(())
     }
 }

@@ -10,7 +10,7 @@
 use std::time::Instant;
 
 use cairn_core::delta::DeltaView;
-use cairn_core::{keys, BlobRef, DbId, Generation, ManifestBody, SourceKind};
+use cairn_core::{keys, BlobRef, DbId, Generation, SourceKind};
 use futures::stream::{self, StreamExt};
 use serde::Serialize;
 
@@ -53,7 +53,6 @@ impl Checkpointer {
         generation: Option<Generation>,
         deep: bool,
     ) -> Result<VerifyReport, CairnError> {
-        self.ensure_resumed().await?;
         let id = self.enqueue(crate::queue::JobSpec::Verify {
             db: db.clone(),
             generation: generation.map(|g| g.0),
@@ -101,30 +100,32 @@ impl Checkpointer {
         deep: bool,
     ) -> Result<VerifyReport, CairnError> {
         let started = Instant::now();
-        let m = self.manifest(db, generation).await?;
+        let gs = self.state(db, generation).await?;
         let tenant = &self.cfg.tenant;
         // Every distinct blob, with what a delta must be checked against.
-        let mut blobs: Vec<(BlobRef, Option<DeltaCtx>)> = match &m.body {
-            ManifestBody::Pages(p) => p
-                .chunks
-                .iter()
-                .flat_map(|c| {
-                    std::iter::once((c.base, None)).chain(c.deltas.iter().map(move |d| {
-                        let ctx = DeltaCtx {
-                            chunk: c.index,
-                            base_crc64: c.base.crc64,
-                            page_size: p.page_size,
-                        };
-                        (*d, Some(ctx))
-                    }))
-                })
-                .collect(),
-            ManifestBody::Segments(_) => m.blobs().into_iter().map(|b| (b, None)).collect(),
-        };
+        let mut blobs: Vec<(BlobRef, Option<DeltaCtx>)> = Vec::new();
+        if let Some(p) = &gs.state.pages {
+            for c in &p.chunks {
+                blobs.push((c.base, None));
+                for d in &c.deltas {
+                    let ctx = DeltaCtx {
+                        chunk: c.index,
+                        base_crc64: c.base.crc64,
+                        page_size: p.page_size,
+                    };
+                    blobs.push((*d, Some(ctx)));
+                }
+            }
+        }
+        if let Some(w) = &gs.state.wal {
+            blobs.extend(w.segments.iter().map(|s| (s.blob, None)));
+        }
         blobs.sort_by_key(|(b, _)| b.name());
         blobs.dedup_by_key(|(b, _)| b.name());
-        let checks = stream::iter(blobs.iter())
-            .map(|(b, delta)| async move {
+        let blobs = &blobs;
+        let checks = stream::iter(0..blobs.len())
+            .map(|i| async move {
+                let (b, delta) = &blobs[i];
                 let key = keys::blob_key(tenant, db, b);
                 if deep {
                     match delta {
@@ -132,16 +133,16 @@ impl Checkpointer {
                             Ok(_) => Ok(b.object_len()),
                             Err(e) => Err(format!("{key}: {e}")),
                         },
-                        Some(DeltaCtx {
-                            chunk,
-                            base_crc64: base_crc,
-                            page_size,
-                        }) => match crate::restore::fetch_blob(&self.store, &key, b).await {
-                            Ok(payload) => {
-                                DeltaView::parse(&key, &payload, *chunk, *base_crc, *page_size)
-                                    .map(|_| b.object_len())
-                                    .map_err(|e| format!("{key}: {e}"))
-                            }
+                        Some(ctx) => match crate::restore::fetch_blob(&self.store, &key, b).await {
+                            Ok(payload) => DeltaView::parse(
+                                &key,
+                                &payload,
+                                ctx.chunk,
+                                ctx.base_crc64,
+                                ctx.page_size,
+                            )
+                            .map(|_| b.object_len())
+                            .map_err(|e| format!("{key}: {e}")),
                             Err(e) => Err(format!("{key}: {e}")),
                         },
                     }
@@ -162,7 +163,7 @@ impl Checkpointer {
             .await;
         let mut report = VerifyReport {
             db: db.to_string(),
-            generation: m.generation.0,
+            generation: gs.manifest.generation.0,
             deep,
             blobs_checked: blobs.len() as u64,
             ..Default::default()
@@ -174,12 +175,22 @@ impl Checkpointer {
             }
         }
         report.errors.sort();
-        if deep && report.errors.is_empty() && m.kind() == SourceKind::Sqlite {
+        let sqlite = gs
+            .state
+            .pages
+            .as_ref()
+            .filter(|p| p.origin == SourceKind::Sqlite);
+        if let (true, true, Some(pages)) = (deep, report.errors.is_empty(), sqlite) {
             let job = cairn_core::JobId(self.env.next_u64());
             let scratch = self.scratch.job(job)?;
             let target = scratch.dir().join("verify.sqlite");
             let outcome = async {
-                self.restore_manifest(&m, &target, None).await?;
+                let parts = crate::restore::Parts {
+                    pages: Some(pages),
+                    segments: &[],
+                    layout: crate::restore::Layout::File,
+                };
+                self.restore_parts(&gs, &parts, &target, None).await?;
                 let t = target.clone();
                 tokio::task::spawn_blocking(move || cairn_executor::sqlite_integrity_check(&t))
                     .await
@@ -195,7 +206,7 @@ impl Checkpointer {
             for finding in outcome? {
                 report.errors.push(format!(
                     "PRAGMA integrity_check on restored generation {}: {finding}",
-                    m.generation
+                    gs.manifest.generation
                 ));
             }
         }

@@ -7,7 +7,7 @@
 //! synced batch, so a crash leaves all of it or none. Nothing here retries or is
 //! cancellable; each call is one RocksDB operation.
 
-use cairn_core::{BlobKind, BlobRef, DbId, Digest128, Generation, Manifest, SourceKind, TenantId};
+use cairn_core::{BlobKind, BlobRef, DbId, Digest128, Generation, Manifest, TenantId};
 use rocksdb::{Direction, IteratorMode, WriteBatch};
 use serde::{Deserialize, Serialize};
 
@@ -20,8 +20,6 @@ use crate::StateDb;
 /// What the catalog knows of one database.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DbRecord {
-    /// Source kind of the database.
-    pub kind: SourceKind,
     /// Latest generation known (published by anyone).
     pub latest: Generation,
 }
@@ -179,7 +177,8 @@ impl StateDb {
     }
 
     /// Records a published generation in one atomic batch: its manifest, the blobs it
-    /// references and the database's latest generation.
+    /// names (all of a full manifest, the new ones of a diff) and the database's latest
+    /// generation.
     pub fn record_generation(&self, m: &Manifest) -> Result<(), StateError> {
         self.record_generation_with(m, &LocalUpdates::default())
     }
@@ -205,10 +204,7 @@ impl StateDb {
             Some(r) if r.latest > m.generation => r.latest,
             _ => m.generation,
         };
-        let rec = DbRecord {
-            kind: m.kind(),
-            latest,
-        };
+        let rec = DbRecord { latest };
         let rec = encode(|| format!("dbs/{}/{}", m.tenant, m.db), &rec)?;
         b.put_cf(self.cf("dbs")?, db_key(&m.tenant, &m.db), rec);
         self.put_digests(&mut b, m, local)?;
@@ -222,7 +218,7 @@ impl StateDb {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use cairn_core::{ManifestBody, SegmentEntry, SegmentsState};
+    use cairn_core::{Content, DbState, SegmentEntry, WalState};
 
     pub(crate) fn manifest(g: u64, blobs: &[BlobRef]) -> Manifest {
         let mut lsn = 0;
@@ -233,6 +229,7 @@ pub(crate) mod tests {
                 let e = SegmentEntry {
                     name: format!("s{i:03}"),
                     lsn_start: cairn_core::Lsn(lsn),
+                    lsn_end: cairn_core::Lsn(lsn + b.len),
                     len: b.len,
                     blob: *b,
                 };
@@ -240,8 +237,9 @@ pub(crate) mod tests {
                 e
             })
             .collect();
+        let segments: Vec<SegmentEntry> = segments;
         Manifest {
-            format: 1,
+            format: 2,
             tenant: TenantId::new("t").unwrap(),
             db: DbId::new("d").unwrap(),
             generation: Generation(g),
@@ -249,9 +247,14 @@ pub(crate) mod tests {
             writer: "w".into(),
             created_unix_ms: 0,
             job: None,
-            body: ManifestBody::Segments(SegmentsState {
-                segments,
-                lsn_end: cairn_core::Lsn(lsn),
+            content: Content::Full(DbState {
+                pages: None,
+                wal: Some(WalState {
+                    start: cairn_core::Lsn(0),
+                    end: cairn_core::Lsn(lsn),
+                    last_name: segments.last().map(|s| s.name.clone()),
+                    segments,
+                }),
             }),
         }
     }

@@ -24,10 +24,11 @@ pub(crate) const CFS: &[&str] = &[
     "catalog",
     "pagedigests",
     "jobs",
+    "leases",
 ];
 
 /// Families earlier builds created and this one no longer uses; dropped at open.
-const OBSOLETE_CFS: &[&str] = &["changelog", "leases", "pins"];
+const OBSOLETE_CFS: &[&str] = &["changelog", "pins"];
 
 /// The local state database.
 pub struct StateDb {

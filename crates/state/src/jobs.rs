@@ -23,14 +23,18 @@ pub enum ItemKey {
     Plan,
     /// The engine's dirty pages of a checkpoint, stored once at enqueue (`dirty`).
     Dirty,
+    /// The engine's LSN ranges of a segment checkpoint's files, stored once (`ranges`).
+    Ranges,
     /// A checkpoint's finished chunk (`c` + index).
     Chunk(u64),
     /// That chunk's new page digests (`d` + index).
     ChunkDigests(u64),
     /// A checkpoint's finished new segment (`s` + position in the plan).
     Segment(u64),
-    /// A restore's "written and synced" marker (`r` + chunk index or segment position).
+    /// A restore's "written and synced" marker of a chunk (`r` + chunk index).
     Restored(u64),
+    /// A restore's "written and synced" marker of a segment (`w` + its position).
+    RestoredSegment(u64),
 }
 
 impl ItemKey {
@@ -43,10 +47,12 @@ impl ItemKey {
         match self {
             ItemKey::Plan => b"plan".to_vec(),
             ItemKey::Dirty => b"dirty".to_vec(),
+            ItemKey::Ranges => b"ranges".to_vec(),
             ItemKey::Chunk(i) => tagged(b'c', i),
             ItemKey::ChunkDigests(i) => tagged(b'd', i),
             ItemKey::Segment(i) => tagged(b's', i),
             ItemKey::Restored(i) => tagged(b'r', i),
+            ItemKey::RestoredSegment(i) => tagged(b'w', i),
         }
     }
 
@@ -54,6 +60,7 @@ impl ItemKey {
         match k {
             b"plan" => return Some(ItemKey::Plan),
             b"dirty" => return Some(ItemKey::Dirty),
+            b"ranges" => return Some(ItemKey::Ranges),
             _ => {}
         }
         let (tag, rest) = k.split_first()?;
@@ -63,6 +70,7 @@ impl ItemKey {
             b'd' => Some(ItemKey::ChunkDigests(i)),
             b's' => Some(ItemKey::Segment(i)),
             b'r' => Some(ItemKey::Restored(i)),
+            b'w' => Some(ItemKey::RestoredSegment(i)),
             _ => None,
         }
     }
@@ -186,6 +194,8 @@ mod tests {
             ItemKey::ChunkDigests(u64::MAX),
             ItemKey::Segment(0),
             ItemKey::Restored(3),
+            ItemKey::Ranges,
+            ItemKey::RestoredSegment(9),
         ] {
             assert_eq!(ItemKey::decode(&k.encode()), Some(k));
         }

@@ -12,24 +12,32 @@
 //! | `catalog` | tenant `\0` db `\0` blob name | [`cairn_core::BlobRef`] (JSON) |
 //! | `pagedigests` | tenant `\0` db `\0` chunk index | [`ChunkDigests`] of this writer's latest generation |
 //! | `jobs` | see [`jobs`] | the durable job queue's records and items |
+//! | `leases` | tenant `\0` db `\0` lease id | [`Lease`] (JSON) |
 //!
 //! Contract: every state change that must be atomic is one synced RocksDB write batch, and
 //! one process owns a state directory at a time. Module by module: [`db`] (opening, the
 //! lock, batches, counters), [`catalog`] (generations and blobs), [`digests`] (page
-//! digests), [`jobs`] (the queue's storage) and [`mod@publish`] (conditional create, then the
-//! local batch; importing others' generations). What a crash leaves and what is retried is
+//! digests), [`jobs`] (the queue's storage), [`leases`] (WAL leases), [`mod@publish`]
+//! (conditional create, then the local batch; importing others' generations) and
+//! [`chain`] (materialising a generation from its full manifest and diffs). What a crash leaves and what is retried is
 //! said in each module.
 
 pub mod catalog;
+pub mod chain;
 pub mod db;
 pub mod digests;
 mod error;
 pub mod jobs;
+pub mod leases;
 pub mod publish;
 
 pub use catalog::{BlobLookup, DbRecord, LocalUpdates};
+pub use chain::{materialize, Walk};
 pub use db::StateDb;
 pub use digests::ChunkDigests;
 pub use error::StateError;
 pub use jobs::{ItemKey, ItemWrite};
-pub use publish::{publish, publish_with, remote_databases, sync_from_remote};
+pub use leases::Lease;
+pub use publish::{
+    fetch_manifest, publish, publish_with, remote_databases, remote_generations, sync_from_remote,
+};

@@ -8,8 +8,8 @@
 //! Crash: after the remote create and before the local batch, the store holds a generation
 //! the local state does not; the next [`sync_from_remote`] imports it, so nothing is lost or
 //! published twice. Retries: a conditional create that reports "already exists" is settled
-//! by reading the object back: identical bytes mean our earlier attempt won (its response
-//! was lost). Requests are retried by the store. Cancellation: dropping a future between
+//! by reading the object back: the same manifest means our earlier attempt won (its
+//! response was lost). Requests are retried by the store. Cancellation: dropping a future between
 //! the two steps is the crash case above.
 
 use bytes::Bytes;
@@ -55,10 +55,16 @@ pub async fn publish_with(
             let existing = store
                 .get_bytes_verified(&key, |b| Manifest::decode(&key, b).map(|_| ()))
                 .await?;
-            if existing.as_ref() != bytes.as_slice() {
-                let winner = Manifest::decode(&key, &existing)
-                    .map(|m| m.writer)
-                    .unwrap_or_else(|_| "unknown".into());
+            // Compared by content, not bytes: a resumed job built by another release may
+            // compress the same manifest differently.
+            let theirs = Manifest::decode(&key, &existing)?;
+            if theirs.content != manifest.content
+                || theirs.writer != manifest.writer
+                || theirs.job != manifest.job
+                || theirs.created_unix_ms != manifest.created_unix_ms
+                || theirs.parent != manifest.parent
+            {
+                let winner = theirs.writer;
                 return Err(StateError::Fenced {
                     tenant: manifest.tenant.clone(),
                     db: manifest.db.clone(),
@@ -73,6 +79,52 @@ pub async fn publish_with(
     Ok(bytes.len() as u64)
 }
 
+/// The generations the store holds for a database, ascending (a listing, no reads).
+pub async fn remote_generations(
+    store: &RemoteStore,
+    tenant: &TenantId,
+    db: &DbId,
+) -> Result<Vec<Generation>, StateError> {
+    let listed = store.list(&keys::manifests_prefix(tenant, db)).await?;
+    let mut gens: Vec<Generation> = listed
+        .iter()
+        .filter_map(|o| keys::parse_manifest_key(&o.key))
+        .collect();
+    gens.sort();
+    Ok(gens)
+}
+
+/// Generation `g`'s manifest: from the local state, or read from the store (verified,
+/// checked against its key) and recorded locally.
+pub async fn fetch_manifest(
+    state: &StateDb,
+    store: &RemoteStore,
+    tenant: &TenantId,
+    db: &DbId,
+    g: Generation,
+) -> Result<Manifest, StateError> {
+    if let Some(m) = state.manifest(tenant, db, g)? {
+        return Ok(m);
+    }
+    let key = keys::manifest_key(tenant, db, g);
+    // A damaged transfer is read again; damage at rest fails naming the key.
+    let bytes = store
+        .get_bytes_verified(&key, |b| Manifest::decode(&key, b).map(|_| ()))
+        .await?;
+    let m = Manifest::decode(&key, &bytes)?;
+    if &m.tenant != tenant || &m.db != db || m.generation != g {
+        return Err(StateError::Corrupt {
+            key,
+            reason: format!(
+                "manifest describes {}/{} generation {}, not the database and generation its key names",
+                m.tenant, m.db, m.generation
+            ),
+        });
+    }
+    state.record_generation(&m)?;
+    Ok(m)
+}
+
 /// Imports every generation published in the store that the local state lacks, so a fresh
 /// state directory (or one that lost a race to another writer) catches up. Returns the
 /// generations present remotely, ascending.
@@ -82,33 +134,10 @@ pub async fn sync_from_remote(
     tenant: &TenantId,
     db: &DbId,
 ) -> Result<Vec<Generation>, StateError> {
-    let listed = store.list(&keys::manifests_prefix(tenant, db)).await?;
-    let mut gens = Vec::with_capacity(listed.len());
-    for obj in listed {
-        let Some(generation) = keys::parse_manifest_key(&obj.key) else {
-            continue;
-        };
-        gens.push(generation);
-        if state.has_generation(tenant, db, generation)? {
-            continue;
-        }
-        // A damaged transfer is read again; damage at rest fails naming the key.
-        let bytes = store
-            .get_bytes_verified(&obj.key, |b| Manifest::decode(&obj.key, b).map(|_| ()))
-            .await?;
-        let m = Manifest::decode(&obj.key, &bytes)?;
-        if &m.tenant != tenant || &m.db != db || m.generation != generation {
-            return Err(StateError::Corrupt {
-                key: obj.key.clone(),
-                reason: format!(
-                    "manifest describes {}/{} generation {}, not the database and generation its key names",
-                    m.tenant, m.db, m.generation
-                ),
-            });
-        }
-        state.record_generation(&m)?;
+    let gens = remote_generations(store, tenant, db).await?;
+    for g in &gens {
+        fetch_manifest(state, store, tenant, db, *g).await?;
     }
-    gens.sort();
     Ok(gens)
 }
 
@@ -136,11 +165,11 @@ pub async fn remote_databases(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cairn_core::{ManifestBody, SegmentsState};
+    use cairn_core::{Content, DbState, WalState};
 
     fn m(writer: &str) -> Manifest {
         Manifest {
-            format: 1,
+            format: 2,
             tenant: TenantId::new("t").unwrap(),
             db: DbId::new("d").unwrap(),
             generation: Generation(1),
@@ -148,9 +177,14 @@ mod tests {
             writer: writer.into(),
             created_unix_ms: 1,
             job: None,
-            body: ManifestBody::Segments(SegmentsState {
-                segments: vec![],
-                lsn_end: cairn_core::Lsn(0),
+            content: Content::Full(DbState {
+                pages: None,
+                wal: Some(WalState {
+                    start: cairn_core::Lsn(0),
+                    end: cairn_core::Lsn(0),
+                    last_name: None,
+                    segments: vec![],
+                }),
             }),
         }
     }

@@ -21,13 +21,18 @@ mod publish;
 mod segments;
 mod sink;
 
+use std::collections::BTreeMap;
+use std::future::{Future, IntoFuture};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Instant;
 
-use cairn_core::{DbId, DirtySet, Generation, SourceKind};
+use cairn_core::{DbId, DirtySet, DirtyTracker, Generation, JobId, Lsn, SourceKind};
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
-use crate::queue::{Item, Job, JobItems, JobSpec, Phase, PlanBody};
+use crate::queue::{CancelHandle, Item, Job, JobEvent, JobItems, JobSpec, Phase, PlanBody};
 use crate::{CairnError, Checkpointer, JobOutcome};
 
 use sink::BlobSink;
@@ -85,8 +90,19 @@ pub struct CheckpointOptions {
     /// are trusted to be unchanged and are not read, so every page written since the
     /// previous checkpoint must be marked; only pages past the previous checkpoint's end of
     /// file need none. `None` (or an overflowed set) means the checkpointer finds changed
-    /// pages itself by comparing page digests.
+    /// pages itself by comparing page digests. Only a raw page file can use them; for any
+    /// other source they are an error. The caller keeps its set: if the checkpoint fails,
+    /// it can put it back into its tracker.
     pub dirty: Option<DirtySet>,
+    /// The engine's tracker: the checkpointer drains it when the job is enqueued and, if
+    /// the job fails or is cancelled, puts the drained pages back (used instead of
+    /// `dirty`).
+    pub tracker: Option<Arc<DirtyTracker>>,
+    /// The LSN of the engine's WAL this page checkpoint covers (page sources).
+    pub lsn: Option<Lsn>,
+    /// For a segment directory, the LSN range `[start, end)` of each file by name, for an
+    /// engine whose LSNs are not byte offsets. `None`: byte offsets in name order.
+    pub segment_lsns: Option<BTreeMap<String, (Lsn, Lsn)>>,
 }
 
 /// What a checkpoint did.
@@ -125,6 +141,68 @@ pub struct CheckpointReport {
     pub duration_ms: u64,
 }
 
+/// A checkpoint job that was enqueued: its id, a cancel handle and a watch of its
+/// progress; awaiting it runs the job to its end.
+#[must_use = "a checkpoint runs only when it is awaited"]
+pub struct CheckpointRun<'a> {
+    cp: &'a Checkpointer,
+    job: Result<JobId, CairnError>,
+    /// The tracker and the pages drained from it, given back if the job fails.
+    give_back: Option<(Arc<DirtyTracker>, DirtySet)>,
+}
+
+impl CheckpointRun<'_> {
+    /// The job's id (or why it could not be enqueued).
+    pub fn id(&self) -> Result<JobId, &CairnError> {
+        self.job.as_ref().copied()
+    }
+
+    /// A handle that cancels the job from any task.
+    pub fn cancel_handle(&self) -> Option<CancelHandle> {
+        self.job.as_ref().ok().map(|id| self.cp.cancel_handle(*id))
+    }
+
+    /// A watch of the job's state, phase and progress.
+    pub fn progress(&self) -> Option<watch::Receiver<JobEvent>> {
+        self.job
+            .as_ref()
+            .ok()
+            .and_then(|id| self.cp.watch_job(*id).ok())
+    }
+}
+
+impl<'a> CheckpointRun<'a> {
+    /// Runs the job to its end (what awaiting the run does).
+    pub async fn wait(self) -> Result<CheckpointReport, CairnError> {
+        let id = self.job?;
+        let result = match self.cp.run_job(id).await {
+            Ok(JobOutcome::Checkpoint(r)) => Ok(r),
+            Ok(_) => Err(CairnError::UnexpectedOutcome {
+                job: id.to_string(),
+                expected: "checkpoint",
+            }),
+            Err(e) => Err(e),
+        };
+        if let (Err(_), Some((tracker, pages))) = (&result, &self.give_back) {
+            // Failed or cancelled for good: the pages it drained are dirty still.
+            let unfinished = matches!(self.cp.job(id), Ok(r) if r.state.is_unfinished());
+            if !unfinished {
+                tracker.restore(pages);
+            }
+        }
+        result
+    }
+}
+
+impl<'a> IntoFuture for CheckpointRun<'a> {
+    type Output = Result<CheckpointReport, CairnError>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send + 'a>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.wait())
+    }
+}
+
 impl Checkpointer {
     /// Checkpoints `source` as the next generation of `db` and publishes it.
     pub async fn checkpoint(
@@ -136,22 +214,32 @@ impl Checkpointer {
             .await
     }
 
-    /// [`Checkpointer::checkpoint`] with options (the engine's dirty pages). Runs as a
-    /// job: unfinished jobs are resumed first, and this one survives a crash.
-    pub async fn checkpoint_with(
+    /// [`Checkpointer::checkpoint`] with options (the engine's dirty pages, the LSN it
+    /// covers). The job is enqueued at once and runs when the result is awaited; it
+    /// survives a crash (see [`Checkpointer::resume`]).
+    pub fn checkpoint_with(
         &self,
         db: &DbId,
         source: &Source,
         opts: &CheckpointOptions,
-    ) -> Result<CheckpointReport, CairnError> {
-        self.ensure_resumed().await?;
-        let id = self.enqueue_checkpoint(db, source, opts)?;
-        match self.run_job(id).await? {
-            JobOutcome::Checkpoint(r) => Ok(r),
-            _ => Err(CairnError::UnexpectedOutcome {
-                job: id.to_string(),
-                expected: "checkpoint",
-            }),
+    ) -> CheckpointRun<'_> {
+        let mut opts = opts.clone();
+        let mut give_back = None;
+        if let Some(t) = opts.tracker.take() {
+            let drained = t.drain();
+            opts.dirty = Some(drained.clone());
+            give_back = Some((t, drained));
+        }
+        let job = self.enqueue_checkpoint(db, source, &opts);
+        if job.is_err() {
+            if let Some((t, pages)) = &give_back {
+                t.restore(pages);
+            }
+        }
+        CheckpointRun {
+            cp: self,
+            job,
+            give_back,
         }
     }
 
@@ -161,29 +249,53 @@ impl Checkpointer {
         db: &DbId,
         source: &Source,
         opts: &CheckpointOptions,
-    ) -> Result<cairn_core::JobId, CairnError> {
+    ) -> Result<JobId, CairnError> {
         let source = source.absolute()?;
         // The engine's dirty pages apply to a raw page file the engine writes in place; a
         // SQLite source is read from a snapshot taken later, so pages drained earlier would
         // miss writes made in between. They may come unsorted (merged drains).
-        let dirty = match source {
-            Source::Pages { .. } => opts.dirty.as_ref().filter(|d| !d.overflow).map(|d| {
+        let dirty = match (&source, &opts.dirty) {
+            (_, None) => None,
+            (Source::Pages { .. }, Some(d)) => (!d.overflow).then(|| {
                 let mut pages = d.pages.clone();
                 pages.sort_unstable();
                 pages.dedup();
                 pages
             }),
-            Source::Sqlite(_) | Source::Segments(_) => None,
+            (other, Some(_)) => {
+                return Err(CairnError::DirtyPagesUnusable {
+                    db: db.clone(),
+                    kind: other.kind().as_str(),
+                })
+            }
         };
+        if opts.lsn.is_some() && source.kind() == SourceKind::Segments {
+            return Err(CairnError::Config {
+                what: format!("checkpoint of {db}"),
+                reason: "an LSN is given to page checkpoints; a segment's LSNs are its range"
+                    .into(),
+            });
+        }
+        if opts.segment_lsns.is_some() && source.kind() != SourceKind::Segments {
+            return Err(CairnError::Config {
+                what: format!("checkpoint of {db}"),
+                reason: "segment LSN ranges are given to segment directories only".into(),
+            });
+        }
         let spec = JobSpec::Checkpoint {
             db: db.clone(),
             source,
             chunk_size: self.cfg.chunk_size,
+            lsn: opts.lsn.map(|l| l.0),
         };
-        match &dirty {
-            Some(pages) => self.enqueue_with(spec, &[Item::Dirty(pages)]),
-            None => self.enqueue(spec),
+        let mut items = Vec::new();
+        if let Some(pages) = &dirty {
+            items.push(Item::Dirty(pages));
         }
+        if let Some(ranges) = &opts.segment_lsns {
+            items.push(Item::Ranges(ranges));
+        }
+        self.enqueue_with(spec, &items)
     }
 
     /// Plans (or reloads the plan of) a checkpoint job, then stages, uploads and publishes
@@ -194,9 +306,13 @@ impl Checkpointer {
         db: &DbId,
         source: &Source,
         chunk_size: u64,
+        lsn: Option<Lsn>,
     ) -> Result<CheckpointReport, CairnError> {
         let started = Instant::now();
         self.check_store().await?;
+        // One publication at a time per database in this process, from plan to publish.
+        let lock = self.db_lock(db);
+        let _publishing = lock.lock().await;
         let scratch = self.scratch.job(job.id())?;
         let mut items = job.items()?;
         let kind = source.kind();
@@ -234,23 +350,32 @@ impl Checkpointer {
                     items = JobItems::default();
                     job.clear_items()?;
                 }
-                self.plan_checkpoint(job, db, source, chunk_size, &scratch)
-                    .await?
+                let what = plan::PlanRequest {
+                    db,
+                    source,
+                    chunk_size,
+                    lsn,
+                };
+                self.plan_checkpoint(job, &what, &items, &scratch).await?
             }
         };
-        let prev = match plan.parent {
-            Some(g) => Some(
-                self.state
-                    .manifest(&self.cfg.tenant, db, Generation(g))?
-                    .ok_or_else(|| CairnError::ParentMissing {
-                        job: job.id().to_string(),
-                        tenant: self.cfg.tenant.clone(),
-                        db: db.clone(),
-                        generation: Generation(g),
-                    })?,
-            ),
-            None => None,
-        };
+        let parent =
+            match plan.parent {
+                Some(g) => Some(self.state(db, Some(Generation(g))).await.map_err(
+                    |e| match e {
+                        CairnError::UnknownGeneration { .. } | CairnError::UnknownDb { .. } => {
+                            CairnError::ParentMissing {
+                                job: job.id().to_string(),
+                                tenant: self.cfg.tenant.clone(),
+                                db: db.clone(),
+                                generation: Generation(g),
+                            }
+                        }
+                        other => other,
+                    },
+                )?),
+                None => None,
+            };
         let mut sink = BlobSink::new(self, job.id(), db, &scratch);
         let staged = match &plan.body {
             PlanBody::Pages {
@@ -276,29 +401,27 @@ impl Checkpointer {
                     items: &mut items,
                     shape,
                     generation: plan.generation,
-                    prev: prev.as_ref(),
+                    prev: parent.as_ref().and_then(|p| p.state.pages.as_ref()),
                 }
                 .run()
                 .await?
             }
-            PlanBody::Segments {
-                dir,
-                actions,
-                lsn_end,
-            } => {
+            PlanBody::Segments { dir, new, .. } => {
                 segments::SegmentsRun {
                     sink: &mut sink,
                     job: &mut *job,
                     items: &mut items,
                 }
-                .run(dir, actions, *lsn_end)
+                .run(dir, new)
                 .await?
             }
         };
         let uploaded = sink.finish().await?;
         self.check_cancel(job.id())?;
         job.update(|r| r.phase = Phase::Uploaded, &[])?;
-        let manifest_bytes = self.publish_plan(job, db, &plan, staged).await?;
+        let manifest_bytes = self
+            .publish_plan(job, db, &plan, parent.as_ref(), staged)
+            .await?;
         let mut report = publish::report(&items, &self.cfg.tenant, db, kind, &plan, started);
         report.blobs_uploaded = uploaded.blobs_uploaded;
         report.blobs_reused = uploaded.blobs_reused;

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use cairn_core::{BlobKind, ChunkState, Manifest, ManifestBody, PagesState, SourceKind};
+use cairn_core::{BlobKind, ChunkState, PagesState, SourceKind};
 use cairn_executor::PageFile;
 use cairn_planner::ChunkPlan;
 use cairn_state::{ChunkDigests, ItemKey};
@@ -40,7 +40,8 @@ pub(super) struct PagesRun<'r, 's, 'j> {
     pub items: &'r mut JobItems,
     pub shape: PagesShape<'r>,
     pub generation: u64,
-    pub prev: Option<&'r Manifest>,
+    /// The parent generation's page checkpoint.
+    pub prev: Option<&'r PagesState>,
 }
 
 fn tip(c: &ChunkState) -> String {
@@ -48,8 +49,8 @@ fn tip(c: &ChunkState) -> String {
 }
 
 impl PagesRun<'_, '_, '_> {
-    /// Stages and uploads every chunk not yet recorded; returns the manifest body and the
-    /// page digests to commit with it.
+    /// Stages and uploads every chunk not yet recorded; returns the chunks and the page
+    /// digests to commit with them.
     pub(super) async fn run(self) -> Result<Staged, CairnError> {
         let PagesShape {
             file,
@@ -89,12 +90,9 @@ impl PagesRun<'_, '_, '_> {
             }
         }
         // Previous chunk states line up with the new ones only if page and chunk sizes agree.
-        let aligned: Option<&PagesState> = self.prev.and_then(|m| match &m.body {
-            ManifestBody::Pages(p) if p.page_size == page_size && p.chunk_size == chunk_size => {
-                Some(p)
-            }
-            _ => None,
-        });
+        let aligned: Option<&PagesState> = self
+            .prev
+            .filter(|p| p.page_size == page_size && p.chunk_size == chunk_size);
         let pages_per_chunk = chunk_size / u64::from(page_size);
         let file = Arc::new(page_file.file);
         let (tenant, db) = (&cp.cfg.tenant, self.sink.db());
@@ -256,15 +254,12 @@ fn assemble(job: &Job<'_>, items: &JobItems, shape: &PagesShape<'_>) -> Result<S
         }
         states.push(item.state.clone());
     }
-    Ok(Staged {
-        body: ManifestBody::Pages(PagesState {
-            origin: shape.origin,
-            page_size: shape.page_size,
-            chunk_size: shape.chunk_size,
-            len: shape.len,
-            chunks: states,
-        }),
+    Ok(Staged::Pages {
+        origin: shape.origin,
+        page_size: shape.page_size,
+        chunk_size: shape.chunk_size,
+        len: shape.len,
+        chunks: states,
         digests: updates,
-        chunks: Some(chunks.len() as u64),
     })
 }

@@ -10,12 +10,12 @@
 
 use std::path::Path;
 
-use cairn_core::{keys, DbId, Generation, Manifest, ManifestBody};
+use cairn_core::{keys, DbId, Generation, Lsn, Manifest};
 use cairn_executor::{list_segments, sqlite_snapshot, JobScratch, PageFile};
-use cairn_planner::{plan_pages, plan_segments, PagesInput, SegmentInput};
+use cairn_planner::{check_page_lsn, plan_pages, plan_segments, PagesInput, SegmentInput};
 use cairn_remote_store::StoreError;
 
-use crate::queue::{CkptPlan, Item, Job, Phase, PlanBody, Progress};
+use crate::queue::{CkptPlan, Item, Job, JobItems, Phase, PlanBody, Progress};
 use crate::{CairnError, Checkpointer, Source};
 
 /// Inode and modification time of a file.
@@ -67,7 +67,7 @@ impl Checkpointer {
         if m.job.as_deref() != Some(job.id().to_string().as_str()) {
             return Ok(false);
         }
-        cairn_state::sync_from_remote(&self.state, &self.store, &self.cfg.tenant, db).await?;
+        self.state.record_generation(&m)?;
         job.update(|r| r.phase = Phase::Published, &[])?;
         Ok(true)
     }
@@ -76,46 +76,48 @@ impl Checkpointer {
     pub(super) async fn plan_checkpoint(
         &self,
         job: &mut Job<'_>,
-        db: &DbId,
-        source: &Source,
-        chunk_size: u64,
+        what: &PlanRequest<'_>,
+        items: &JobItems,
         scratch: &JobScratch,
     ) -> Result<CkptPlan, CairnError> {
+        let PlanRequest {
+            db,
+            source,
+            chunk_size,
+            lsn,
+        } = *what;
         let tenant = self.cfg.tenant.clone();
         self.check_cancel(job.id())?;
-        let gens = self.generations(db).await?;
-        let prev = match gens.last() {
-            Some(g) => self.state.manifest(&tenant, db, *g)?,
-            None => None,
-        };
-        if let Some(p) = &prev {
-            let recorded = p.kind();
-            if recorded != source.kind() {
+        let prev = self.latest_state(db).await?;
+        let prev_state = prev.as_ref().map(|p| &p.state);
+        let prev_pages = prev_state.and_then(|s| s.pages.as_ref());
+        if let (Some(p), Source::Sqlite(_) | Source::Pages { .. }) = (prev_pages, source) {
+            if p.origin != source.kind() {
                 return Err(CairnError::KindMismatch {
                     tenant,
                     db: db.clone(),
-                    recorded: recorded.as_str(),
+                    recorded: p.origin.as_str(),
                     given: source.kind().as_str(),
                 });
             }
         }
-        let generation = prev.as_ref().map_or(Generation(1), |m| m.generation.next());
+        let generation = prev
+            .as_ref()
+            .map_or(Generation(1), |m| m.manifest.generation.next());
         let plan_err = |e| CairnError::Plan {
             db: db.clone(),
             source: e,
         };
         let page_body = |page_file: PageFile| {
-            let prev_pages = prev.as_ref().and_then(|m| match &m.body {
-                ManifestBody::Pages(p) => Some((m.generation.0, p)),
-                ManifestBody::Segments(_) => None,
-            });
+            check_page_lsn(prev_pages, lsn).map_err(plan_err)?;
             let input = PagesInput {
                 origin: source.kind(),
                 len: page_file.len,
                 page_size: page_file.page_size,
                 chunk_size,
             };
-            let plan = plan_pages(prev_pages, &input).map_err(plan_err)?;
+            let plan =
+                plan_pages(prev_pages.map(|p| (p.generation.0, p)), &input).map_err(plan_err)?;
             let units = plan.chunks.len() as u64;
             let body = PlanBody::Pages {
                 origin: source.kind(),
@@ -123,6 +125,7 @@ impl Checkpointer {
                 page_size: plan.page_size,
                 chunk_size: plan.chunk_size,
                 len: plan.len,
+                lsn,
                 stamp: file_stamp(&page_file.path),
                 chunks: plan.chunks,
             };
@@ -143,34 +146,41 @@ impl Checkpointer {
             Source::Pages { path, page_size } => page_body(PageFile::open(path, *page_size)?)?,
             Source::Segments(dir) => {
                 let files = list_segments(dir)?;
+                let ranges = items.ranges.as_ref();
                 let inputs: Vec<SegmentInput> = files
                     .iter()
                     .map(|f| SegmentInput {
                         name: f.name.clone(),
                         len: f.len,
+                        lsn: ranges.and_then(|r| r.get(&f.name).copied()),
                     })
                     .collect();
-                let prev_segs = prev.as_ref().and_then(|m| match &m.body {
-                    ManifestBody::Segments(s) => Some(s),
-                    ManifestBody::Pages(_) => None,
-                });
-                let plan = plan_segments(prev_segs, &inputs).map_err(plan_err)?;
-                let bytes = files.iter().map(|f| f.len).sum();
-                let units = plan.actions.len() as u64;
+                let prev_wal = prev_state.and_then(|s| s.wal.as_ref());
+                let plan = plan_segments(prev_wal, &inputs).map_err(plan_err)?;
+                let bytes = plan.new.iter().map(|n| n.len).sum();
+                let units = plan.new.len() as u64;
                 let body = PlanBody::Segments {
                     dir: dir.clone(),
-                    actions: plan.actions,
-                    lsn_end: plan.lsn_end,
+                    new: plan.new,
+                    start: plan.start,
+                    end: plan.end,
                 };
                 (body, units, bytes)
             }
         };
         let plan = CkptPlan {
             generation: generation.0,
-            parent: prev.as_ref().map(|m| m.generation.0),
+            parent: prev.as_ref().map(|m| m.manifest.generation.0),
             created_unix_ms: self.env.now_ms(),
             body,
         };
+        if let PlanBody::Segments { start, end, .. } = &plan.body {
+            // The segments it reads stay in the engine's WAL until it publishes or stops.
+            let from = prev_state
+                .and_then(|s| s.wal.as_ref())
+                .map_or(*start, |w| w.end);
+            self.hold_lease(db, from..*end, job.id())?;
+        }
         job.update(
             |r| {
                 r.phase = Phase::Planned;
@@ -186,6 +196,15 @@ impl Checkpointer {
         )?;
         Ok(plan)
     }
+}
+
+/// What a checkpoint job asks to plan.
+#[derive(Clone, Copy)]
+pub(super) struct PlanRequest<'a> {
+    pub db: &'a DbId,
+    pub source: &'a Source,
+    pub chunk_size: u64,
+    pub lsn: Option<Lsn>,
 }
 
 #[cfg(test)]
@@ -209,6 +228,7 @@ mod tests {
                 page_size: 4096,
                 chunk_size: 8192,
                 len: 8192,
+                lsn: None,
                 stamp: file_stamp(&file),
                 chunks: vec![ChunkPlan {
                     index: 0,

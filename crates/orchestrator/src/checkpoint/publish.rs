@@ -10,47 +10,101 @@
 
 use std::time::Instant;
 
-use cairn_core::{DbId, Generation, Manifest, ManifestBody, SourceKind, TenantId};
-use cairn_planner::SegmentAction;
+use cairn_core::{
+    ChunkState, DbId, Generation, PagesState, SegmentEntry, SourceKind, TenantId, WalState,
+};
 use cairn_state::{ChunkDigests, LocalUpdates};
 
+use crate::publication::Publisher;
 use crate::queue::{CkptPlan, Job, JobItems, Outcome, Phase, PlanBody};
-use crate::{CairnError, CheckpointReport, Checkpointer};
+use crate::{CairnError, CheckpointReport, Checkpointer, GenerationState};
 
-/// What the runs staged: the new generation's body and the local updates that go with it.
-pub(super) struct Staged {
-    /// The manifest body.
-    pub body: ManifestBody,
-    /// Page digests of chunks that got a new blob.
-    pub digests: Vec<ChunkDigests>,
-    /// For page sources, the chunk count (digests of chunks past it are dropped).
-    pub chunks: Option<u64>,
+/// What the runs staged.
+pub(super) enum Staged {
+    /// A page checkpoint's chunks, and the page digests of those that got a new blob.
+    Pages {
+        origin: SourceKind,
+        page_size: u32,
+        chunk_size: u64,
+        len: u64,
+        chunks: Vec<ChunkState>,
+        digests: Vec<ChunkDigests>,
+    },
+    /// New segments to append to the WAL stream.
+    Segments(Vec<SegmentEntry>),
 }
 
 impl Checkpointer {
-    /// Publishes the planned generation; returns the manifest object's size.
+    /// Publishes the planned generation on top of its parent; returns the manifest
+    /// object's size.
     pub(super) async fn publish_plan(
         &self,
         job: &mut Job<'_>,
         db: &DbId,
         plan: &CkptPlan,
+        parent: Option<&GenerationState>,
         staged: Staged,
     ) -> Result<u64, CairnError> {
-        let manifest = Manifest {
-            format: cairn_core::manifest::MANIFEST_VERSION,
-            tenant: self.cfg.tenant.clone(),
-            db: db.clone(),
-            generation: Generation(plan.generation),
-            parent: plan.parent.map(Generation),
-            writer: self.writer.clone(),
-            created_unix_ms: plan.created_unix_ms,
-            job: Some(job.id().to_string()),
-            body: staged.body,
+        let mut next = parent.map(|p| p.state.clone()).unwrap_or_default();
+        let (digests, chunk_count) = match (staged, &plan.body) {
+            (
+                Staged::Pages {
+                    origin,
+                    page_size,
+                    chunk_size,
+                    len,
+                    chunks,
+                    digests,
+                },
+                PlanBody::Pages { lsn, .. },
+            ) => {
+                let n = chunks.len() as u64;
+                next.pages = Some(PagesState {
+                    origin,
+                    page_size,
+                    chunk_size,
+                    len,
+                    lsn: *lsn,
+                    generation: Generation(plan.generation),
+                    chunks,
+                });
+                (digests, Some(n))
+            }
+            (Staged::Segments(new), PlanBody::Segments { start, end, .. }) => {
+                let mut wal = next.wal.take().unwrap_or(WalState {
+                    start: *start,
+                    end: *start,
+                    last_name: None,
+                    segments: Vec::new(),
+                });
+                if let Some(last) = new.last() {
+                    wal.last_name = Some(last.name.clone());
+                }
+                wal.segments.extend(new);
+                wal.end = *end;
+                next.wal = Some(wal);
+                (Vec::new(), None)
+            }
+            _ => {
+                return Err(CairnError::UnexpectedOutcome {
+                    job: job.id().to_string(),
+                    expected: "a run matching its plan",
+                })
+            }
         };
+        let manifest = Publisher {
+            tenant: &self.cfg.tenant,
+            db,
+            writer: &self.writer,
+            created_unix_ms: plan.created_unix_ms,
+            job: Some(job.id()),
+        }
+        .manifest(Generation(plan.generation), parent, next);
+        self.enter_publication(job.id())?;
         let (published, record) = job.prepare(|r| r.phase = Phase::Published)?;
         let local = LocalUpdates {
-            digests: &staged.digests,
-            chunks: staged.chunks,
+            digests: &digests,
+            chunks: chunk_count,
             job: Some((job.id(), &record)),
         };
         let bytes = cairn_state::publish_with(&self.state, &self.store, &manifest, &local).await?;
@@ -89,14 +143,8 @@ pub(super) fn report(
             }
             r.bytes_dirty = r.pages_dirty * u64::from(*page_size);
         }
-        PlanBody::Segments { actions, .. } => {
-            r.source_bytes = actions
-                .iter()
-                .map(|a| match a {
-                    SegmentAction::Reuse(e) => e.len,
-                    SegmentAction::Upload { len, .. } => *len,
-                })
-                .sum();
+        PlanBody::Segments { new, .. } => {
+            r.source_bytes = new.iter().map(|n| n.len).sum();
         }
     }
     r

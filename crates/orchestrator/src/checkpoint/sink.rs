@@ -109,11 +109,6 @@ impl<'a> BlobSink<'a> {
         move |source| CairnError::Join { job, what, source }
     }
 
-    /// A blob referenced again without being produced (a reused segment).
-    pub(super) fn note_reused(&mut self) {
-        self.stats.blobs_reused += 1;
-    }
-
     async fn drain_to(&mut self, max: usize) -> Result<(), CairnError> {
         while self.in_flight.len() > max {
             if let Some(done) = self.in_flight.next().await {

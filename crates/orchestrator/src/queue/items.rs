@@ -8,13 +8,15 @@
 //! | [`Item::Chunk`] | `c` + index | a checkpoint's finished [`ChunkItem`], JSON |
 //! | [`Item::Digests`] | `d` + index | that chunk's new page digests, 16 bytes each |
 //! | [`Item::Segment`] | `s` + position | a checkpoint's finished [`SegItem`], JSON |
-//! | [`Item::Restored`] | `r` + index | a restore's "written and synced" marker, empty |
+//! | [`Item::Ranges`] | `ranges` | the engine's LSN ranges of segment files, JSON, written once at enqueue |
+//! | [`Item::Restored`] | `r` + index | a restore's "chunk written and synced" marker, empty |
+//! | [`Item::RestoredSegment`] | `w` + position | a restore's "segment written and synced" marker, empty |
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use cairn_core::{BlobRef, ChunkState, JobId, Lsn, SegmentEntry, SourceKind};
-use cairn_planner::{ChunkPlan, SegmentAction};
+use cairn_planner::{ChunkPlan, NewSegment};
 use cairn_state::ItemKey;
 use serde::{Deserialize, Serialize};
 
@@ -49,6 +51,9 @@ pub(crate) enum PlanBody {
         chunk_size: u64,
         /// File length.
         len: u64,
+        /// The LSN the page checkpoint covers, if the engine gave one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lsn: Option<Lsn>,
         /// Inode and modification time of the file when planned: a file changed in place
         /// since (not quiescent after all) makes the plan stale instead of mixing contents.
         #[serde(default)]
@@ -60,10 +65,12 @@ pub(crate) enum PlanBody {
     Segments {
         /// The directory.
         dir: PathBuf,
-        /// One action per segment.
-        actions: Vec<SegmentAction>,
-        /// The LSN the generation covers up to.
-        lsn_end: Lsn,
+        /// The segments to append to the stream.
+        new: Vec<NewSegment>,
+        /// The stream's start (of a new stream: its first LSN).
+        start: Lsn,
+        /// The stream's end afterwards.
+        end: Lsn,
     },
 }
 
@@ -105,14 +112,18 @@ pub(crate) enum Item<'a> {
     Plan(&'a CkptPlan),
     /// The engine's dirty pages (file-wide page numbers).
     Dirty(&'a [u64]),
+    /// The engine's LSN ranges of segment files, by name.
+    Ranges(&'a BTreeMap<String, (Lsn, Lsn)>),
     /// A finished chunk.
     Chunk(u64, &'a ChunkItem),
     /// A finished chunk's page digests.
     Digests(u64, &'a [u128]),
     /// A finished new segment.
     Segment(u64, &'a SegItem),
-    /// A restored chunk or segment.
+    /// A restored chunk.
     Restored(u64),
+    /// A restored segment.
+    RestoredSegment(u64),
     /// Removes an item.
     Delete(ItemKey),
 }
@@ -132,7 +143,9 @@ impl Item<'_> {
                 Some(cairn_core::address::digests_to_bytes(d)),
             ),
             Item::Segment(i, s) => (ItemKey::Segment(*i), Some(json(job, "segment item", *s)?)),
+            Item::Ranges(r) => (ItemKey::Ranges, Some(json(job, "segment ranges", *r)?)),
             Item::Restored(i) => (ItemKey::Restored(*i), Some(Vec::new())),
+            Item::RestoredSegment(i) => (ItemKey::RestoredSegment(*i), Some(Vec::new())),
             Item::Delete(k) => (*k, None),
         })
     }
@@ -151,10 +164,12 @@ fn json<T: Serialize>(job: JobId, item: &'static str, v: &T) -> Result<Vec<u8>, 
 pub(crate) struct JobItems {
     pub plan: Option<CkptPlan>,
     pub dirty: Option<Vec<u64>>,
+    pub ranges: Option<BTreeMap<String, (Lsn, Lsn)>>,
     pub chunks: BTreeMap<u64, ChunkItem>,
     pub digests: BTreeMap<u64, Vec<u128>>,
     pub segments: BTreeMap<u64, SegItem>,
     pub restored: BTreeSet<u64>,
+    pub restored_segments: BTreeSet<u64>,
 }
 
 impl JobItems {
@@ -207,8 +222,17 @@ impl JobItems {
                         .map_err(|e| bad(format!("segment item {i}"), e.to_string()))?;
                     out.segments.insert(i, s);
                 }
+                ItemKey::Ranges => {
+                    out.ranges = Some(
+                        serde_json::from_slice(&v)
+                            .map_err(|e| bad("segment ranges".into(), e.to_string()))?,
+                    )
+                }
                 ItemKey::Restored(i) => {
                     out.restored.insert(i);
+                }
+                ItemKey::RestoredSegment(i) => {
+                    out.restored_segments.insert(i);
                 }
             }
         }

@@ -12,18 +12,18 @@
 //! with exactly that step's items; a `running` job found at open belonged to a dead
 //! process (one process owns a state directory) and is resumed by the runner. Retries and
 //! backoff are the runner's ([`crate::runner`]). Cancellation: [`Checkpointer::cancel`]
-//! sets an in-process flag that a running job checks at its safe points
-//! ([`Checkpointer::check_cancel`]); a queued job is cancelled at once.
+//! cancels a running job within moments (see the `cancel` module); a queued job is
+//! cancelled at once.
 
+mod cancel;
 mod items;
 mod record;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-
 use cairn_core::JobId;
+use tokio::sync::watch;
 
+pub(crate) use cancel::Cancels;
+pub use cancel::{CancelHandle, JobEvent};
 pub(crate) use items::{ChunkItem, CkptPlan, Item, JobItems, Outcome, PlanBody, SegItem};
 pub use record::{
     backoff_ms, JobRecord, JobSpec, JobState, JobStatus, Phase, Progress, MAX_ATTEMPTS, MAX_STARTS,
@@ -65,6 +65,7 @@ impl<'a> Job<'a> {
             encoded.iter().map(|(k, v)| (*k, v.as_deref())).collect();
         self.cp.state.put_job(next.id, &next.encode()?, &writes)?;
         self.rec = next;
+        self.cp.cancels.publish(event(&self.rec));
         Ok(())
     }
 
@@ -89,6 +90,7 @@ impl<'a> Job<'a> {
     /// Adopts a record prepared with [`Job::prepare`] whose batch has committed.
     pub(crate) fn committed(&mut self, rec: JobRecord) {
         self.rec = rec;
+        self.cp.cancels.publish(event(&self.rec));
     }
 
     /// Every item the job has persisted.
@@ -168,10 +170,10 @@ impl Checkpointer {
         Ok(out)
     }
 
-    /// Asks a job to stop at its next safe point. A queued job is cancelled at once.
+    /// Asks a job to stop (see [`CancelHandle::cancel`]). A queued job is cancelled at once.
     pub fn cancel(&self, id: JobId) -> Result<(), CairnError> {
         let mut job = self.job_handle(id)?;
-        self.cancels.cancel(id);
+        self.cancels.handle(id).cancel();
         if job.rec().state == JobState::Queued && job.rec().phase == Phase::New {
             job.update(|r| r.state = JobState::Cancelled, &[])?;
             self.cancels.forget(id);
@@ -179,9 +181,19 @@ impl Checkpointer {
         Ok(())
     }
 
+    /// A handle that cancels the job from anywhere (see [`CancelHandle::cancel`]).
+    pub fn cancel_handle(&self, id: JobId) -> CancelHandle {
+        self.cancels.handle(id)
+    }
+
+    /// A watch of the job's state, phase and progress, updated at every step it persists.
+    pub fn watch_job(&self, id: JobId) -> Result<watch::Receiver<JobEvent>, CairnError> {
+        Ok(self.cancels.watch(event(&self.job(id)?)))
+    }
+
     /// Fails with [`CairnError::Cancelled`] once the job was asked to stop.
     pub(crate) fn check_cancel(&self, id: JobId) -> Result<(), CairnError> {
-        if self.cancels.flag(id).load(Ordering::SeqCst) {
+        if self.cancels.state(id).is_requested() {
             Err(CairnError::Cancelled {
                 job: id.to_string(),
             })
@@ -189,28 +201,25 @@ impl Checkpointer {
             Ok(())
         }
     }
+
+    /// Enters publication: a cancel from now on is not honoured (it might land after the
+    /// manifest create). Fails if the job was cancelled before.
+    pub(crate) fn enter_publication(&self, id: JobId) -> Result<(), CairnError> {
+        if self.cancels.shield(id) {
+            Ok(())
+        } else {
+            Err(CairnError::Cancelled {
+                job: id.to_string(),
+            })
+        }
+    }
 }
 
-/// In-process cancel flags of running jobs.
-#[derive(Default)]
-pub(crate) struct CancelFlags {
-    flags: Mutex<HashMap<JobId, Arc<AtomicBool>>>,
-}
-
-impl CancelFlags {
-    pub(crate) fn flag(&self, id: JobId) -> Arc<AtomicBool> {
-        let mut m = self.flags.lock().unwrap_or_else(PoisonError::into_inner);
-        Arc::clone(m.entry(id).or_default())
-    }
-
-    pub(crate) fn cancel(&self, id: JobId) {
-        self.flag(id).store(true, Ordering::SeqCst);
-    }
-
-    pub(crate) fn forget(&self, id: JobId) {
-        self.flags
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&id);
+fn event(r: &JobRecord) -> JobEvent {
+    JobEvent {
+        id: r.id,
+        state: r.state,
+        phase: r.phase,
+        progress: r.progress.clone(),
     }
 }

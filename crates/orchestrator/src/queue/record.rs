@@ -28,6 +28,9 @@ pub enum JobSpec {
         source: Source,
         /// Chunk size to plan with.
         chunk_size: u64,
+        /// The LSN a page checkpoint covers.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lsn: Option<u64>,
     },
     /// Restore a generation.
     Restore {
@@ -37,6 +40,9 @@ pub enum JobSpec {
         generation: Option<u64>,
         /// Target path.
         to: PathBuf,
+        /// Restore to this LSN (a page checkpoint and the WAL to replay) instead.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lsn: Option<u64>,
     },
     /// Verify a generation.
     Verify {
@@ -256,6 +262,7 @@ mod tests {
                 db: DbId::new("d").unwrap(),
                 generation: Some(3),
                 to: PathBuf::from("/x"),
+                lsn: None,
             },
             state: JobState::Queued,
             phase: Phase::New,

@@ -1,39 +1,41 @@
-//! Restoring a generation: parallel verified reads assembled beside the target, then one
-//! rename over it.
+//! Restoring: a generation (a page file, a segment directory, or both), or a point of the
+//! WAL stream (the newest page checkpoint at or below it and the segments to replay from
+//! it). Verified parallel reads are assembled beside the target, then renamed over it.
 //!
-//! Contract: a restore writes exactly the bytes of the published generation to its target,
-//! or leaves the target untouched: everything is assembled in `<target>.cairn-restore`
-//! and renamed over the target only when complete and synced. Every blob is verified end to
-//! end while it is read, and each delta is checked against its chunk, base and page size
-//! before it is applied. Crash: each finished chunk or segment is synced and then recorded
-//! as a job item, so a resumed restore reopens the partial file and skips what is recorded;
-//! a crash before the rename leaves only the partial file (deleted when the job fails or is
-//! cancelled). Retries: the store retries requests and re-reads damaged transfers.
-//! Cancellation: checked after each restored chunk or segment.
+//! Contract: a restore writes exactly the bytes of what it restores, or leaves the target
+//! untouched: everything is assembled in `<target>.cairn-restore` and renamed over the
+//! target only when complete and synced. Every blob is verified end to end while it is
+//! read, and each delta is checked against its chunk, base and page size before it is
+//! applied. Crash: what to restore is resolved once and kept in the job (the generation);
+//! each finished chunk or segment is synced and then recorded as a job item, so a resumed
+//! restore reopens the partial assembly and skips what is recorded; a crash before the
+//! rename leaves only the partial assembly (deleted when the job fails or is cancelled).
+//! Retries: the store retries requests and re-reads damaged transfers. Cancellation:
+//! checked after each restored chunk or segment.
 
 mod chunk;
+mod write;
 
 pub(crate) use chunk::fetch_blob;
 
 use std::path::Path;
 use std::time::Instant;
 
-use std::collections::BTreeSet;
-
-use cairn_core::{keys, DbId, Generation, Manifest, ManifestBody};
-use cairn_executor::{DirAssembler, FileAssembler};
-use futures::stream::{self, StreamExt};
+use cairn_core::{DbId, Generation, Lsn, PagesState, SegmentEntry};
+use cairn_executor::{DirAssembler, FileAssembler, PointAssembler};
+use cairn_planner::wal::restore_point;
 use serde::Serialize;
 
-use crate::queue::{Item, Job, JobSpec, Phase, Progress};
-use crate::{CairnError, Checkpointer, JobOutcome};
+use crate::queue::{Job, JobSpec, Phase};
+use crate::{CairnError, Checkpointer, GenerationState, JobOutcome};
 
 /// What a restore did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct RestoreReport {
     /// Database.
     pub db: String,
-    /// The restored generation.
+    /// The restored generation (for a restore to a point, the generation whose WAL
+    /// stream it used).
     pub generation: u64,
     /// `sqlite`, `pages` or `segments`.
     pub kind: &'static str,
@@ -45,27 +47,86 @@ pub struct RestoreReport {
     pub path: String,
     /// Wall time in milliseconds.
     pub duration_ms: u64,
+    /// The page checkpoint's generation (restores to a point, or of both streams).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub page_generation: Option<u64>,
+    /// That checkpoint's LSN.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub page_lsn: Option<u64>,
+    /// First LSN to replay from `wal/`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replay_from: Option<u64>,
+    /// One past the last LSN to replay.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replay_to: Option<u64>,
+    /// The segments written to `wal/`, by name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub segments: Option<Vec<String>>,
+}
+
+/// How the parts of a restore are laid out at the target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// The page file is the target.
+    File,
+    /// The segment directory is the target.
+    Dir,
+    /// The target is a directory holding `pages` (if any) and `wal/`.
+    Point,
+}
+
+/// What a restore writes.
+pub(crate) struct Parts<'a> {
+    pub pages: Option<&'a PagesState>,
+    pub segments: &'a [SegmentEntry],
+    pub layout: Layout,
 }
 
 impl Checkpointer {
-    /// Restores `generation` of `db` (the latest if `None`) to `to`: a file for page
-    /// sources, a directory of segment files for segment sources. Runs as a job, so an
-    /// interrupted restore resumes where it stopped.
+    /// Restores `generation` of `db` (the latest if `None`) to `to`: a file for a page
+    /// source, a directory of segment files for a WAL stream, and for a database with both
+    /// a directory holding `pages` and `wal/`. Runs as a job, so an interrupted restore
+    /// resumes where it stopped.
     pub async fn restore(
         &self,
         db: &DbId,
         generation: Option<Generation>,
         to: &Path,
     ) -> Result<RestoreReport, CairnError> {
-        self.ensure_resumed().await?;
+        self.run_restore_job(db, generation.map(|g| g.0), None, to)
+            .await
+    }
+
+    /// Restores `db` to LSN `lsn` of its WAL stream, into directory `to`: `to/pages`, the
+    /// newest page checkpoint at or below `lsn` (absent when there is none), and `to/wal/`,
+    /// exactly the segments that overlap `[its LSN, lsn)` (from 0 without one), under their
+    /// own names. The engine replays them. A point that cannot be restored is refused with
+    /// the restorable range.
+    pub async fn restore_at(
+        &self,
+        db: &DbId,
+        lsn: Lsn,
+        to: &Path,
+    ) -> Result<RestoreReport, CairnError> {
+        self.run_restore_job(db, None, Some(lsn.0), to).await
+    }
+
+    async fn run_restore_job(
+        &self,
+        db: &DbId,
+        generation: Option<u64>,
+        lsn: Option<u64>,
+        to: &Path,
+    ) -> Result<RestoreReport, CairnError> {
         let to = std::path::absolute(to).map_err(|e| CairnError::Config {
             what: format!("restore target {}", to.display()),
             reason: e.to_string(),
         })?;
         let id = self.enqueue(JobSpec::Restore {
             db: db.clone(),
-            generation: generation.map(|g| g.0),
+            generation,
             to,
+            lsn,
         })?;
         match self.run_job(id).await? {
             JobOutcome::Restore(r) => Ok(r),
@@ -81,214 +142,165 @@ impl Checkpointer {
         job: &mut Job<'_>,
         db: &DbId,
         generation: Option<u64>,
+        lsn: Option<Lsn>,
         to: &Path,
     ) -> Result<RestoreReport, CairnError> {
         let started = Instant::now();
         // The generation is resolved once, so a resumed "latest" restore stays on it.
-        let m = match job.rec().generation {
-            Some(g) => self.manifest(db, Some(Generation(g))).await?,
+        let gs = match job.rec().generation {
+            Some(g) => self.state(db, Some(Generation(g))).await?,
             None => {
-                let m = self.manifest(db, generation.map(Generation)).await?;
+                let gs = self.state(db, generation.map(Generation)).await?;
                 job.update(
                     |r| {
-                        r.generation = Some(m.generation.0);
+                        r.generation = Some(gs.manifest.generation.0);
                         r.phase = Phase::Planned;
                     },
                     &[],
                 )?;
-                m
+                gs
             }
         };
-        let mut report = self.restore_manifest(&m, to, Some(job)).await?;
+        let mut report = match lsn {
+            Some(l) => self.restore_point_of(&gs, db, l, to, job).await?,
+            None => {
+                let st = &gs.state;
+                let segments: &[SegmentEntry] = st.wal.as_ref().map_or(&[], |w| &w.segments);
+                let layout = match (&st.pages, &st.wal) {
+                    (Some(_), Some(_)) => Layout::Point,
+                    (None, _) => Layout::Dir,
+                    (Some(_), None) => Layout::File,
+                };
+                let parts = Parts {
+                    pages: st.pages.as_ref(),
+                    segments,
+                    layout,
+                };
+                let mut r = self.restore_parts(&gs, &parts, to, Some(job)).await?;
+                if layout == Layout::Point {
+                    let p = st.pages.as_ref();
+                    r.page_generation = p.map(|p| p.generation.0);
+                    r.page_lsn = p.and_then(|p| p.lsn).map(|l| l.0);
+                    r.segments = Some(segments.iter().map(|s| s.name.clone()).collect());
+                }
+                r
+            }
+        };
         report.duration_ms = started.elapsed().as_millis() as u64;
         Ok(report)
     }
 
-    /// Restores a manifest to `to`. With a job, each finished chunk or segment is synced
-    /// and recorded, and a resumed job skips what is recorded.
-    pub(crate) async fn restore_manifest(
+    /// Resolves and restores a point of generation `gs`'s WAL stream.
+    async fn restore_point_of(
         &self,
-        m: &Manifest,
+        gs: &GenerationState,
+        db: &DbId,
+        lsn: Lsn,
+        to: &Path,
+        job: &mut Job<'_>,
+    ) -> Result<RestoreReport, CairnError> {
+        let wal = gs.state.wal.as_ref();
+        let down_to = wal.map_or(lsn, |w| w.start.min(lsn));
+        let refs = self.page_refs(db, gs, down_to).await?;
+        let rp = restore_point(wal, &refs, lsn).map_err(|e| CairnError::Wal {
+            db: db.clone(),
+            source: e,
+        })?;
+        let page_state = match rp.page {
+            Some(p) => Some(self.state(db, Some(p.generation)).await?),
+            None => None,
+        };
+        let segments: &[SegmentEntry] = match wal {
+            Some(w) => &w.segments[rp.segments.clone()],
+            None => &[],
+        };
+        let parts = Parts {
+            pages: page_state.as_ref().and_then(|s| s.state.pages.as_ref()),
+            segments,
+            layout: Layout::Point,
+        };
+        let mut r = self.restore_parts(gs, &parts, to, Some(job)).await?;
+        r.page_generation = rp.page.map(|p| p.generation.0);
+        r.page_lsn = rp.page.map(|p| p.lsn.0);
+        r.replay_from = Some(rp.replay_from.0);
+        r.replay_to = Some(rp.replay_to.0);
+        r.segments = Some(segments.iter().map(|s| s.name.clone()).collect());
+        Ok(r)
+    }
+
+    /// Writes `parts` to `to`. With a job, each finished chunk or segment is synced and
+    /// recorded, and a resumed job skips what is recorded.
+    pub(crate) async fn restore_parts(
+        &self,
+        gs: &GenerationState,
+        parts: &Parts<'_>,
         to: &Path,
         mut job: Option<&mut Job<'_>>,
     ) -> Result<RestoreReport, CairnError> {
-        let (tenant, db) = (&m.tenant, &m.db);
-        let concurrency = self.cfg.download_concurrency;
+        let m = &gs.manifest;
         let mut report = RestoreReport {
-            db: db.to_string(),
+            db: m.db.to_string(),
             generation: m.generation.0,
-            kind: m.kind().as_str(),
+            kind: gs.state.kind().as_str(),
             path: to.display().to_string(),
             ..Default::default()
         };
-        let mut done: BTreeSet<u64> = match job.as_deref() {
-            Some(j) => j.items()?.restored,
-            None => BTreeSet::new(),
-        };
-        let (units, bytes_total): (u64, u64) = match &m.body {
-            ManifestBody::Pages(p) => (p.chunks.len() as u64, p.len),
-            ManifestBody::Segments(s) => (
-                s.segments.len() as u64,
-                s.segments.iter().map(|e| e.len).sum(),
-            ),
-        };
-        macro_rules! record_done {
-            ($index:expr, $bytes:expr) => {
-                if let Some(j) = job.as_deref_mut() {
-                    self.check_cancel(j.id())?;
-                    j.update(
-                        |r| {
-                            r.progress.done += 1;
-                            r.progress.bytes_done += $bytes;
-                        },
-                        &[Item::Restored($index)],
-                    )?;
+        let mut w = write::Writer::start(self, &m.tenant, &m.db, parts, job.as_deref_mut())?;
+        let outcome = async {
+            match parts.layout {
+                Layout::File => {
+                    if let Some(p) = parts.pages {
+                        let resume = w.resuming();
+                        let (asm, reopened) = FileAssembler::open(to, p.len, resume)?;
+                        w.pages(&asm, p, reopened, &mut report).await?;
+                        w.written()?;
+                        asm.commit()?;
+                    }
                 }
-            };
+                Layout::Dir => {
+                    let (asm, reopened) = DirAssembler::open(to, w.resuming())?;
+                    w.segments(&asm, reopened, &mut report).await?;
+                    w.written()?;
+                    asm.commit()?;
+                }
+                Layout::Point => {
+                    let (point, reopened) = PointAssembler::open(to, w.resuming())?;
+                    if let Some(p) = parts.pages {
+                        let target = point.pages_target();
+                        if !(reopened && PointAssembler::has_committed(&target)) {
+                            let (asm, again) = FileAssembler::open(&target, p.len, reopened)?;
+                            w.pages(&asm, p, again, &mut report).await?;
+                            asm.commit()?;
+                        } else {
+                            report.bytes_written += p.len;
+                        }
+                    }
+                    let target = point.wal_target();
+                    if !(reopened && PointAssembler::has_committed(&target)) {
+                        let (asm, again) = DirAssembler::open(&target, reopened)?;
+                        w.segments(&asm, again, &mut report).await?;
+                        asm.commit()?;
+                    } else {
+                        report.bytes_written += parts.segments.iter().map(|s| s.len).sum::<u64>();
+                    }
+                    w.written()?;
+                    point.commit()?;
+                }
+            }
+            Ok::<_, CairnError>(())
         }
-        match &m.body {
-            ManifestBody::Pages(p) => {
-                let (asm, reopened) = FileAssembler::open(to, p.len, !done.is_empty())?;
-                if !reopened {
-                    done.clear();
-                }
-                self.start_restore_progress(&mut job, units, bytes_total, &done, |i| {
-                    p.chunks.get(i as usize).map_or(0, |c| c.len)
-                })?;
-                let todo = p.chunks.iter().filter(|c| !done.contains(&c.index));
-                let mut stream = stream::iter(todo)
-                    .map(|c| {
-                        let asm = &asm;
-                        async move {
-                            let n = self.restore_chunk(tenant, db, p, c, asm).await?;
-                            Ok::<_, CairnError>((c.index, c.len, n))
-                        }
-                    })
-                    .buffer_unordered(concurrency);
-                let mut failure = None;
-                while let Some(r) = stream.next().await {
-                    match r {
-                        Ok((index, len, n)) => {
-                            report.blobs_read += n;
-                            if job.is_some() {
-                                asm.sync()?;
-                            }
-                            record_done!(index, len);
-                        }
-                        Err(e) => {
-                            failure = Some(e);
-                            break;
-                        }
-                    }
-                }
-                drop(stream);
-                if let Some(e) = failure {
-                    // Keep the partial file for a resumable job; discard it otherwise.
-                    if job.is_none() {
-                        asm.abort();
-                    }
-                    return Err(e);
-                }
-                self.mark_written(&mut job)?;
-                asm.commit()?;
-                report.bytes_written = p.len;
+        .await;
+        drop(w);
+        if let Err(e) = outcome {
+            // Keep the partial assembly for a resumable job; discard it otherwise.
+            if job.is_none() {
+                cairn_executor::assemble::discard_partial(to)?;
             }
-            ManifestBody::Segments(s) => {
-                let (asm, reopened) = DirAssembler::open(to, !done.is_empty())?;
-                if reopened {
-                    done.retain(|i| {
-                        s.segments
-                            .get(*i as usize)
-                            .is_some_and(|e| asm.has_file(&e.name, e.len))
-                    });
-                } else {
-                    done.clear();
-                }
-                self.start_restore_progress(&mut job, units, bytes_total, &done, |i| {
-                    s.segments.get(i as usize).map_or(0, |e| e.len)
-                })?;
-                let todo = s
-                    .segments
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| !done.contains(&(*i as u64)));
-                let mut stream = stream::iter(todo)
-                    .map(|(i, e)| {
-                        let asm = &asm;
-                        async move {
-                            let w = asm.file(&e.name, e.len)?;
-                            let key = keys::blob_key(tenant, db, &e.blob);
-                            self.store
-                                .get_blob(&key, &e.blob, |off, bytes| w.write_at(off, bytes))
-                                .await?;
-                            w.finish()?;
-                            Ok::<_, CairnError>((i as u64, e.len))
-                        }
-                    })
-                    .buffer_unordered(concurrency);
-                while let Some(r) = stream.next().await {
-                    let (i, len) = match r {
-                        Ok(v) => v,
-                        Err(e) => {
-                            drop(stream);
-                            if job.is_none() {
-                                cairn_executor::assemble::discard_partial(to)?;
-                            }
-                            return Err(e);
-                        }
-                    };
-                    report.blobs_read += 1;
-                    if job.is_some() {
-                        asm.sync()?;
-                    }
-                    record_done!(i, len);
-                }
-                drop(stream);
-                self.mark_written(&mut job)?;
-                asm.commit()?;
-                report.bytes_written = bytes_total;
-            }
+            return Err(e);
         }
         if let Some(j) = job {
             j.update(|r| r.phase = Phase::Committed, &[])?;
         }
         Ok(report)
-    }
-
-    fn mark_written(&self, job: &mut Option<&mut Job<'_>>) -> Result<(), CairnError> {
-        if let Some(j) = job.as_deref_mut() {
-            j.update(|r| r.phase = Phase::Written, &[])?;
-        }
-        Ok(())
-    }
-
-    fn start_restore_progress(
-        &self,
-        job: &mut Option<&mut Job<'_>>,
-        units: u64,
-        bytes_total: u64,
-        done: &BTreeSet<u64>,
-        len_of: impl Fn(u64) -> u64,
-    ) -> Result<(), CairnError> {
-        let Some(j) = job.as_deref_mut() else {
-            return Ok(());
-        };
-        let progress = Progress {
-            done: done.len() as u64,
-            total: units,
-            bytes_done: done.iter().map(|i| len_of(*i)).sum(),
-            bytes_total,
-        };
-        // A fresh assembly forgets progress recorded against an older file.
-        let stale: Vec<Item<'_>> = if done.is_empty() {
-            j.items()?
-                .restored
-                .into_iter()
-                .map(|i| Item::Delete(cairn_state::ItemKey::Restored(i)))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        j.update(|r| r.progress = progress, &stale)
     }
 }

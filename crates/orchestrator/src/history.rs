@@ -1,0 +1,141 @@
+//! A database's history as the store holds it: which generations exist, and each one's
+//! whole state, materialised from its manifest chain (one full manifest and the diffs
+//! after it), fetched on demand and kept in the local state.
+//!
+//! Nothing here writes but the import of manifests the local state lacks, so a crash
+//! leaves only what was imported. Retries: the store's. Cancellation: dropping the future.
+
+use cairn_core::{DbId, DbState, Generation, Manifest};
+use serde::Serialize;
+
+use crate::{CairnError, Checkpointer};
+
+/// Summary of one generation, as `cairn ls` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct GenerationInfo {
+    /// The generation.
+    pub generation: u64,
+    /// Publication time, milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// Source kind: the page origin, or `segments` for a database with only a WAL.
+    pub kind: &'static str,
+    /// Logical size in bytes (page file plus WAL stream).
+    pub logical_bytes: u64,
+    /// Distinct blobs referenced.
+    pub blobs: usize,
+    /// Parent generation.
+    pub parent: Option<u64>,
+    /// Writer identity.
+    pub writer: String,
+    /// The job that published it.
+    pub job: Option<String>,
+}
+
+/// A generation's manifest object and the whole state it stands for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GenerationState {
+    /// The manifest object (full or diff).
+    pub manifest: Manifest,
+    /// The materialised state.
+    pub state: DbState,
+}
+
+impl Checkpointer {
+    /// The database's generations: those the store lists plus those recorded locally.
+    pub async fn generations(&self, db: &DbId) -> Result<Vec<Generation>, CairnError> {
+        let tenant = &self.cfg.tenant;
+        let mut gens = cairn_state::remote_generations(&self.store, tenant, db).await?;
+        gens.extend(self.state.generations(tenant, db)?);
+        gens.sort();
+        gens.dedup();
+        Ok(gens)
+    }
+
+    /// The state of `generation` (the latest if `None`).
+    pub async fn state(
+        &self,
+        db: &DbId,
+        generation: Option<Generation>,
+    ) -> Result<GenerationState, CairnError> {
+        let gens = self.generations(db).await?;
+        let tenant = &self.cfg.tenant;
+        let Some(latest) = gens.last().copied() else {
+            return Err(CairnError::UnknownDb {
+                tenant: tenant.clone(),
+                db: db.clone(),
+                store: self.store.describe().to_string(),
+            });
+        };
+        let g = generation.unwrap_or(latest);
+        if !gens.contains(&g) {
+            return Err(CairnError::UnknownGeneration {
+                tenant: tenant.clone(),
+                db: db.clone(),
+                generation: g,
+                available: summarize(&gens),
+            });
+        }
+        let (manifest, state) =
+            cairn_state::materialize(&self.state, &self.store, tenant, db, g).await?;
+        Ok(GenerationState { manifest, state })
+    }
+
+    /// The latest generation's state, if the database has any.
+    pub(crate) async fn latest_state(
+        &self,
+        db: &DbId,
+    ) -> Result<Option<GenerationState>, CairnError> {
+        match self.state(db, None).await {
+            Ok(s) => Ok(Some(s)),
+            Err(CairnError::UnknownDb { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Every generation of a database with its summary.
+    pub async fn list(&self, db: &DbId) -> Result<Vec<GenerationInfo>, CairnError> {
+        let gens = self.generations(db).await?;
+        if gens.is_empty() {
+            return Err(CairnError::UnknownDb {
+                tenant: self.cfg.tenant.clone(),
+                db: db.clone(),
+                store: self.store.describe().to_string(),
+            });
+        }
+        let mut walk = cairn_state::Walk::default();
+        let mut out = Vec::with_capacity(gens.len());
+        for g in gens {
+            let (m, st) = walk
+                .state(&self.state, &self.store, &self.cfg.tenant, db, g)
+                .await?;
+            let mut names: Vec<String> = st.blobs().iter().map(|b| b.name()).collect();
+            names.sort();
+            names.dedup();
+            out.push(GenerationInfo {
+                generation: g.0,
+                created_unix_ms: m.created_unix_ms,
+                kind: st.kind().as_str(),
+                logical_bytes: st.logical_len(),
+                blobs: names.len(),
+                parent: m.parent.map(|p| p.0),
+                writer: m.writer.clone(),
+                job: m.job.clone(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Databases of the tenant that have published generations in the store.
+    pub async fn databases(&self) -> Result<Vec<DbId>, CairnError> {
+        Ok(cairn_state::remote_databases(&self.store, &self.cfg.tenant).await?)
+    }
+}
+
+/// `7` or `12 generations, 1..=12`.
+pub(crate) fn summarize(gens: &[Generation]) -> String {
+    match (gens.first(), gens.last()) {
+        (Some(a), Some(b)) if a == b => format!("{a}"),
+        (Some(a), Some(b)) => format!("{} generations, {a}..={b}", gens.len()),
+        _ => "none".into(),
+    }
+}
