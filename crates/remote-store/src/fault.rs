@@ -24,15 +24,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::classify::{Cause, TransientFault};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::stream::{BoxStream, StreamExt};
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
 use object_store::{
-    CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult, MultipartId, MultipartUpload,
-    ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions, PutPayload,
-    PutResult, UploadPart,
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartId, MultipartUpload, ObjectMeta,
+    ObjectStore, ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions, PutPayload, PutResult,
+    UploadPart,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -134,9 +135,12 @@ impl State {
         }
         if self.roll(self.cfg.transient_errors) {
             bump(&self.counts.transient_errors);
-            return Err(injected(format!(
-                "injected transient error: {op} {location} failed before it was sent (503 SlowDown)"
-            )));
+            return Err(injected(
+                Cause::Throttled,
+                format!(
+                    "injected transient error: {op} {location} failed before it was sent (503 SlowDown)"
+                ),
+            ));
         }
         Ok(())
     }
@@ -152,9 +156,12 @@ impl State {
             Ok(v) if self.roll(self.cfg.lost_write_responses) => {
                 bump(&self.counts.lost_responses);
                 drop(v);
-                Err(injected(format!(
-                    "injected lost response: {op} {location} landed but the connection was reset before the response"
-                )))
+                Err(injected(
+                    Cause::Interrupted,
+                    format!(
+                        "injected lost response: {op} {location} landed but the connection was reset before the response"
+                    ),
+                ))
             }
             other => other,
         }
@@ -172,11 +179,9 @@ fn bump(a: &AtomicU64) {
     a.fetch_add(1, Ordering::Relaxed);
 }
 
-fn injected(message: String) -> object_store::Error {
-    object_store::Error::Generic {
-        store: "FaultStore",
-        source: message.into(),
-    }
+/// An injected fault, typed with the cause it simulates so it is classified like the real one.
+fn injected(cause: Cause, message: String) -> object_store::Error {
+    TransientFault::error("FaultStore", cause, message)
 }
 
 /// The fault-injecting wrapper; see the module documentation.
@@ -360,20 +365,10 @@ impl ObjectStore for FaultStore {
             return Ok(r);
         };
         let at = self.state.below(len);
-        let (meta, range, attributes, extensions) = (
-            r.meta.clone(),
-            r.range.clone(),
-            r.attributes.clone(),
-            r.extensions.clone(),
-        );
-        let stream = damage(r.into_stream(), fault, at, Arc::clone(&self.state));
-        Ok(GetResult {
-            payload: GetResultPayload::Stream(stream),
-            meta,
-            range,
-            attributes,
-            extensions,
-        })
+        let state = Arc::clone(&self.state);
+        Ok(crate::local::map_body(r, |body, _| {
+            damage(body, fault, at, state)
+        }))
     }
 
     fn delete_stream(
@@ -399,9 +394,10 @@ impl ObjectStore for FaultStore {
         let shown = prefix.map(|p| p.to_string()).unwrap_or_default();
         if self.state.roll(self.state.cfg.transient_errors) {
             bump(&self.state.counts.transient_errors);
-            let e = injected(format!(
-                "injected transient error: LIST {shown} failed before it was sent"
-            ));
+            let e = injected(
+                Cause::Throttled,
+                format!("injected transient error: LIST {shown} failed before it was sent"),
+            );
             return futures::stream::once(async move { Err(e) }).boxed();
         }
         self.inner.list(prefix)
@@ -445,10 +441,13 @@ impl MultipartUpload for FaultUpload {
     fn put_part(&mut self, data: PutPayload) -> UploadPart {
         if self.state.roll(self.state.cfg.transient_errors) {
             bump(&self.state.counts.transient_errors);
-            let e = injected(format!(
-                "injected transient error: part upload of {} failed before it was sent",
-                self.location
-            ));
+            let e = injected(
+                Cause::Throttled,
+                format!(
+                    "injected transient error: part upload of {} failed before it was sent",
+                    self.location
+                ),
+            );
             return Box::pin(async move { Err(e) });
         }
         self.inner.put_part(data)
