@@ -6,8 +6,8 @@
 //! * transient errors before a request is sent (nothing reaches the inner store);
 //! * added latency before a request;
 //! * truncated bodies (the stream ends early without an error) and corrupted bodies (one
-//!   byte flipped) on GETs, at most one of the two per GET, optionally only on keys
-//!   containing [`FaultConfig::body_fault_keys`];
+//!   byte flipped) on GETs, at most one of the two per GET (a multi-range read is one GET
+//!   per range), optionally only on keys containing [`FaultConfig::body_fault_keys`];
 //! * lost responses after a successful write (PUT, part upload, multipart completion): the
 //!   write lands, the caller gets an error;
 //! * with [`FaultConfig::ignore_conditional_create`], a store that silently turns
@@ -15,6 +15,13 @@
 //!
 //! Every injected fault is counted by kind ([`FaultStore::counts`]); a body fault counts only
 //! once its damaged byte (or cut) is actually delivered to the reader.
+//!
+//! Injected errors are typed with the cause they simulate (a transient error before a
+//! request as throttling, a lost response as an interrupted connection), so the layers above
+//! classify, retry and count them exactly like the real ones.
+//!
+//! Place in the stack: innermost, right around the backend, below the statistics, limits
+//! and retry layers, so the code under test is the production stack (see `stack.rs`).
 //!
 //! Crash behaviour, retries: none of its own; it only makes the inner store look worse.
 //! Cancellation: dropping a call drops the inner call. [`FaultStore`] also implements
@@ -407,6 +414,21 @@ impl ObjectStore for FaultStore {
         let shown = prefix.map(|p| p.to_string()).unwrap_or_default();
         self.state.before("LIST", &shown).await?;
         self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn get_ranges(
+        &self,
+        location: &Path,
+        ranges: &[std::ops::Range<u64>],
+    ) -> object_store::Result<Vec<Bytes>> {
+        // One GET per range, each with its own faults. (The default implementation
+        // coalesces nearby ranges into one GET and slices it, which panics when that GET
+        // was silently cut short before a later range starts.)
+        let mut out = Vec::with_capacity(ranges.len());
+        for r in ranges {
+            out.push(self.get_range(location, r.clone()).await?);
+        }
+        Ok(out)
     }
 
     async fn copy_opts(
