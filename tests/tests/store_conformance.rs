@@ -8,7 +8,7 @@
 //! * objects: put, get, overwrite, head, list (sorted, sizes, the store's timestamps),
 //!   delete; a missing object is a definite, unretried `NotFound`, never a guess;
 //! * conditional create: the first wins, a second is refused and changes nothing, exactly
-//!   one of several racers wins, a create whose response is lost is settled as ours by
+//!   one of eight racers wins (three rounds), a create whose response is lost is settled as ours by
 //!   reading back, and the store passes the conditional-create start-up check;
 //! * blobs: verified reads of single-PUT and multipart blobs (staged files and regions of
 //!   an immutable source), verified range reads at the edges and across part boundaries,
@@ -310,29 +310,35 @@ async fn conditional_create(s: &Stack) {
     );
 
     // Racers on one key: exactly one wins, and the object is the winner's.
-    let key = "manifests/00000000000000000002.cmf";
-    let racers: Vec<_> = (0..4u8)
-        .map(|i| {
-            let st = store.clone();
-            tokio::spawn(async move {
-                let mine = Bytes::from(vec![i; 64 + usize::from(i)]);
-                (st.create_if_absent(key, mine.clone()).await.unwrap(), mine)
+    for round in 2..5u64 {
+        let key = format!("manifests/{round:020}.cmf");
+        let racers: Vec<_> = (0..8u8)
+            .map(|i| {
+                let (st, key) = (store.clone(), key.clone());
+                tokio::spawn(async move {
+                    let mine = Bytes::from(vec![i; 64 + usize::from(i)]);
+                    (st.create_if_absent(&key, mine.clone()).await.unwrap(), mine)
+                })
             })
-        })
-        .collect();
-    let mut winners = Vec::new();
-    for r in racers {
-        let (outcome, mine) = r.await.unwrap();
-        if outcome == CreateOutcome::Created {
-            winners.push(mine);
+            .collect();
+        let mut winners = Vec::new();
+        for r in racers {
+            let (outcome, mine) = r.await.unwrap();
+            if outcome == CreateOutcome::Created {
+                winners.push(mine);
+            }
         }
+        assert_eq!(
+            winners.len(),
+            1,
+            "{n}: round {round}: exactly one create must win"
+        );
+        assert_eq!(s.clean.get_bytes(&key).await.unwrap(), winners[0], "{n}");
     }
-    assert_eq!(winners.len(), 1, "{n}: exactly one create must win");
-    assert_eq!(s.clean.get_bytes(key).await.unwrap(), winners[0], "{n}");
 
     // Every response lost: the create landed, and reading back says it is ours; someone
     // else's object under a key is told apart the same way.
-    let key = "manifests/00000000000000000003.cmf";
+    let key = "manifests/00000000000000000005.cmf";
     let ours = Bytes::from_static(b"generation 3");
     assert_eq!(
         s.lossy.create_if_absent(key, ours.clone()).await.unwrap(),
