@@ -6,8 +6,9 @@
 //! * transient errors before a request is sent (nothing reaches the inner store);
 //! * added latency before a request;
 //! * truncated bodies (the stream ends early without an error) and corrupted bodies (one
-//!   byte flipped) on GETs, at most one of the two per GET (a multi-range read is one GET
-//!   per range), optionally only on keys containing [`FaultConfig::body_fault_keys`];
+//!   byte flipped) on GETs, at most one of the two per GET (a multi-range read merges
+//!   nearby ranges into one GET, like `object_store`'s default, and a GET cut short yields
+//!   short ranges), optionally only on keys containing [`FaultConfig::body_fault_keys`];
 //! * lost responses after a successful write (PUT, part upload, multipart completion): the
 //!   write lands, the caller gets an error;
 //! * with [`FaultConfig::ignore_conditional_create`], a store that silently turns
@@ -421,14 +422,30 @@ impl ObjectStore for FaultStore {
         location: &Path,
         ranges: &[std::ops::Range<u64>],
     ) -> object_store::Result<Vec<Bytes>> {
-        // One GET per range, each with its own faults. (The default implementation
-        // coalesces nearby ranges into one GET and slices it, which panics when that GET
-        // was silently cut short before a later range starts.)
-        let mut out = Vec::with_capacity(ranges.len());
-        for r in ranges {
-            out.push(self.get_range(location, r.clone()).await?);
+        // Like the default implementation: nearby ranges are merged into one GET (each GET
+        // with its own faults) and the ranges sliced out of it. Unlike it, a GET that was
+        // silently cut short yields short ranges, which the reader must notice, instead of
+        // a panic on slicing past its end.
+        let merged = merge_ranges(ranges, object_store::OBJECT_STORE_COALESCE_DEFAULT);
+        let mut fetched = Vec::with_capacity(merged.len());
+        for r in &merged {
+            fetched.push(self.get_range(location, r.clone()).await?);
         }
-        Ok(out)
+        Ok(ranges
+            .iter()
+            .map(|r| {
+                let i = merged
+                    .partition_point(|m| m.start <= r.start)
+                    .saturating_sub(1);
+                let (m, bytes) = (&merged[i], &fetched[i]);
+                let clamp = |at: u64| {
+                    usize::try_from(at - m.start)
+                        .unwrap_or(usize::MAX)
+                        .min(bytes.len())
+                };
+                bytes.slice(clamp(r.start)..clamp(r.end))
+            })
+            .collect())
     }
 
     async fn copy_opts(
@@ -441,6 +458,23 @@ impl ObjectStore for FaultStore {
         let r = self.inner.copy_opts(from, to, options).await;
         self.state.after_write("COPY", to.as_ref(), r)
     }
+}
+
+/// Sorted ranges covering `ranges`, merging those less than `coalesce` bytes apart (the
+/// rule of `object_store`'s default `get_ranges`).
+fn merge_ranges(ranges: &[std::ops::Range<u64>], coalesce: u64) -> Vec<std::ops::Range<u64>> {
+    let mut sorted = ranges.to_vec();
+    sorted.sort_unstable_by_key(|r| r.start);
+    let mut out: Vec<std::ops::Range<u64>> = Vec::with_capacity(sorted.len());
+    for r in sorted {
+        match out.last_mut() {
+            Some(last) if r.start.saturating_sub(last.end) <= coalesce => {
+                last.end = last.end.max(r.end);
+            }
+            _ => out.push(r),
+        }
+    }
+    out
 }
 
 /// A multipart upload through the `ObjectStore` API with faults on each part.
@@ -461,18 +495,23 @@ impl std::fmt::Debug for FaultUpload {
 #[async_trait]
 impl MultipartUpload for FaultUpload {
     fn put_part(&mut self, data: PutPayload) -> UploadPart {
-        if self.state.roll(self.state.cfg.transient_errors) {
-            bump(&self.state.counts.transient_errors);
-            let e = injected(
-                Cause::Throttled,
-                format!(
-                    "injected transient error: part upload of {} failed before it was sent",
-                    self.location
-                ),
-            );
-            return Box::pin(async move { Err(e) });
-        }
-        self.inner.put_part(data)
+        // Decided when the part is sent (first polled), so a part whose upload is dropped
+        // before it starts is neither sent nor counted as failed.
+        let state = Arc::clone(&self.state);
+        let location = self.location.clone();
+        let part = self.inner.put_part(data);
+        Box::pin(async move {
+            if state.roll(state.cfg.transient_errors) {
+                bump(&state.counts.transient_errors);
+                return Err(injected(
+                    Cause::Throttled,
+                    format!(
+                        "injected transient error: part upload of {location} failed before it was sent"
+                    ),
+                ));
+            }
+            part.await
+        })
     }
 
     async fn complete(&mut self) -> object_store::Result<PutResult> {
