@@ -50,7 +50,8 @@ pub enum Cause {
     /// A response that could not be decoded. Transient.
     BadResponse,
     /// A failure with no detail (a client task failed, an error described only in text).
-    /// Transient, see the module documentation.
+    /// Transient: retrying is safe because every operation of the store is idempotent or
+    /// settled by reading back.
     Unknown,
     /// The object does not exist: a definite absence. Permanent.
     NotFound,

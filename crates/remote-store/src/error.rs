@@ -1,4 +1,13 @@
-//! The remote store's error type.
+//! The remote store's error type: one enum for the crate.
+//!
+//! Contract: every variant names the key, URL or path involved and never carries a
+//! credential. [`StoreError::class`] answers "retry this?" with a
+//! [`cairn_core::ErrorClass`]; for a failed request the class was decided once, from the
+//! request's [`Cause`], when the `object_store` error was converted
+//! ([`StoreError::from_object_store`], using `classify.rs`), and it is stored in
+//! [`StoreError::Backend`] rather than derived again from text.
+//!
+//! Stateless: no I/O, nothing to crash, retry or cancel.
 
 use cairn_core::{CoreError, ErrorClass};
 

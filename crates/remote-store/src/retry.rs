@@ -379,6 +379,9 @@ impl RetryStore {
                         }
                     }
                     Some(Err(e)) => {
+                        // Drop the failed listing first: it may hold a request permit,
+                        // which a retry must not keep through its backoff.
+                        st.current = futures::stream::empty().boxed();
                         let failure = if e.transient_cause().is_none() {
                             Failure::Final(e)
                         } else if st.budget.wait("list", &st.shown, &e).await {
