@@ -65,8 +65,12 @@ impl Classified for object_store::Error {
 
 impl Classified for StoreError {
     fn transient_cause(&self) -> Option<Cause> {
-        self.is_retryable()
-            .then(|| self.cause().unwrap_or(Cause::Unknown))
+        match self {
+            // A budget already spent stays spent: retrying it again would nest retries.
+            StoreError::RetriesExhausted { .. } => None,
+            e if e.is_retryable() => Some(e.cause().unwrap_or(Cause::Unknown)),
+            _ => None,
+        }
     }
 }
 
