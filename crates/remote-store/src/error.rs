@@ -1,6 +1,19 @@
-//! The remote store's error type.
+//! The remote store's error type: one enum for the crate.
+//!
+//! Contract: every variant names the key, URL or path involved and never carries a
+//! credential. [`StoreError::class`] answers "retry this?" with a
+//! [`cairn_core::ErrorClass`]; for a failed request the class was decided once, from the
+//! request's [`Cause`], when the `object_store` error was converted
+//! ([`StoreError::from_object_store`], using `classify.rs`), and it is stored in
+//! [`StoreError::Backend`] rather than derived again from text.
+//!
+//! Stateless: no I/O, nothing to crash, retry or cancel.
 
 use cairn_core::{CoreError, ErrorClass};
+
+use crate::classify::{classify, Cause};
+use crate::redact::Secrets;
+use crate::retry::GaveUp;
 
 /// Errors from the object store seam. Every variant names the key, URL or path involved;
 /// none ever carries credentials.
@@ -54,11 +67,37 @@ pub enum StoreError {
         key: String,
         /// The store's description.
         store: String,
-        /// Whether a retry could succeed.
-        retryable: bool,
-        /// The underlying error.
+        /// What a caller may do about it, decided from `cause` where the error arose.
+        class: ErrorClass,
+        /// What went wrong, as precisely as the store can tell.
+        cause: Cause,
+        /// The underlying error (credentials scrubbed).
         #[source]
         source: Box<object_store::Error>,
+    },
+    /// A response body ended before the length announced for it (a cut-off transfer).
+    #[error("{op} {key} on {store}: the body ended after {received} of {expected} bytes")]
+    ShortBody {
+        /// The operation.
+        op: &'static str,
+        /// The object key.
+        key: String,
+        /// The store's description.
+        store: String,
+        /// Bytes received.
+        received: u64,
+        /// Bytes announced.
+        expected: u64,
+    },
+    /// A multipart upload finished without a part it sent (a bug, never a store answer).
+    #[error("multipart upload of {key} to {store} has no id for part {part}")]
+    UploadIncomplete {
+        /// The object key.
+        key: String,
+        /// The store's description.
+        store: String,
+        /// The part number (from 0).
+        part: usize,
     },
     /// A range read asked for bytes outside the blob's payload.
     #[error("range {start}..{end} of {key} in {store} is outside its {len}-byte payload")]
@@ -137,13 +176,8 @@ impl StoreError {
     /// failure.
     pub fn class(&self) -> ErrorClass {
         match self {
-            StoreError::Backend { retryable, .. } => {
-                if *retryable {
-                    ErrorClass::Transient
-                } else {
-                    ErrorClass::Permanent
-                }
-            }
+            StoreError::Backend { class, .. } => *class,
+            StoreError::ShortBody { .. } => ErrorClass::Transient,
             StoreError::Corrupt(_) => ErrorClass::Corrupt,
             StoreError::Io { source, .. } => match source.kind() {
                 std::io::ErrorKind::Interrupted | std::io::ErrorKind::TimedOut => {
@@ -159,7 +193,8 @@ impl StoreError {
             | StoreError::ConditionalCreateUnsupported { .. }
             | StoreError::NotFound { .. }
             | StoreError::AlreadyExists { .. }
-            | StoreError::WrongSize { .. } => ErrorClass::Permanent,
+            | StoreError::WrongSize { .. }
+            | StoreError::UploadIncomplete { .. } => ErrorClass::Permanent,
         }
     }
 
@@ -168,41 +203,52 @@ impl StoreError {
         self.class().is_transient()
     }
 
-    /// Whether the store refused an operation as unsupported by the backend (e.g. a
-    /// conditional create on a store without it).
-    pub fn is_unsupported(&self) -> bool {
+    /// What went wrong with the request behind this error, when one was made.
+    pub fn cause(&self) -> Option<Cause> {
         match self {
-            StoreError::Backend { source, .. } => match source.as_ref() {
-                object_store::Error::NotImplemented { .. }
-                | object_store::Error::NotSupported { .. } => true,
-                object_store::Error::Generic { source, .. } => {
-                    matches!(http_status(&source.to_string()), Some(501))
-                }
-                _ => false,
-            },
-            StoreError::RetriesExhausted { last, .. } => last.is_unsupported(),
-            _ => false,
+            StoreError::Backend { cause, .. } => Some(*cause),
+            StoreError::ShortBody { .. } => Some(Cause::CutOff),
+            StoreError::NotFound { .. } => Some(Cause::NotFound),
+            StoreError::AlreadyExists { .. } => Some(Cause::AlreadyExists),
+            StoreError::RetriesExhausted { last, .. } => last.cause(),
+            _ => None,
         }
     }
 
-    /// [`StoreError::backend`] with every occurrence of `secrets` removed from the
-    /// underlying error's text (servers echo the access key id in some error bodies).
-    pub(crate) fn backend_scrubbed(
-        op: &'static str,
-        key: &str,
-        store: &str,
-        e: object_store::Error,
-        secrets: &[String],
-    ) -> Self {
-        Self::backend(op, key, store, scrub_error(e, secrets))
+    /// Whether the store refused an operation as unsupported by the backend (e.g. a
+    /// conditional create on a store without it).
+    pub fn is_unsupported(&self) -> bool {
+        self.cause() == Some(Cause::Unsupported)
     }
 
-    pub(crate) fn backend(
+    /// Converts an `object_store` error of `op` on `key`: classified once, here, from the
+    /// error as it arrived ([`crate::classify`]), then scrubbed of `secrets` (servers echo
+    /// the access key id in some error bodies). A retry layer that gave up is reported as
+    /// [`StoreError::RetriesExhausted`] around its last error.
+    pub(crate) fn from_object_store(
         op: &'static str,
         key: &str,
         store: &str,
         e: object_store::Error,
+        secrets: &Secrets,
     ) -> Self {
+        let e = match GaveUp::take(e) {
+            Ok(g) => {
+                let last = Self::from_object_store(op, key, store, g.last, secrets);
+                return StoreError::RetriesExhausted {
+                    op,
+                    key: key.to_string(),
+                    store: store.to_string(),
+                    attempts: g.attempts,
+                    elapsed_ms: g.elapsed_ms,
+                    last: Box::new(last),
+                };
+            }
+            Err(e) => e,
+        };
+        // Only the typed variants are definite answers about the object itself; a 404 that
+        // `classify` found in text belongs to another request (a listing of a missing
+        // bucket) and stays a backend error.
         match e {
             object_store::Error::NotFound { .. } => StoreError::NotFound {
                 key: key.to_string(),
@@ -214,119 +260,18 @@ impl StoreError {
                 store: store.to_string(),
             },
             other => {
-                let retryable = is_transient(&other);
+                let cause = classify(&other);
                 StoreError::Backend {
                     op,
                     key: key.to_string(),
                     store: store.to_string(),
-                    retryable,
-                    source: Box::new(other),
+                    class: cause.class(),
+                    cause,
+                    source: Box::new(secrets.scrub_error(other)),
                 }
             }
         }
     }
-}
-
-/// Rebuilds `e` with a plain-text source if its text contains any of `secrets`.
-fn scrub_error(e: object_store::Error, secrets: &[String]) -> object_store::Error {
-    let text = e.to_string();
-    if !secrets.iter().any(|s| text.contains(s.as_str())) {
-        return e;
-    }
-    if !matches!(
-        e,
-        object_store::Error::Generic { .. }
-            | object_store::Error::PermissionDenied { .. }
-            | object_store::Error::Unauthenticated { .. }
-    ) {
-        return e;
-    }
-    let clean = |t: String| -> Box<dyn std::error::Error + Send + Sync> {
-        let mut t = t;
-        for s in secrets {
-            t = t.replace(s.as_str(), "<redacted>");
-        }
-        t.into()
-    };
-    match e {
-        object_store::Error::Generic { store, source } => object_store::Error::Generic {
-            store,
-            source: clean(source.to_string()),
-        },
-        object_store::Error::PermissionDenied { path, source } => {
-            object_store::Error::PermissionDenied {
-                path,
-                source: clean(source.to_string()),
-            }
-        }
-        object_store::Error::Unauthenticated { path, source } => {
-            object_store::Error::Unauthenticated {
-                path,
-                source: clean(source.to_string()),
-            }
-        }
-        // The rest never carry a server's response body (and not-found, exists and
-        // precondition errors are reported without their source): keep them as they are so
-        // their classification stays intact.
-        other => other,
-    }
-}
-
-/// Whether an `object_store` error is worth retrying: timeouts, connection failures and
-/// resets, 5xx, throttling (429, 503 SlowDown) and error bodies in 200 responses. Never:
-/// not found, already exists, precondition failed, permission denied, unauthenticated,
-/// unsupported operations, bad paths or configuration, and other 4xx.
-pub(crate) fn is_transient(e: &object_store::Error) -> bool {
-    use object_store::client::HttpErrorKind;
-    match e {
-        object_store::Error::Generic { source, .. } => {
-            let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(source.as_ref());
-            while let Some(err) = cur {
-                if let Some(h) = err.downcast_ref::<object_store::client::HttpError>() {
-                    return matches!(
-                        h.kind(),
-                        HttpErrorKind::Connect
-                            | HttpErrorKind::Request
-                            | HttpErrorKind::Timeout
-                            | HttpErrorKind::Interrupted
-                            | HttpErrorKind::Decode
-                            | HttpErrorKind::Unknown
-                    );
-                }
-                if let Some(io) = err.downcast_ref::<std::io::Error>() {
-                    use std::io::ErrorKind as K;
-                    return matches!(
-                        io.kind(),
-                        K::ConnectionReset
-                            | K::ConnectionAborted
-                            | K::ConnectionRefused
-                            | K::BrokenPipe
-                            | K::TimedOut
-                            | K::Interrupted
-                            | K::UnexpectedEof
-                            | K::NotConnected
-                    );
-                }
-                cur = err.source();
-            }
-            match http_status(&source.to_string()) {
-                // 501 Not Implemented and 505 are answers, not accidents.
-                Some(s) => (s >= 500 && s != 501 && s != 505) || s == 429 || s == 408,
-                // Not an HTTP status failure: a malformed or cut-off response, an injected
-                // fault, a dropped connection described only in text. Retrying is safe: every
-                // operation is idempotent or resolved by reading back.
-                None => !source.to_string().contains("redirect"),
-            }
-        }
-        object_store::Error::JoinError { .. } => true,
-        _ => false,
-    }
-}
-
-/// The HTTP status `object_store` reports in its error text ("status code: 503 ...").
-fn http_status(text: &str) -> Option<u16> {
-    let rest = &text[text.find("status code: ")? + "status code: ".len()..];
-    rest.get(..3)?.parse().ok()
 }
 
 #[cfg(test)]
@@ -341,18 +286,29 @@ mod tests {
         }
     }
 
+    fn convert(e: object_store::Error) -> StoreError {
+        StoreError::from_object_store("get", "a/b", "memory://m", e, &Secrets::default())
+    }
+
     #[test]
     fn credentials_echoed_by_a_server_are_scrubbed() {
         let e = generic(
             "Server returned non-2xx status code: 403 Forbidden: <AWSAccessKeyId>AKIDSECRETISH</AWSAccessKeyId>",
         );
-        let e = StoreError::backend_scrubbed("put", "k", "s3://b", e, &["AKIDSECRETISH".into()]);
+        let e = StoreError::from_object_store(
+            "put",
+            "k",
+            "s3://b",
+            e,
+            &Secrets::of(&["AKIDSECRETISH"]),
+        );
         let shown = format!("{e} {e:?}");
         assert!(
             !shown.contains("AKIDSECRETISH") && shown.contains("403"),
             "{shown}"
         );
         assert!(!e.is_retryable());
+        assert_eq!(e.cause(), Some(Cause::Denied));
     }
 
     #[test]
@@ -362,19 +318,24 @@ mod tests {
                 "Error performing PUT http://h/b/k in 1ms - Server returned non-2xx status code: {s}: <Error/>"
             ))
         };
-        assert!(is_transient(&status("503 Service Unavailable")));
-        assert!(is_transient(&status("500 Internal Server Error")));
-        assert!(is_transient(&status("429 Too Many Requests")));
-        assert!(!is_transient(&status("400 Bad Request")));
-        assert!(!is_transient(&status("405 Method Not Allowed")));
-        assert!(is_transient(&generic(
-            "Server returned error response: SlowDown"
-        )));
-        assert!(is_transient(&object_store::Error::Generic {
-            store: "S3",
-            source: Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
-        }));
+        for transient in [
+            status("503 Service Unavailable"),
+            status("500 Internal Server Error"),
+            status("429 Too Many Requests"),
+            generic("Server returned error response: SlowDown"),
+            object_store::Error::Generic {
+                store: "S3",
+                source: Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+            },
+        ] {
+            let e = convert(transient);
+            assert!(e.is_retryable(), "{e}");
+            assert_eq!(e.class(), ErrorClass::Transient);
+        }
         for permanent in [
+            status("400 Bad Request"),
+            status("405 Method Not Allowed"),
+            status("404 Not Found"),
             object_store::Error::NotFound {
                 path: "k".into(),
                 source: "x".into(),
@@ -400,9 +361,24 @@ mod tests {
                 implementer: "y".into(),
             },
         ] {
-            assert!(!is_transient(&permanent), "{permanent}");
-            let e = StoreError::backend("get", "a/b", "memory://m", permanent);
+            let e = convert(permanent);
             assert!(!e.is_retryable(), "{e}");
         }
+        // A 404 found only in text is not a definite absence of the object.
+        assert!(matches!(
+            convert(status("404 Not Found")),
+            StoreError::Backend {
+                cause: Cause::Rejected,
+                ..
+            }
+        ));
+        assert!(matches!(
+            convert(object_store::Error::NotFound {
+                path: "k".into(),
+                source: "x".into(),
+            }),
+            StoreError::NotFound { .. }
+        ));
+        assert!(convert(status("501 Not Implemented")).is_unsupported());
     }
 }

@@ -6,8 +6,9 @@
 //! * transient errors before a request is sent (nothing reaches the inner store);
 //! * added latency before a request;
 //! * truncated bodies (the stream ends early without an error) and corrupted bodies (one
-//!   byte flipped) on GETs, at most one of the two per GET, optionally only on keys
-//!   containing [`FaultConfig::body_fault_keys`];
+//!   byte flipped) on GETs, at most one of the two per GET (a multi-range read merges
+//!   nearby ranges into one GET, like `object_store`'s default, and a GET cut short yields
+//!   short ranges), optionally only on keys containing [`FaultConfig::body_fault_keys`];
 //! * lost responses after a successful write (PUT, part upload, multipart completion): the
 //!   write lands, the caller gets an error;
 //! * with [`FaultConfig::ignore_conditional_create`], a store that silently turns
@@ -15,6 +16,13 @@
 //!
 //! Every injected fault is counted by kind ([`FaultStore::counts`]); a body fault counts only
 //! once its damaged byte (or cut) is actually delivered to the reader.
+//!
+//! Injected errors are typed with the cause they simulate (a transient error before a
+//! request as throttling, a lost response as an interrupted connection), so the layers above
+//! classify, retry and count them exactly like the real ones.
+//!
+//! Place in the stack: innermost, right around the backend, below the statistics, limits
+//! and retry layers, so the code under test is the production stack (see `stack.rs`).
 //!
 //! Crash behaviour, retries: none of its own; it only makes the inner store look worse.
 //! Cancellation: dropping a call drops the inner call. [`FaultStore`] also implements
@@ -24,15 +32,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::classify::{Cause, TransientFault};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::stream::{BoxStream, StreamExt};
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
 use object_store::{
-    CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult, MultipartId, MultipartUpload,
-    ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions, PutPayload,
-    PutResult, UploadPart,
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartId, MultipartUpload, ObjectMeta,
+    ObjectStore, ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions, PutPayload, PutResult,
+    UploadPart,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -134,9 +143,12 @@ impl State {
         }
         if self.roll(self.cfg.transient_errors) {
             bump(&self.counts.transient_errors);
-            return Err(injected(format!(
-                "injected transient error: {op} {location} failed before it was sent (503 SlowDown)"
-            )));
+            return Err(injected(
+                Cause::Throttled,
+                format!(
+                    "injected transient error: {op} {location} failed before it was sent (503 SlowDown)"
+                ),
+            ));
         }
         Ok(())
     }
@@ -152,9 +164,12 @@ impl State {
             Ok(v) if self.roll(self.cfg.lost_write_responses) => {
                 bump(&self.counts.lost_responses);
                 drop(v);
-                Err(injected(format!(
-                    "injected lost response: {op} {location} landed but the connection was reset before the response"
-                )))
+                Err(injected(
+                    Cause::Interrupted,
+                    format!(
+                        "injected lost response: {op} {location} landed but the connection was reset before the response"
+                    ),
+                ))
             }
             other => other,
         }
@@ -172,11 +187,9 @@ fn bump(a: &AtomicU64) {
     a.fetch_add(1, Ordering::Relaxed);
 }
 
-fn injected(message: String) -> object_store::Error {
-    object_store::Error::Generic {
-        store: "FaultStore",
-        source: message.into(),
-    }
+/// An injected fault, typed with the cause it simulates so it is classified like the real one.
+fn injected(cause: Cause, message: String) -> object_store::Error {
+    TransientFault::error("FaultStore", cause, message)
 }
 
 /// The fault-injecting wrapper; see the module documentation.
@@ -360,20 +373,10 @@ impl ObjectStore for FaultStore {
             return Ok(r);
         };
         let at = self.state.below(len);
-        let (meta, range, attributes, extensions) = (
-            r.meta.clone(),
-            r.range.clone(),
-            r.attributes.clone(),
-            r.extensions.clone(),
-        );
-        let stream = damage(r.into_stream(), fault, at, Arc::clone(&self.state));
-        Ok(GetResult {
-            payload: GetResultPayload::Stream(stream),
-            meta,
-            range,
-            attributes,
-            extensions,
-        })
+        let state = Arc::clone(&self.state);
+        Ok(crate::local::map_body(r, |body, _| {
+            damage(body, fault, at, state)
+        }))
     }
 
     fn delete_stream(
@@ -399,9 +402,10 @@ impl ObjectStore for FaultStore {
         let shown = prefix.map(|p| p.to_string()).unwrap_or_default();
         if self.state.roll(self.state.cfg.transient_errors) {
             bump(&self.state.counts.transient_errors);
-            let e = injected(format!(
-                "injected transient error: LIST {shown} failed before it was sent"
-            ));
+            let e = injected(
+                Cause::Throttled,
+                format!("injected transient error: LIST {shown} failed before it was sent"),
+            );
             return futures::stream::once(async move { Err(e) }).boxed();
         }
         self.inner.list(prefix)
@@ -411,6 +415,37 @@ impl ObjectStore for FaultStore {
         let shown = prefix.map(|p| p.to_string()).unwrap_or_default();
         self.state.before("LIST", &shown).await?;
         self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn get_ranges(
+        &self,
+        location: &Path,
+        ranges: &[std::ops::Range<u64>],
+    ) -> object_store::Result<Vec<Bytes>> {
+        // Like the default implementation: nearby ranges are merged into one GET (each GET
+        // with its own faults) and the ranges sliced out of it. Unlike it, a GET that was
+        // silently cut short yields short ranges, which the reader must notice, instead of
+        // a panic on slicing past its end.
+        let merged = merge_ranges(ranges, object_store::OBJECT_STORE_COALESCE_DEFAULT);
+        let mut fetched = Vec::with_capacity(merged.len());
+        for r in &merged {
+            fetched.push(self.get_range(location, r.clone()).await?);
+        }
+        Ok(ranges
+            .iter()
+            .map(|r| {
+                let i = merged
+                    .partition_point(|m| m.start <= r.start)
+                    .saturating_sub(1);
+                let (m, bytes) = (&merged[i], &fetched[i]);
+                let clamp = |at: u64| {
+                    usize::try_from(at - m.start)
+                        .unwrap_or(usize::MAX)
+                        .min(bytes.len())
+                };
+                bytes.slice(clamp(r.start)..clamp(r.end))
+            })
+            .collect())
     }
 
     async fn copy_opts(
@@ -423,6 +458,23 @@ impl ObjectStore for FaultStore {
         let r = self.inner.copy_opts(from, to, options).await;
         self.state.after_write("COPY", to.as_ref(), r)
     }
+}
+
+/// Sorted ranges covering `ranges`, merging those less than `coalesce` bytes apart (the
+/// rule of `object_store`'s default `get_ranges`).
+fn merge_ranges(ranges: &[std::ops::Range<u64>], coalesce: u64) -> Vec<std::ops::Range<u64>> {
+    let mut sorted = ranges.to_vec();
+    sorted.sort_unstable_by_key(|r| r.start);
+    let mut out: Vec<std::ops::Range<u64>> = Vec::with_capacity(sorted.len());
+    for r in sorted {
+        match out.last_mut() {
+            Some(last) if r.start.saturating_sub(last.end) <= coalesce => {
+                last.end = last.end.max(r.end);
+            }
+            _ => out.push(r),
+        }
+    }
+    out
 }
 
 /// A multipart upload through the `ObjectStore` API with faults on each part.
@@ -443,15 +495,23 @@ impl std::fmt::Debug for FaultUpload {
 #[async_trait]
 impl MultipartUpload for FaultUpload {
     fn put_part(&mut self, data: PutPayload) -> UploadPart {
-        if self.state.roll(self.state.cfg.transient_errors) {
-            bump(&self.state.counts.transient_errors);
-            let e = injected(format!(
-                "injected transient error: part upload of {} failed before it was sent",
-                self.location
-            ));
-            return Box::pin(async move { Err(e) });
-        }
-        self.inner.put_part(data)
+        // Decided when the part is sent (first polled), so a part whose upload is dropped
+        // before it starts is neither sent nor counted as failed.
+        let state = Arc::clone(&self.state);
+        let location = self.location.clone();
+        let part = self.inner.put_part(data);
+        Box::pin(async move {
+            if state.roll(state.cfg.transient_errors) {
+                bump(&state.counts.transient_errors);
+                return Err(injected(
+                    Cause::Throttled,
+                    format!(
+                        "injected transient error: part upload of {location} failed before it was sent"
+                    ),
+                ));
+            }
+            part.await
+        })
     }
 
     async fn complete(&mut self) -> object_store::Result<PutResult> {

@@ -1,0 +1,416 @@
+//! Verified reads: whole small objects, streamed blobs, and ranges of blobs.
+//!
+//! Contract: [`RemoteStore::get_bytes`] returns a whole object, or an error; a body shorter
+//! than the object is read again. [`RemoteStore::get_blob`] streams a blob through a
+//! decoder that recomputes its CRC64-NVME and XXH3-128 and checks header, footer and
+//! length against the manifest's `BlobRef`, handing each verified payload piece with its
+//! offset to a sink. [`RemoteStore::get_blob_range`] reads part of a payload and checks
+//! what a range can be checked by: the header, the footer (which must carry the content
+//! address) and the exact length. [`RemoteStore::get_bytes_verified`] checks a whole object
+//! with the caller's own check (a manifest's checksum). Damage that survives every re-read
+//! is [`StoreError::Corrupt`] naming the key; a missing object is
+//! [`StoreError::NotFound`], a definite absence, never retried.
+//!
+//! Retries: two kinds, neither of them the retry layer's. A transfer cut off by a transient
+//! error, or a body that ends early, resumes with a range GET from the byte reached (the
+//! decoder's running checksums carry over), on the store's retry engine over the layers
+//! below the retry layer, so one budget bounds a read. Bytes that fail verification are a
+//! damaged transfer until proven otherwise: the whole read is made again, up to
+//! `verify_read_attempts` passes ([`RemoteStore::until_verified`], the one re-read loop),
+//! then reported corrupt. Each failed pass counts as a damaged read, each resumption as a
+//! resumed read.
+//!
+//! Crash, cancellation: reads change nothing in the store. A sink may be called again from
+//! offset 0 on a re-read pass, so it must write at the offsets given (overwrite), not
+//! append. Dropping the future abandons the request and its body.
+
+use std::ops::Range;
+
+use bytes::Bytes;
+use cairn_core::blob::{encode_footer, BlobDecoder, DecodedBlob, FOOTER_LEN, HEADER_LEN};
+use cairn_core::BlobRef;
+use futures::StreamExt;
+use object_store::path::Path;
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt};
+
+use crate::{RemoteStore, StoreError};
+
+impl RemoteStore {
+    /// Reads a whole (small) object; a body shorter than the object is read again.
+    pub async fn get_bytes(&self, key: &str) -> Result<Bytes, StoreError> {
+        let path = &self.path(key);
+        self.retrying("get", key, || self.get_bytes_once(key, path))
+            .await
+    }
+
+    /// One GET of a whole object and its body.
+    async fn get_bytes_once(&self, key: &str, path: &Path) -> Result<Bytes, StoreError> {
+        let res = self
+            .stack
+            .once
+            .store
+            .get(path)
+            .await
+            .map_err(|e| self.err("get", key, e))?;
+        let size = res.meta.size;
+        let mut buf = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+        let mut stream = res.into_stream();
+        while let Some(piece) = stream.next().await {
+            buf.extend_from_slice(&piece.map_err(|e| self.err("get", key, e))?);
+        }
+        if buf.len() as u64 != size {
+            self.stack.stats.damaged_read();
+            return Err(StoreError::ShortBody {
+                op: "get",
+                key: key.to_string(),
+                store: self.describe.clone(),
+                received: buf.len() as u64,
+                expected: size,
+            });
+        }
+        Ok(Bytes::from(buf))
+    }
+
+    /// Reads a whole (small) object and checks it with `verify` (e.g. a manifest's own
+    /// checksum). Bytes that fail are read again, up to `verify_read_attempts` reads, since a
+    /// damaged transfer heals on a re-read; then the last failure is returned as
+    /// [`StoreError::Corrupt`].
+    pub async fn get_bytes_verified<V>(&self, key: &str, mut verify: V) -> Result<Bytes, StoreError>
+    where
+        V: FnMut(&[u8]) -> Result<(), cairn_core::CoreError>,
+    {
+        self.until_verified(key, "object", async || {
+            let bytes = self.get_bytes(key).await?;
+            verify(&bytes)?;
+            Ok(bytes)
+        })
+        .await
+    }
+
+    /// Streams the blob at `key`, verifying it against `expected`, and hands each payload
+    /// piece with its offset to `sink`. Fails, naming the key, on any mismatch.
+    ///
+    /// A read cut off by a transient error resumes at the byte it reached (the sink sees
+    /// each offset once per pass). A blob whose bytes fail verification (a damaged transfer)
+    /// is read again from the start, up to `verify_read_attempts` passes: the sink is then
+    /// called again from offset 0, so it must write at the offsets given (overwrite), not
+    /// append. Only when every pass fails is [`StoreError::Corrupt`] returned.
+    pub async fn get_blob<F>(
+        &self,
+        key: &str,
+        expected: &BlobRef,
+        mut sink: F,
+    ) -> Result<DecodedBlob, StoreError>
+    where
+        F: FnMut(u64, &[u8]) -> std::io::Result<()>,
+    {
+        self.until_verified(key, "blob", async || {
+            self.read_blob_pass(key, expected, &mut sink).await
+        })
+        .await
+    }
+
+    /// Reads bytes `payload_range` of the payload of the blob at `key`.
+    ///
+    /// What is verified: the blob header (magic, header checksum, kind and payload length
+    /// against `expected`), the footer (whose CRC64-NVME must be `expected`'s), and that
+    /// exactly the requested number of bytes arrived. What cannot be: a range cannot
+    /// recompute the whole payload's CRC64, so the bytes of the range themselves are the
+    /// caller's to check at chunk or page level (restore does, with the page and delta
+    /// checksums). Damaged headers, footers or short reads are read again like
+    /// [`RemoteStore::get_blob`].
+    pub async fn get_blob_range(
+        &self,
+        key: &str,
+        expected: &BlobRef,
+        payload_range: Range<u64>,
+    ) -> Result<Bytes, StoreError> {
+        if payload_range.start > payload_range.end || payload_range.end > expected.len {
+            return Err(StoreError::BadRange {
+                key: key.to_string(),
+                store: self.describe.clone(),
+                start: payload_range.start,
+                end: payload_range.end,
+                len: expected.len,
+            });
+        }
+        if payload_range.is_empty() {
+            return Ok(Bytes::new());
+        }
+        let h = HEADER_LEN as u64;
+        let footer_at = h + expected.len;
+        let ranges = [
+            0..h,
+            h + payload_range.start..h + payload_range.end,
+            footer_at..footer_at + FOOTER_LEN as u64,
+        ];
+        let path = &self.path(key);
+        self.until_verified(key, "range read", async || {
+            let got = self
+                .stack
+                .top
+                .store
+                .get_ranges(path, &ranges)
+                .await
+                .map_err(|e| self.err("range get", key, e))?;
+            verify_range(key, expected, &ranges, &got)?;
+            Ok(got[1].clone())
+        })
+        .await
+    }
+
+    /// The one re-read loop: makes `pass` until its bytes verify. A pass failing with
+    /// [`StoreError::Corrupt`] counts as a damaged read and is made again, up to
+    /// `verify_read_attempts` passes; any other outcome is returned as it is.
+    async fn until_verified<T>(
+        &self,
+        key: &str,
+        what: &'static str,
+        mut pass: impl AsyncFnMut() -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let passes = self.cfg.verify_read_attempts.max(1);
+        let mut n = 1;
+        loop {
+            match pass().await {
+                Err(StoreError::Corrupt(e)) => {
+                    self.stack.stats.damaged_read();
+                    if n >= passes {
+                        return Err(StoreError::Corrupt(e));
+                    }
+                    tracing::warn!(
+                        key,
+                        store = %self.describe,
+                        pass = n,
+                        error = %e,
+                        "{what} failed verification; reading it again"
+                    );
+                    n += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One verified pass over a blob, resuming after transient errors and early ends.
+    async fn read_blob_pass<F>(
+        &self,
+        key: &str,
+        expected: &BlobRef,
+        sink: &mut F,
+    ) -> Result<DecodedBlob, StoreError>
+    where
+        F: FnMut(u64, &[u8]) -> std::io::Result<()>,
+    {
+        let mut st = ReadState {
+            decoder: BlobDecoder::new(key, Some(*expected)),
+            received: 0,
+            offset: 0,
+            total: expected.object_len(),
+        };
+        let path = self.path(key);
+        let mut budget = self.stack.retry.budget();
+        loop {
+            let before = st.received;
+            let e = match self.read_from(key, &path, &mut st, sink).await {
+                Ok(()) if st.received == st.total => return Ok(st.decoder.finish()?),
+                // The body ended early without an error: resume where it stopped.
+                Ok(()) => StoreError::ShortBody {
+                    op: "get",
+                    key: key.to_string(),
+                    store: self.describe.clone(),
+                    received: st.received,
+                    expected: st.total,
+                },
+                Err(e) if e.is_retryable() => e,
+                Err(e) => return Err(e),
+            };
+            if !budget.wait("get", key, &e).await {
+                return Err(budget.exhausted("get", key, e));
+            }
+            if st.received > before || matches!(e, StoreError::ShortBody { .. }) {
+                self.stack.stats.resumed_read();
+            }
+        }
+    }
+
+    /// One GET of the blob from `st.received` on, fed through the decoder into the sink.
+    async fn read_from<F>(
+        &self,
+        key: &str,
+        path: &Path,
+        st: &mut ReadState,
+        sink: &mut F,
+    ) -> Result<(), StoreError>
+    where
+        F: FnMut(u64, &[u8]) -> std::io::Result<()>,
+    {
+        let opts = GetOptions {
+            range: (st.received > 0).then_some(GetRange::Bounded(st.received..st.total)),
+            ..Default::default()
+        };
+        let res = self
+            .stack
+            .once
+            .store
+            .get_opts(path, opts)
+            .await
+            .map_err(|e| self.err("get", key, e))?;
+        if res.meta.size != st.total {
+            return Err(StoreError::WrongSize {
+                key: key.to_string(),
+                store: self.describe.clone(),
+                expected: st.total,
+                actual: res.meta.size,
+            });
+        }
+        let mut stream = res.into_stream();
+        while let Some(piece) = stream.next().await {
+            let piece = piece.map_err(|e| self.err("get", key, e))?;
+            st.feed(key, &piece, sink)?;
+        }
+        Ok(())
+    }
+}
+
+/// Progress of one verified pass over a blob.
+struct ReadState {
+    decoder: BlobDecoder,
+    /// Object bytes received and verified so far.
+    received: u64,
+    /// Payload bytes handed to the sink so far.
+    offset: u64,
+    total: u64,
+}
+
+impl ReadState {
+    fn feed<F>(&mut self, key: &str, piece: &[u8], sink: &mut F) -> Result<(), StoreError>
+    where
+        F: FnMut(u64, &[u8]) -> std::io::Result<()>,
+    {
+        if self.received + piece.len() as u64 > self.total {
+            return Err(StoreError::Corrupt(cairn_core::CoreError::CorruptBlob {
+                name: key.to_string(),
+                reason: format!("more than the {} bytes the object has", self.total),
+            }));
+        }
+        self.received += piece.len() as u64;
+        let payload = self.decoder.push(piece)?;
+        if !payload.is_empty() {
+            sink(self.offset, payload).map_err(|e| StoreError::Io {
+                op: "write restored bytes of",
+                path: key.to_string(),
+                source: e,
+            })?;
+            self.offset += payload.len() as u64;
+        }
+        Ok(())
+    }
+}
+
+/// Checks the header, footer and lengths of a range read (see `get_blob_range`).
+fn verify_range(
+    key: &str,
+    expected: &BlobRef,
+    ranges: &[Range<u64>; 3],
+    got: &[Bytes],
+) -> Result<(), StoreError> {
+    let corrupt = |reason: String| {
+        StoreError::Corrupt(cairn_core::CoreError::CorruptBlob {
+            name: key.to_string(),
+            reason,
+        })
+    };
+    if got.len() != ranges.len() {
+        return Err(corrupt(format!("{} ranges returned, 3 asked", got.len())));
+    }
+    for (r, b) in ranges.iter().zip(got) {
+        if b.len() as u64 != r.end - r.start {
+            return Err(corrupt(format!(
+                "range {}..{} returned {} bytes",
+                r.start,
+                r.end,
+                b.len()
+            )));
+        }
+    }
+    let mut header = BlobDecoder::new(key, Some(*expected));
+    header.push(&got[0])?;
+    if got[2].as_ref() != encode_footer(expected.crc64) {
+        return Err(corrupt(format!(
+            "footer does not carry the content address CRC64 {:016x}",
+            expected.crc64
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::testutil::{fast_cfg, rt, staged};
+    use crate::CreateOutcome;
+    use cairn_core::blob::encode_blob;
+    use cairn_core::BlobKind;
+
+    #[test]
+    fn conditional_create_and_corrupt_reads() {
+        let store = RemoteStore::open("memory://cc-test").unwrap();
+        rt().block_on(async {
+            let b = Bytes::from_static(b"x");
+            assert_eq!(
+                store.create_if_absent("m/1", b.clone()).await.unwrap(),
+                CreateOutcome::Created
+            );
+            assert_eq!(
+                store.create_if_absent("m/1", b).await.unwrap(),
+                CreateOutcome::AlreadyExists
+            );
+            let (mut obj, r) = encode_blob(BlobKind::Base, b"hello");
+            obj[33] ^= 1;
+            store.put_bytes("blobs/x", Bytes::from(obj)).await.unwrap();
+            let err = store
+                .get_blob("blobs/x", &r, |_, _| Ok(()))
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("blobs/x"), "{err}");
+            let err = store
+                .get_blob("blobs/none", &r, |_, _| Ok(()))
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("blobs/none") && err.contains("not found"),
+                "{err}"
+            );
+        });
+    }
+
+    #[test]
+    fn permanent_errors_are_not_retried_and_ranges_are_checked() {
+        let store = RemoteStore::open_with("memory://permanent", fast_cfg()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (f, r, mut obj) = staged(dir.path(), b"0123456789");
+        rt().block_on(async {
+            let e = store.get_bytes("missing").await.unwrap_err();
+            assert!(matches!(e, StoreError::NotFound { .. }), "{e}");
+            assert_eq!(store.stats().retries, 0);
+            store.put_blob_file("b", &f, &r).await.unwrap();
+            assert_eq!(
+                &store.get_blob_range("b", &r, 2..5).await.unwrap()[..],
+                b"234"
+            );
+            assert!(store.get_blob_range("b", &r, 5..11).await.is_err());
+            // A footer that does not carry the content address is refused.
+            let n = obj.len();
+            obj[n - 16] ^= 1;
+            store.put_bytes("b", Bytes::from(obj)).await.unwrap();
+            let e = store.get_blob_range("b", &r, 2..5).await.unwrap_err();
+            assert!(
+                e.to_string().contains('b') && matches!(e, StoreError::Corrupt(_)),
+                "{e}"
+            );
+        });
+    }
+}
