@@ -79,12 +79,18 @@ impl RemoteStore {
     where
         V: FnMut(&[u8]) -> Result<(), cairn_core::CoreError>,
     {
-        self.until_verified(key, "object", async || {
-            let bytes = self.get_bytes(key).await?;
-            verify(&bytes)?;
-            Ok(bytes)
-        })
-        .await
+        let mut rereads = self.rereads(key, "object");
+        loop {
+            let pass = async {
+                let bytes = self.get_bytes(key).await?;
+                verify(&bytes)?;
+                Ok(bytes)
+            };
+            match pass.await {
+                Err(StoreError::Corrupt(e)) => rereads.again(e)?,
+                other => return other,
+            }
+        }
     }
 
     /// Streams the blob at `key`, verifying it against `expected`, and hands each payload
@@ -104,10 +110,13 @@ impl RemoteStore {
     where
         F: FnMut(u64, &[u8]) -> std::io::Result<()>,
     {
-        self.until_verified(key, "blob", async || {
-            self.read_blob_pass(key, expected, &mut sink).await
-        })
-        .await
+        let mut rereads = self.rereads(key, "blob");
+        loop {
+            match self.read_blob_pass(key, expected, &mut sink).await {
+                Err(StoreError::Corrupt(e)) => rereads.again(e)?,
+                other => return other,
+            }
+        }
     }
 
     /// Reads bytes `payload_range` of the payload of the blob at `key`.
@@ -145,49 +154,34 @@ impl RemoteStore {
             footer_at..footer_at + FOOTER_LEN as u64,
         ];
         let path = &self.path(key);
-        self.until_verified(key, "range read", async || {
-            let got = self
-                .stack
-                .top
-                .store
-                .get_ranges(path, &ranges)
-                .await
-                .map_err(|e| self.err("range get", key, e))?;
-            verify_range(key, expected, &ranges, &got)?;
-            Ok(got[1].clone())
-        })
-        .await
-    }
-
-    /// The one re-read loop: makes `pass` until its bytes verify. A pass failing with
-    /// [`StoreError::Corrupt`] counts as a damaged read and is made again, up to
-    /// `verify_read_attempts` passes; any other outcome is returned as it is.
-    async fn until_verified<T>(
-        &self,
-        key: &str,
-        what: &'static str,
-        mut pass: impl AsyncFnMut() -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        let passes = self.cfg.verify_read_attempts.max(1);
-        let mut n = 1;
+        let mut rereads = self.rereads(key, "range read");
         loop {
-            match pass().await {
-                Err(StoreError::Corrupt(e)) => {
-                    self.stack.stats.damaged_read();
-                    if n >= passes {
-                        return Err(StoreError::Corrupt(e));
-                    }
-                    tracing::warn!(
-                        key,
-                        store = %self.describe,
-                        pass = n,
-                        error = %e,
-                        "{what} failed verification; reading it again"
-                    );
-                    n += 1;
-                }
+            let pass = async {
+                let got = self
+                    .stack
+                    .top
+                    .store
+                    .get_ranges(path, &ranges)
+                    .await
+                    .map_err(|e| self.err("range get", key, e))?;
+                verify_range(key, expected, &ranges, &got)?;
+                Ok(got[1].clone())
+            };
+            match pass.await {
+                Err(StoreError::Corrupt(e)) => rereads.again(e)?,
                 other => return other,
             }
+        }
+    }
+
+    /// The one re-read rule for a read of `key`: see [`Rereads::again`].
+    fn rereads<'a>(&'a self, key: &'a str, what: &'static str) -> Rereads<'a> {
+        Rereads {
+            store: self,
+            key,
+            what,
+            pass: 1,
+            passes: self.cfg.verify_read_attempts.max(1),
         }
     }
 
@@ -342,6 +336,39 @@ fn verify_range(
         )));
     }
     Ok(())
+}
+
+/// Counts the passes of a read whose bytes must verify. (Each read loops over its own
+/// pass; the decision to read again lives here. A plain loop rather than a closure keeps
+/// the read futures `Send` for every lifetime.)
+struct Rereads<'a> {
+    store: &'a RemoteStore,
+    key: &'a str,
+    what: &'static str,
+    pass: u32,
+    passes: u32,
+}
+
+impl Rereads<'_> {
+    /// After a pass whose bytes failed verification: `Ok` to read again (a damaged
+    /// transfer heals on a re-read), or [`StoreError::Corrupt`] once `verify_read_attempts`
+    /// passes failed.
+    fn again(&mut self, e: cairn_core::CoreError) -> Result<(), StoreError> {
+        self.store.stack.stats.damaged_read();
+        if self.pass >= self.passes {
+            return Err(StoreError::Corrupt(e));
+        }
+        tracing::warn!(
+            key = self.key,
+            store = %self.store.describe,
+            pass = self.pass,
+            error = %e,
+            "{} failed verification; reading it again",
+            self.what
+        );
+        self.pass += 1;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
