@@ -5,7 +5,9 @@
 //! Nothing here writes but the import of manifests the local state lacks, so a crash
 //! leaves only what was imported. Retries: the store's. Cancellation: dropping the future.
 
-use cairn_core::{DbId, DbState, Generation, Manifest};
+use cairn_core::{keys, DbId, DbState, Generation, Manifest};
+use cairn_remote_store::StoreError;
+use cairn_state::StateError;
 use serde::Serialize;
 
 use crate::{CairnError, Checkpointer};
@@ -51,33 +53,77 @@ impl Checkpointer {
         Ok(gens)
     }
 
+    /// The newest generation: the newest recorded locally, or a newer one the store
+    /// lists after it (listing only the keys after it, so this costs what is new).
+    pub(crate) async fn latest_generation(
+        &self,
+        db: &DbId,
+    ) -> Result<Option<Generation>, CairnError> {
+        let tenant = &self.cfg.tenant;
+        let local = self.state.db_record(tenant, db)?.map(|r| r.latest);
+        let prefix = keys::manifests_prefix(tenant, db);
+        let listed = match local {
+            Some(g) => {
+                let after = keys::manifest_key(tenant, db, g);
+                self.store.list_after(&prefix, &after).await?
+            }
+            None => self.store.list(&prefix).await?,
+        };
+        let newest = listed
+            .iter()
+            .filter_map(|o| keys::parse_manifest_key(&o.key))
+            .max();
+        Ok(newest.max(local))
+    }
+
     /// The state of `generation` (the latest if `None`).
     pub async fn state(
         &self,
         db: &DbId,
         generation: Option<Generation>,
     ) -> Result<GenerationState, CairnError> {
-        let gens = self.generations(db).await?;
         let tenant = &self.cfg.tenant;
-        let Some(latest) = gens.last().copied() else {
-            return Err(CairnError::UnknownDb {
-                tenant: tenant.clone(),
-                db: db.clone(),
-                store: self.store.describe().to_string(),
-            });
+        let g = match generation {
+            Some(g) => g,
+            None => self
+                .latest_generation(db)
+                .await?
+                .ok_or_else(|| CairnError::UnknownDb {
+                    tenant: tenant.clone(),
+                    db: db.clone(),
+                    store: self.store.describe().to_string(),
+                })?,
         };
-        let g = generation.unwrap_or(latest);
-        if !gens.contains(&g) {
-            return Err(CairnError::UnknownGeneration {
-                tenant: tenant.clone(),
-                db: db.clone(),
-                generation: g,
-                available: summarize(&gens),
-            });
+        if let Some(hit) = self.cached(db, g) {
+            return Ok(hit);
+        }
+        match cairn_state::fetch_manifest(&self.state, &self.store, tenant, db, g).await {
+            Ok(_) => {}
+            Err(StateError::Store(StoreError::NotFound { .. })) => {
+                let gens = self.generations(db).await?;
+                if gens.is_empty() {
+                    return Err(CairnError::UnknownDb {
+                        tenant: tenant.clone(),
+                        db: db.clone(),
+                        store: self.store.describe().to_string(),
+                    });
+                }
+                return Err(CairnError::UnknownGeneration {
+                    tenant: tenant.clone(),
+                    db: db.clone(),
+                    generation: g,
+                    available: summarize(&gens),
+                });
+            }
+            Err(e) => return Err(e.into()),
         }
         let (manifest, state) =
             cairn_state::materialize(&self.state, &self.store, tenant, db, g).await?;
-        Ok(GenerationState { manifest, state })
+        let gs = GenerationState { manifest, state };
+        if generation.is_none() {
+            self.remember(db, &gs);
+        }
+        Ok(gs)
     }
 
     /// The latest generation's state, if the database has any.
@@ -90,6 +136,19 @@ impl Checkpointer {
             Err(CairnError::UnknownDb { .. }) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// Keeps `gs` as the database's newest materialised state (after a publication, or a
+    /// materialisation of the latest), so the next checkpoint does not rebuild it.
+    pub(crate) fn remember(&self, db: &DbId, gs: &GenerationState) {
+        self.latest.insert(db.clone(), gs.clone());
+    }
+
+    fn cached(&self, db: &DbId, g: Generation) -> Option<GenerationState> {
+        self.latest
+            .get(db)
+            .filter(|c| c.manifest.generation == g)
+            .map(|c| c.clone())
     }
 
     /// Every generation of a database with its summary.

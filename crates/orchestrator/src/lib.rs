@@ -70,6 +70,8 @@ pub struct Checkpointer {
     /// Serialises publications per database within this process (a checkpoint from its
     /// plan to its publish, a truncation), so they never fence each other.
     db_locks: dashmap::DashMap<cairn_core::DbId, Arc<tokio::sync::Mutex<()>>>,
+    /// The newest materialised state of each database this process published or read.
+    latest: dashmap::DashMap<cairn_core::DbId, GenerationState>,
     store_checked: tokio::sync::OnceCell<()>,
 }
 
@@ -146,6 +148,7 @@ impl Checkpointer {
             writer,
             cancels: queue::Cancels::default(),
             db_locks: dashmap::DashMap::new(),
+            latest: dashmap::DashMap::new(),
             store_checked: tokio::sync::OnceCell::new(),
         };
         cp.sweep_finished_jobs()?;

@@ -437,6 +437,14 @@ impl Checkpointer {
         }
         .manifest(generation, Some(latest), next.clone());
         cairn_state::publish(&self.state, &self.store, &manifest).await?;
-        Ok(report(Some(generation.0), &next))
+        let r = report(Some(generation.0), &next);
+        self.remember(
+            db,
+            &GenerationState {
+                manifest,
+                state: next,
+            },
+        );
+        Ok(r)
     }
 }

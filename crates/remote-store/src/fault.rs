@@ -411,6 +411,23 @@ impl ObjectStore for FaultStore {
         self.inner.list(prefix)
     }
 
+    fn list_with_offset(
+        &self,
+        prefix: Option<&Path>,
+        offset: &Path,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        let shown = prefix.map(|p| p.to_string()).unwrap_or_default();
+        if self.state.roll(self.state.cfg.transient_errors) {
+            bump(&self.state.counts.transient_errors);
+            let e = injected(
+                Cause::Throttled,
+                format!("injected transient error: LIST {shown} failed before it was sent"),
+            );
+            return futures::stream::once(async move { Err(e) }).boxed();
+        }
+        self.inner.list_with_offset(prefix, offset)
+    }
+
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
         let shown = prefix.map(|p| p.to_string()).unwrap_or_default();
         self.state.before("LIST", &shown).await?;

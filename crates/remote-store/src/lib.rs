@@ -311,8 +311,30 @@ impl RemoteStore {
 
     /// Lists every object under `prefix` (keys relative to the store root), sorted by key.
     pub async fn list(&self, prefix: &str) -> Result<Vec<Listed>, StoreError> {
+        self.list_from(prefix, None).await
+    }
+
+    /// The objects under `prefix` whose keys sort after `after` (a key under the same
+    /// prefix), in key order: what a store that lists in key order (S3's `start-after`)
+    /// returns without walking the keys before it.
+    pub async fn list_after(&self, prefix: &str, after: &str) -> Result<Vec<Listed>, StoreError> {
+        self.list_from(prefix, Some(after)).await
+    }
+
+    async fn list_from(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+    ) -> Result<Vec<Listed>, StoreError> {
         let p = self.path(prefix.trim_end_matches('/'));
-        let mut stream = self.stack.top.store.list(Some(&p));
+        let mut stream = match after {
+            Some(a) => self
+                .stack
+                .top
+                .store
+                .list_with_offset(Some(&p), &self.path(a)),
+            None => self.stack.top.store.list(Some(&p)),
+        };
         let mut out = Vec::new();
         while let Some(meta) = stream.next().await {
             let meta = meta.map_err(|e| self.err("list", prefix, e))?;
@@ -381,5 +403,28 @@ mod tests {
             assert!(e.is_retryable() && e.to_string().contains('k'));
         });
         assert_eq!(faults.counts().transient_errors, 4);
+    }
+
+    #[test]
+    fn listing_after_a_key_skips_the_keys_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        for url in [
+            "memory://list-after".to_string(),
+            format!("file://{}", dir.path().display()),
+        ] {
+            let store = RemoteStore::open(&url).unwrap();
+            rt().block_on(async {
+                for k in ["m/001", "m/002", "m/003", "n/001"] {
+                    store.put_bytes(k, Bytes::from_static(b"x")).await.unwrap();
+                }
+                let keys = |l: Vec<Listed>| l.into_iter().map(|o| o.key).collect::<Vec<_>>();
+                assert_eq!(
+                    keys(store.list_after("m/", "m/001").await.unwrap()),
+                    ["m/002", "m/003"]
+                );
+                assert!(store.list_after("m/", "m/003").await.unwrap().is_empty());
+                assert_eq!(store.list("m/").await.unwrap().len(), 3, "{url}");
+            });
+        }
     }
 }

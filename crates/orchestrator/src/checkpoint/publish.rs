@@ -99,7 +99,8 @@ impl Checkpointer {
             created_unix_ms: plan.created_unix_ms,
             job: Some(job.id()),
         }
-        .manifest(Generation(plan.generation), parent, next);
+        .manifest(Generation(plan.generation), parent, next.clone());
+        let next_state = next;
         self.enter_publication(job.id())?;
         let (published, record) = job.prepare(|r| r.phase = Phase::Published)?;
         let local = LocalUpdates {
@@ -109,6 +110,13 @@ impl Checkpointer {
         };
         let bytes = cairn_state::publish_with(&self.state, &self.store, &manifest, &local).await?;
         job.committed(published);
+        self.remember(
+            db,
+            &GenerationState {
+                manifest,
+                state: next_state,
+            },
+        );
         Ok(bytes)
     }
 }
