@@ -166,6 +166,7 @@ fn run_direct() {
         len: addr.len,
         xxh3,
         alias: 0,
+        scheme: 0,
     };
     rt().block_on(store.put_blob_range("segment", &file, 0, &blob))
         .unwrap();

@@ -179,17 +179,52 @@ pub struct BlobRef {
     pub len: u64,
     /// XXH3-128 of the payload, confirming dedup hits.
     pub xxh3: Digest128,
-    /// 0 normally; n > 0 when n other payloads with the same (crc64, len) but a different
-    /// XXH3-128 were already known, so the names never alias.
+    /// 0 normally; n > 0 makes the name distinct from other blobs with the same name
+    /// base (see [`BlobRef::name`]): a payload whose base collided with another's, or a copy
+    /// uploaded again while garbage collection deletes the original.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub alias: u32,
+    /// How the name is formed: 0 for names written before they carried the second digest
+    /// (`<kind>-<crc64>-<len>`), 1 for `<kind>-<crc64>-<len>-<xxh3 high 64 bits>`.
+    #[serde(default, skip_serializing_if = "is_zero_u8")]
+    pub scheme: u8,
 }
 
 fn is_zero(v: &u32) -> bool {
     *v == 0
 }
 
+fn is_zero_u8(v: &u8) -> bool {
+    *v == 0
+}
+
 impl BlobRef {
+    /// A reference to a new payload, named with both digests (scheme 1).
+    pub fn new(kind: BlobKind, crc64: u64, len: u64, xxh3: Digest128) -> Self {
+        Self {
+            kind,
+            crc64,
+            len,
+            xxh3,
+            alias: 0,
+            scheme: 1,
+        }
+    }
+
+    /// The name without its alias suffix: what two blobs share when their names collide.
+    pub fn name_base(&self) -> String {
+        match self.scheme {
+            0 => format!("{}-{:016x}-{:x}", self.kind.as_str(), self.crc64, self.len),
+            _ => format!(
+                "{}-{:016x}-{:x}-{:016x}",
+                self.kind.as_str(),
+                self.crc64,
+                self.len,
+                (self.xxh3.0 >> 64) as u64
+            ),
+        }
+    }
+
     /// The content address part.
     pub fn address(&self) -> ContentAddress {
         ContentAddress {
@@ -199,18 +234,16 @@ impl BlobRef {
     }
 
     /// The blob's name, unique within a database's blob space:
-    /// `<kind>-<crc64 as 16 hex>-<len as hex>[-<alias>]`.
+    /// `<kind>-<crc64 as 16 hex>-<len as hex>-<xxh3's high 64 bits as 16 hex>[-<alias>]`
+    /// (scheme 1), or without the XXH3 part for blobs named before it was added (scheme
+    /// 0). Two different payloads get the same scheme-1 name base only if their CRC64,
+    /// length and XXH3 high half all agree; a writer that still finds one (checked against
+    /// the full XXH3-128) gives the newcomer an alias.
     pub fn name(&self) -> String {
         if self.alias == 0 {
-            format!("{}-{:016x}-{:x}", self.kind.as_str(), self.crc64, self.len)
+            self.name_base()
         } else {
-            format!(
-                "{}-{:016x}-{:x}-{}",
-                self.kind.as_str(),
-                self.crc64,
-                self.len,
-                self.alias
-            )
+            format!("{}-{}", self.name_base(), self.alias)
         }
     }
 
@@ -266,10 +299,17 @@ mod tests {
             len: 4096,
             xxh3: Digest128(7),
             alias: 0,
+            scheme: 0,
         };
         assert_eq!(r.name(), "base-00000000000000ab-1000");
         let r2 = BlobRef { alias: 2, ..r };
         assert_eq!(r2.name(), "base-00000000000000ab-1000-2");
+        let n = BlobRef::new(BlobKind::Delta, 0xab, 4096, Digest128(0x1234 << 64 | 7));
+        assert_eq!(n.name(), "delta-00000000000000ab-1000-0000000000001234");
+        assert_eq!(BlobRef { alias: 3, ..n }.name(), format!("{}-3", n.name()));
+        let j = serde_json::to_string(&n).unwrap();
+        assert!(j.contains("\"scheme\":1"), "{j}");
+        assert_eq!(serde_json::from_str::<BlobRef>(&j).unwrap(), n);
         let j = serde_json::to_string(&r).unwrap();
         assert!(!j.contains("alias"));
         let back: BlobRef = serde_json::from_str(&j).unwrap();

@@ -52,16 +52,7 @@ pub fn encode_blob(kind: BlobKind, payload: &[u8]) -> (Vec<u8>, BlobRef) {
     out.extend_from_slice(&encode_header(kind, payload.len() as u64));
     out.extend_from_slice(payload);
     out.extend_from_slice(&encode_footer(addr.crc64));
-    (
-        out,
-        BlobRef {
-            kind,
-            crc64: addr.crc64,
-            len: addr.len,
-            xxh3,
-            alias: 0,
-        },
-    )
+    (out, BlobRef::new(kind, addr.crc64, addr.len, xxh3))
 }
 
 /// What a fully decoded blob turned out to be.

@@ -39,7 +39,15 @@ fn blob_v1() {
     let (back, decoded) = decode_blob("golden", &golden, Some(blob)).unwrap();
     assert_eq!(back, payload());
     assert_eq!(decoded.address, blob.address());
-    assert_eq!(blob.name(), "base-9a9a15922194c6ca-3e8");
+    // Names carry both digests (scheme 1); blobs named before that keep their names.
+    assert!(
+        blob.name().starts_with("base-9a9a15922194c6ca-3e8-"),
+        "{}",
+        blob.name()
+    );
+    assert_eq!(blob.name().len(), "base-9a9a15922194c6ca-3e8-".len() + 16);
+    let legacy = cairn_core::BlobRef { scheme: 0, ..blob };
+    assert_eq!(legacy.name(), "base-9a9a15922194c6ca-3e8");
 }
 
 #[test]
@@ -70,6 +78,7 @@ fn blob(kind: BlobKind, crc: u64, len: u64) -> BlobRef {
         len,
         xxh3: Digest128(u128::from(crc) << 64 | u128::from(len)),
         alias: 0,
+        scheme: 0,
     }
 }
 

@@ -182,13 +182,7 @@ impl JobScratch {
         out.sync_all()
             .map_err(ExecError::io("fsync staged file", &partial))?;
         drop(out);
-        let blob = BlobRef {
-            kind,
-            crc64: addr.crc64,
-            len: addr.len,
-            xxh3,
-            alias: 0,
-        };
+        let blob = BlobRef::new(kind, addr.crc64, addr.len, xxh3);
         let path = self.dir.join(blob.name());
         std::fs::rename(&partial, &path).map_err(ExecError::io("rename staged file", &path))?;
         fsync_dir(&self.dir)?;

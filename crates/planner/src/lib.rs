@@ -386,6 +386,7 @@ mod tests {
                 len,
                 xxh3: Digest128(0),
                 alias: 0,
+                scheme: 0,
             },
         }
     }

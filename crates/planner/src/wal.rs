@@ -338,6 +338,7 @@ mod tests {
                     len: *len,
                     xxh3: Digest128(0),
                     alias: 0,
+                    scheme: 0,
                 },
             };
             at += len;
@@ -415,7 +416,8 @@ mod tests {
                     prop_assert_eq!(rp.replay_from, best.map_or(Lsn(0), |p| p.lsn));
                     prop_assert_eq!(rp.replay_to, lsn);
                     for (i, s) in wal.segments.iter().enumerate() {
-                        let overlaps = s.lsn_start < lsn && rp.replay_from < s.lsn_end;
+                        // An empty replay range overlaps nothing.
+                        let overlaps = rp.replay_from < lsn && s.lsn_start < lsn && rp.replay_from < s.lsn_end;
                         prop_assert_eq!(rp.segments.contains(&i), overlaps, "segment {}", i);
                     }
                     // The chosen segments cover the replay range without a hole.

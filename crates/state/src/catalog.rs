@@ -125,14 +125,11 @@ impl StateDb {
         len: u64,
         xxh3: Digest128,
     ) -> Result<BlobLookup, StateError> {
-        let base = BlobRef {
-            kind,
-            crc64,
-            len,
-            xxh3,
-            alias: 0,
-        };
-        let prefix = sub_key(tenant, db, base.name().as_bytes());
+        let base = BlobRef::new(kind, crc64, len, xxh3);
+        // Every name of this content address, of either scheme, shares this prefix.
+        let legacy = BlobRef { scheme: 0, ..base };
+        let prefix = sub_key(tenant, db, legacy.name_base().as_bytes());
+        let new_base = base.name_base();
         let mut aliases = 0u32;
         for item in self.db.iterator_cf(
             self.cf("catalog")?,
@@ -155,7 +152,9 @@ impl StateDb {
             if known.same_payload(&base) {
                 return Ok(BlobLookup::Found(known));
             }
-            aliases = aliases.max(known.alias + 1);
+            if known.name_base() == new_base {
+                aliases = aliases.max(known.alias + 1);
+            }
         }
         Ok(BlobLookup::New { alias: aliases })
     }
@@ -259,13 +258,12 @@ pub(crate) mod tests {
         }
     }
 
+    /// Scheme-1 blobs; XXH3 values below 2^64 share their name's XXH3 part, so payloads
+    /// that differ in the low half collide on the name base and need aliases.
     fn blob(crc: u64, len: u64, x: u128, alias: u32) -> BlobRef {
         BlobRef {
-            kind: BlobKind::Segment,
-            crc64: crc,
-            len,
-            xxh3: Digest128(x),
             alias,
+            ..BlobRef::new(BlobKind::Segment, crc, len, Digest128(x))
         }
     }
 
@@ -312,6 +310,22 @@ pub(crate) mod tests {
             s.find_blob(&t, &d, BlobKind::Segment, 5, 10, Digest128(3))
                 .unwrap(),
             BlobLookup::New { alias: 2 }
+        );
+        // A legacy (scheme 0) name never collides with a scheme-1 one.
+        let legacy = BlobRef {
+            scheme: 0,
+            ..blob(7, 10, 1, 0)
+        };
+        s.record_generation(&manifest(4, &[legacy])).unwrap();
+        assert_eq!(
+            s.find_blob(&t, &d, BlobKind::Segment, 7, 10, Digest128(2))
+                .unwrap(),
+            BlobLookup::New { alias: 0 }
+        );
+        assert_eq!(
+            s.find_blob(&t, &d, BlobKind::Segment, 7, 10, Digest128(1))
+                .unwrap(),
+            BlobLookup::Found(legacy)
         );
         // A length that shares a hex prefix (0x10 vs 0x100) is a different address.
         assert_eq!(

@@ -220,6 +220,7 @@ mod tests {
             len,
             xxh3: Digest128(u128::from(c)),
             alias: 0,
+            scheme: 0,
         }
     }
 

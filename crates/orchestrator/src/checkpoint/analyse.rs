@@ -259,6 +259,7 @@ mod tests {
             len,
             xxh3: Digest128(1),
             alias: 0,
+            scheme: 0,
         };
         ChunkState {
             index: 0,

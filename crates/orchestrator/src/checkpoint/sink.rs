@@ -172,11 +172,8 @@ impl<'a> BlobSink<'a> {
             BlobLookup::New { alias } => alias,
         };
         let blob = BlobRef {
-            kind,
-            crc64: addr.crc64,
-            len: addr.len,
-            xxh3,
             alias,
+            ..BlobRef::new(kind, addr.crc64, addr.len, xxh3)
         };
         let name = blob.name();
         if let Some(b) = self.this_job.get(&name) {
