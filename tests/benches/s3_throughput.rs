@@ -167,6 +167,7 @@ fn run_direct() {
         xxh3,
         alias: 0,
         scheme: 0,
+        epoch: 0,
     };
     rt().block_on(store.put_blob_range("segment", &file, 0, &blob))
         .unwrap();

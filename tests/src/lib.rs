@@ -2,4 +2,5 @@
 //! fixtures.
 
 pub mod fixtures;
+pub mod gate;
 pub mod s3;

@@ -165,6 +165,48 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Apply a retention policy and delete the blobs nothing uses.
+    Gc {
+        /// Database name.
+        #[arg(long)]
+        db: String,
+        /// Keep the newest N data generations.
+        #[arg(long)]
+        keep_last: Option<u64>,
+        /// Keep data generations younger than this, e.g. 7d.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        keep_within: Option<std::time::Duration>,
+        /// Keep unreferenced blobs younger than this by the store's clock.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+        grace: std::time::Duration,
+        /// Decide and report; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// List every kept blob with the reason it is kept.
+        #[arg(long)]
+        explain: bool,
+    },
+    /// Pin a generation: garbage collection keeps it until it is unpinned.
+    Pin {
+        /// Database name.
+        #[arg(long)]
+        db: String,
+        /// The generation.
+        #[arg(long)]
+        generation: u64,
+        /// A note kept with the pin.
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Remove a pin.
+    Unpin {
+        /// Database name.
+        #[arg(long)]
+        db: String,
+        /// The generation.
+        #[arg(long)]
+        generation: u64,
+    },
     /// List jobs with kind, database, state, phase, progress, attempts and last error.
     /// (The only command that does not resume unfinished jobs first.)
     Status,
@@ -356,6 +398,48 @@ async fn run(cli: Cli) -> Result<ExitCode, CairnError> {
                 Some(db) => output::generations(json, &cp.list(&DbId::new(db.clone())?).await?),
                 None => output::databases(json, &cp.databases().await?),
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Gc {
+            db,
+            keep_last,
+            keep_within,
+            grace,
+            dry_run,
+            explain,
+        } => {
+            let cp = open(config(&cli)?).await?;
+            let opts = cairn_orchestrator::GcOptions {
+                keep_last: *keep_last,
+                keep_within: *keep_within,
+                grace: *grace,
+                dry_run: *dry_run,
+                explain: *explain,
+            };
+            output::gc(json, &cp.gc(&DbId::new(db.clone())?, &opts).await?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Pin {
+            db,
+            generation,
+            note,
+        } => {
+            let cp = open(config(&cli)?).await?;
+            let p = cp
+                .pin(
+                    &DbId::new(db.clone())?,
+                    Generation(*generation),
+                    note.clone(),
+                )
+                .await?;
+            wal::pinned(json, &p);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Unpin { db, generation } => {
+            let cp = open(config(&cli)?).await?;
+            cp.unpin(&DbId::new(db.clone())?, Generation(*generation))
+                .await?;
+            wal::unpinned(json, *generation);
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status => {

@@ -149,6 +149,13 @@ pub fn outcome(o: &JobOutcome) -> String {
             r.db,
             if r.ok { "ok" } else { "problems found" }
         ),
+        JobOutcome::Gc(r) => format!(
+            "collected {}: {} blob(s) deleted ({}), {} generation(s) expired",
+            r.db,
+            r.blobs_deleted,
+            bytes(r.bytes_deleted),
+            r.generations_expired.len()
+        ),
     }
 }
 
@@ -215,6 +222,31 @@ pub fn resumed(json: bool, results: &[(JobId, Result<JobOutcome, CairnError>)]) 
             Ok(o) => println!("job {id}: {}", outcome(o)),
             Err(e) => println!("job {id}: failed: {e}"),
         }
+    }
+}
+
+pub fn gc(json: bool, r: &cairn_orchestrator::GcReport) {
+    if json {
+        return print_json(r);
+    }
+    let verb = if r.dry_run { "would delete" } else { "deleted" };
+    println!(
+        "{}: {verb} {} blob(s) ({}), kept {} ({}), {} unreferenced in the grace period ({}); generations retained {:?}, expired {:?}{}",
+        r.db,
+        r.blobs_deleted,
+        bytes(r.bytes_deleted),
+        r.blobs_kept,
+        bytes(r.bytes_kept),
+        r.unreferenced_in_grace.blobs,
+        bytes(r.unreferenced_in_grace.bytes),
+        r.generations_retained,
+        r.generations_expired,
+        r.generation
+            .map(|g| format!("; published generation {g}"))
+            .unwrap_or_default()
+    );
+    for k in r.kept.iter().flatten() {
+        println!("  kept {}: {}", k.name, k.reason);
     }
 }
 

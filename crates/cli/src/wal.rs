@@ -1,5 +1,5 @@
-//! The engine-contract commands' input and output: LSN range files, watermark, leases and
-//! truncation reports.
+//! The engine-contract and retention commands' input and output: LSN range files,
+//! watermark, leases, truncation reports and pins.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -130,6 +130,20 @@ pub fn truncated(json: bool, r: &TruncateReport) {
             r.db, r.wal_start, r.wal_end
         ),
     }
+}
+
+pub fn pinned(json: bool, p: &cairn_orchestrator::Pin) {
+    if json {
+        return print_json(p);
+    }
+    println!("pinned generation {}", p.generation);
+}
+
+pub fn unpinned(json: bool, generation: u64) {
+    if json {
+        return print_json(&serde_json::json!({ "generation": generation, "unpinned": true }));
+    }
+    println!("unpinned generation {generation}");
 }
 
 #[cfg(test)]

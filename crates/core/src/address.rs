@@ -188,6 +188,14 @@ pub struct BlobRef {
     /// (`<kind>-<crc64>-<len>`), 1 for `<kind>-<crc64>-<len>-<xxh3 high 64 bits>`.
     #[serde(default, skip_serializing_if = "is_zero_u8")]
     pub scheme: u8,
+    /// The garbage-collection epoch the blob was uploaded in (part of its name when not
+    /// 0): a collection deletes only names of epochs before the one it starts.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub epoch: u64,
+}
+
+fn is_zero_u64(v: &u64) -> bool {
+    *v == 0
 }
 
 fn is_zero(v: &u32) -> bool {
@@ -208,12 +216,13 @@ impl BlobRef {
             xxh3,
             alias: 0,
             scheme: 1,
+            epoch: 0,
         }
     }
 
     /// The name without its alias suffix: what two blobs share when their names collide.
     pub fn name_base(&self) -> String {
-        match self.scheme {
+        let core = match self.scheme {
             0 => format!("{}-{:016x}-{:x}", self.kind.as_str(), self.crc64, self.len),
             _ => format!(
                 "{}-{:016x}-{:x}-{:016x}",
@@ -222,6 +231,11 @@ impl BlobRef {
                 self.len,
                 (self.xxh3.0 >> 64) as u64
             ),
+        };
+        if self.epoch == 0 {
+            core
+        } else {
+            format!("{core}-g{}", self.epoch)
         }
     }
 
@@ -234,7 +248,7 @@ impl BlobRef {
     }
 
     /// The blob's name, unique within a database's blob space:
-    /// `<kind>-<crc64 as 16 hex>-<len as hex>-<xxh3's high 64 bits as 16 hex>[-<alias>]`
+    /// `<kind>-<crc64 as 16 hex>-<len as hex>-<xxh3's high 64 bits as 16 hex>[-g<epoch>][-<alias>]`
     /// (scheme 1), or without the XXH3 part for blobs named before it was added (scheme
     /// 0). Two different payloads get the same scheme-1 name base only if their CRC64,
     /// length and XXH3 high half all agree; a writer that still finds one (checked against
@@ -300,6 +314,7 @@ mod tests {
             xxh3: Digest128(7),
             alias: 0,
             scheme: 0,
+            epoch: 0,
         };
         assert_eq!(r.name(), "base-00000000000000ab-1000");
         let r2 = BlobRef { alias: 2, ..r };

@@ -42,6 +42,41 @@ pub fn manifest_key(tenant: &TenantId, db: &DbId, generation: Generation) -> Str
     )
 }
 
+/// `…/<db>/pins/`: operator pins, one object per pinned generation.
+pub fn pins_prefix(tenant: &TenantId, db: &DbId) -> String {
+    format!("{}/pins/", db_prefix(tenant, db))
+}
+
+/// `…/<db>/pins/<generation, 20 digits>.pin`
+pub fn pin_key(tenant: &TenantId, db: &DbId, generation: Generation) -> String {
+    format!("{}{:020}.pin", pins_prefix(tenant, db), generation.0)
+}
+
+/// `…/<db>/leases/`: leases that restores and verifies hold in the store.
+pub fn store_leases_prefix(tenant: &TenantId, db: &DbId) -> String {
+    format!("{}/leases/", db_prefix(tenant, db))
+}
+
+/// `…/<db>/leases/<id, 16 hex>.lease`
+pub fn store_lease_key(tenant: &TenantId, db: &DbId, id: u64) -> String {
+    format!("{}{id:016x}.lease", store_leases_prefix(tenant, db))
+}
+
+/// `…/<db>/gc/clock`: an object garbage collection writes to read the store's clock.
+pub fn gc_clock_key(tenant: &TenantId, db: &DbId) -> String {
+    format!("{}/gc/clock", db_prefix(tenant, db))
+}
+
+/// The generation named by a pin key, if it is one.
+pub fn parse_pin_key(key: &str) -> Option<Generation> {
+    let file = key.rsplit('/').next()?;
+    let digits = file.strip_suffix(".pin")?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok().map(Generation)
+}
+
 /// The generation named by a manifest key (or its last path segment), if it is one.
 pub fn parse_manifest_key(key: &str) -> Option<Generation> {
     let file = key.rsplit('/').next()?;
@@ -66,5 +101,9 @@ mod tests {
         assert_eq!(parse_manifest_key(&k10), Some(Generation(10)));
         assert_eq!(parse_manifest_key("x/12.cmf"), None);
         assert_eq!(parse_manifest_key("x/00000000000000000001.tmp"), None);
+        let pin = pin_key(&t, &d, Generation(42));
+        assert_eq!(parse_pin_key(&pin), Some(Generation(42)));
+        assert!(pin.starts_with(&pins_prefix(&t, &d)));
+        assert!(store_lease_key(&t, &d, 255).ends_with("00000000000000ff.lease"));
     }
 }

@@ -19,6 +19,6 @@ pub use dirty::{DirtySet, DirtyTracker};
 pub use error::{CoreError, ErrorClass};
 pub use ids::{DbId, Generation, JobId, Lsn, TenantId};
 pub use manifest::{
-    ChunkState, Content, DbState, Manifest, PagesDiff, PagesState, SegmentEntry, SourceKind,
-    StateDiff, WalDiff, WalState,
+    ChunkState, Content, DbState, GcState, Manifest, PagesDiff, PagesState, SegmentEntry,
+    SourceKind, StateDiff, WalDiff, WalState,
 };

@@ -79,6 +79,7 @@ fn blob(kind: BlobKind, crc: u64, len: u64) -> BlobRef {
         xxh3: Digest128(u128::from(crc) << 64 | u128::from(len)),
         alias: 0,
         scheme: 0,
+        epoch: 0,
     }
 }
 
@@ -117,7 +118,9 @@ fn v1_pages() -> Manifest {
                 ],
             }),
             wal: None,
+            gc: Default::default(),
         }),
+        gc: false,
     }
 }
 
@@ -146,6 +149,7 @@ fn manifests_v1_are_still_read() {
                 last_name: Some("wal-0001".into()),
                 segments: vec![segment("wal-0001", 100, 50, 4)],
             }),
+            gc: Default::default(),
         }),
         ..pages.clone()
     };
@@ -185,6 +189,7 @@ fn manifests_v2() {
                     segment("wal-0002", 150, 80, 5),
                 ],
             }),
+            gc: Default::default(),
         }),
         ..v1_pages()
     };
@@ -203,6 +208,7 @@ fn manifests_v2() {
                 end: Lsn(250),
                 last_name: Some("wal-0003".into()),
             }),
+            gc: None,
         }),
         ..v1_pages()
     };

@@ -53,15 +53,26 @@ pub struct StagedBlob {
 }
 
 impl StagedBlob {
-    /// Renames the staged file for `alias` (a payload that shares its CRC64 and length
-    /// with another, already stored one).
-    pub fn set_alias(&mut self, alias: u32) -> Result<(), ExecError> {
-        if alias == self.blob.alias {
+    /// Renames the staged file for `blob`, another name of the same payload (an alias, a
+    /// garbage-collection epoch).
+    pub fn rename_for(&mut self, blob: BlobRef) -> Result<(), ExecError> {
+        if blob.name() == self.blob.name() {
+            self.blob = blob;
             return Ok(());
         }
-        self.blob.alias = alias;
-        let path = self.path.with_file_name(self.blob.name());
+        if !blob.same_payload(&self.blob) {
+            return Err(ExecError::BadSource {
+                path: self.path.display().to_string(),
+                reason: format!(
+                    "staged blob {} cannot be named {}",
+                    self.blob.name(),
+                    blob.name()
+                ),
+            });
+        }
+        let path = self.path.with_file_name(blob.name());
         std::fs::rename(&self.path, &path).map_err(ExecError::io("rename staged file", &path))?;
+        self.blob = blob;
         self.path = path;
         Ok(())
     }
@@ -194,15 +205,17 @@ impl JobScratch {
         Ok((staged, digests))
     }
 
-    /// Stages an in-memory payload (small blobs such as deltas).
-    pub fn stage_bytes(
-        &self,
-        kind: BlobKind,
-        payload: &[u8],
-        alias: u32,
-    ) -> Result<StagedBlob, ExecError> {
-        let (obj, mut blob) = cairn_core::blob::encode_blob(kind, payload);
-        blob.alias = alias;
+    /// Stages an in-memory payload (small blobs such as deltas) under `name`'s name (a
+    /// reference to this very payload).
+    pub fn stage_bytes(&self, payload: &[u8], name: &BlobRef) -> Result<StagedBlob, ExecError> {
+        let (obj, fresh) = cairn_core::blob::encode_blob(name.kind, payload);
+        if !fresh.same_payload(name) {
+            return Err(ExecError::BadSource {
+                path: self.dir.display().to_string(),
+                reason: format!("payload does not match blob {}", name.name()),
+            });
+        }
+        let blob = *name;
         let reservation = self.budget.try_reserve(obj.len() as u64)?;
         let path = self.dir.join(blob.name());
         let partial = self.dir.join(format!("{}.partial", blob.name()));
@@ -250,8 +263,13 @@ mod tests {
         assert_eq!(digests.len(), 500);
         assert_eq!(digests[3], page_digest(&data[4 * 4096..5 * 4096]));
         let mut staged = staged;
-        staged.set_alias(2).unwrap();
-        assert!(staged.path.ends_with(staged.blob.name()) && staged.blob.name().ends_with("-2"));
+        let renamed = BlobRef {
+            alias: 2,
+            epoch: 3,
+            ..staged.blob
+        };
+        staged.rename_for(renamed).unwrap();
+        assert!(staged.path.ends_with(renamed.name()) && renamed.name().ends_with("-g3-2"));
         assert!(staged.path.is_file());
         let path = staged.path.clone();
         staged.discard().unwrap();

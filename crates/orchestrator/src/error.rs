@@ -102,6 +102,31 @@ pub enum CairnError {
         /// The source kind given.
         kind: &'static str,
     },
+    /// The generation was expired by garbage collection.
+    #[error("generation {generation} of database {db} was expired by garbage collection (retention); it cannot be restored or verified")]
+    Expired {
+        /// Database.
+        db: DbId,
+        /// The generation.
+        generation: Generation,
+    },
+    /// A garbage collection published the generation a checkpoint planned: it plans again
+    /// on top of it.
+    #[error("garbage collection published generation {generation} of {db} first; the checkpoint plans again on top of it")]
+    PlanAgain {
+        /// Database.
+        db: DbId,
+        /// The generation taken.
+        generation: Generation,
+    },
+    /// No such pin.
+    #[error("database {db} has no pin on generation {generation}")]
+    UnknownPin {
+        /// Database.
+        db: DbId,
+        /// The generation.
+        generation: Generation,
+    },
     /// No such lease.
     #[error("database {db} has no lease {lease}")]
     UnknownLease {
@@ -230,8 +255,12 @@ impl CairnError {
             | CairnError::UnexpectedOutcome { .. }
             | CairnError::DirtyPagesUnusable { .. }
             | CairnError::UnknownLease { .. }
+            | CairnError::Expired { .. }
+            | CairnError::UnknownPin { .. }
             | CairnError::Wal { .. } => ErrorClass::Permanent,
-            CairnError::LeaseHeld { .. } | CairnError::Busy { .. } => ErrorClass::Transient,
+            CairnError::LeaseHeld { .. }
+            | CairnError::Busy { .. }
+            | CairnError::PlanAgain { .. } => ErrorClass::Transient,
         }
     }
 

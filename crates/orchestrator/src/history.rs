@@ -76,24 +76,43 @@ impl Checkpointer {
         Ok(newest.max(local))
     }
 
-    /// The state of `generation` (the latest if `None`).
+    /// The state of `generation` (the latest if `None`). An expired generation is
+    /// [`CairnError::Expired`].
     pub async fn state(
         &self,
         db: &DbId,
         generation: Option<Generation>,
     ) -> Result<GenerationState, CairnError> {
         let tenant = &self.cfg.tenant;
-        let g = match generation {
-            Some(g) => g,
-            None => self
-                .latest_generation(db)
-                .await?
-                .ok_or_else(|| CairnError::UnknownDb {
-                    tenant: tenant.clone(),
-                    db: db.clone(),
-                    store: self.store.describe().to_string(),
-                })?,
-        };
+        let latest = self
+            .latest_generation(db)
+            .await?
+            .ok_or_else(|| CairnError::UnknownDb {
+                tenant: tenant.clone(),
+                db: db.clone(),
+                store: self.store.describe().to_string(),
+            })?;
+        let newest = self.state_of(db, latest, true).await?;
+        match generation {
+            None => Ok(newest),
+            Some(g) if g == latest => Ok(newest),
+            Some(g) if newest.state.gc.is_expired(g.0) => Err(CairnError::Expired {
+                db: db.clone(),
+                generation: g,
+            }),
+            Some(g) => self.state_of(db, g, false).await,
+        }
+    }
+
+    /// Generation `g`'s state (no expiry check); with `newest`, kept as the database's
+    /// newest materialised state.
+    async fn state_of(
+        &self,
+        db: &DbId,
+        g: Generation,
+        newest: bool,
+    ) -> Result<GenerationState, CairnError> {
+        let tenant = &self.cfg.tenant;
         if let Some(hit) = self.cached(db, g) {
             return Ok(hit);
         }
@@ -101,13 +120,6 @@ impl Checkpointer {
             Ok(_) => {}
             Err(StateError::Store(StoreError::NotFound { .. })) => {
                 let gens = self.generations(db).await?;
-                if gens.is_empty() {
-                    return Err(CairnError::UnknownDb {
-                        tenant: tenant.clone(),
-                        db: db.clone(),
-                        store: self.store.describe().to_string(),
-                    });
-                }
                 return Err(CairnError::UnknownGeneration {
                     tenant: tenant.clone(),
                     db: db.clone(),
@@ -120,7 +132,7 @@ impl Checkpointer {
         let (manifest, state) =
             cairn_state::materialize(&self.state, &self.store, tenant, db, g).await?;
         let gs = GenerationState { manifest, state };
-        if generation.is_none() {
+        if newest {
             self.remember(db, &gs);
         }
         Ok(gs)

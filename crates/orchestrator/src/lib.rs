@@ -22,6 +22,7 @@
 mod checkpoint;
 mod config;
 mod error;
+mod gc;
 mod history;
 mod janitor;
 mod publication;
@@ -50,6 +51,7 @@ pub use cairn_state::Lease;
 pub use checkpoint::{CheckpointOptions, CheckpointReport, CheckpointRun, Source};
 pub use config::{Clock, Config, Env, SystemClock, DEFAULT_CHUNK_SIZE};
 pub use error::CairnError;
+pub use gc::{Count, GcOptions, GcReport, KeptBlob, Pin};
 pub use history::{GenerationInfo, GenerationState};
 pub use publication::MAX_DIFF_CHAIN;
 pub use queue::{CancelHandle, JobEvent, JobRecord, JobSpec, JobState, JobStatus, Phase, Progress};

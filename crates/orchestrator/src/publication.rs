@@ -59,6 +59,7 @@ impl Publisher<'_> {
             created_unix_ms: self.created_unix_ms,
             job: self.job.map(|j| j.to_string()),
             content,
+            gc: false,
         }
     }
 }

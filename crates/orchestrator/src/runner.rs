@@ -31,6 +31,8 @@ pub enum JobOutcome {
     Restore(RestoreReport),
     /// A verification.
     Verify(VerifyReport),
+    /// A garbage collection.
+    Gc(crate::GcReport),
 }
 
 impl Checkpointer {
@@ -158,6 +160,23 @@ impl Checkpointer {
                         .run_verify(&mut job, &db, generation, deep)
                         .await
                         .map(JobOutcome::Verify),
+                    JobSpec::Gc {
+                        db,
+                        keep_last,
+                        keep_within_ms,
+                        grace_ms,
+                        dry_run,
+                        explain,
+                    } => {
+                        let opts = crate::GcOptions {
+                            keep_last,
+                            keep_within: keep_within_ms.map(std::time::Duration::from_millis),
+                            grace: std::time::Duration::from_millis(grace_ms),
+                            dry_run,
+                            explain,
+                        };
+                        self.run_gc(&mut job, &db, &opts).await.map(JobOutcome::Gc)
+                    }
                 }
             };
             // A cancel stops the attempt wherever it waits (its uploads are aborted with

@@ -267,8 +267,8 @@ impl Checkpointer {
             }
             cur = match self.state(db, Some(Generation(p.generation.0 - 1))).await {
                 Ok(s) => s.state.pages,
-                // An older generation that is gone (collected) ends the walk.
-                Err(CairnError::UnknownGeneration { .. }) => None,
+                // An older generation that is gone or expired ends the walk.
+                Err(CairnError::UnknownGeneration { .. } | CairnError::Expired { .. }) => None,
                 Err(e) => return Err(e),
             };
         }

@@ -74,9 +74,14 @@ impl Checkpointer {
         generation: Option<u64>,
         deep: bool,
     ) -> Result<VerifyReport, CairnError> {
-        let report = self
-            .verify_now(db, generation.map(Generation), deep)
-            .await?;
+        // Held in the store while it reads, like a restore.
+        let gs = self.state(db, generation.map(Generation)).await?;
+        let g = gs.manifest.generation.0;
+        let lease = self.take_store_lease(db, job.id().0, vec![g]).await?;
+        self.check_live(db, &[g]).await?;
+        let result = self.verify_now(db, Some(Generation(g)), deep).await;
+        lease.release().await?;
+        let report = result?;
         job.update(
             |r| {
                 r.generation = Some(report.generation);

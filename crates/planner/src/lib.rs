@@ -4,6 +4,7 @@
 //! produces the same blob names.
 
 mod cost;
+pub mod gc;
 pub mod wal;
 
 use std::collections::BTreeMap;
@@ -387,6 +388,7 @@ mod tests {
                 xxh3: Digest128(0),
                 alias: 0,
                 scheme: 0,
+                epoch: 0,
             },
         }
     }

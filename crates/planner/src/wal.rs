@@ -339,6 +339,7 @@ mod tests {
                     xxh3: Digest128(0),
                     alias: 0,
                     scheme: 0,
+                    epoch: 0,
                 },
             };
             at += len;

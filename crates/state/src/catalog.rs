@@ -7,7 +7,7 @@
 //! synced batch, so a crash leaves all of it or none. Nothing here retries or is
 //! cancellable; each call is one RocksDB operation.
 
-use cairn_core::{BlobKind, BlobRef, DbId, Digest128, Generation, Manifest, TenantId};
+use cairn_core::{BlobRef, DbId, Generation, Manifest, TenantId};
 use rocksdb::{Direction, IteratorMode, WriteBatch};
 use serde::{Deserialize, Serialize};
 
@@ -115,17 +115,17 @@ impl StateDb {
         Ok(out)
     }
 
-    /// Looks up a payload in the catalog by content address, confirmed by XXH3-128.
+    /// Looks up a payload in the catalog by content address, confirmed by XXH3-128: the
+    /// first stored blob of that payload that `accept` takes, or else the alias that gives
+    /// `wanted` (a new reference to the payload) a name no stored blob has.
     pub fn find_blob(
         &self,
         tenant: &TenantId,
         db: &DbId,
-        kind: BlobKind,
-        crc64: u64,
-        len: u64,
-        xxh3: Digest128,
+        wanted: &BlobRef,
+        accept: impl Fn(&BlobRef) -> bool,
     ) -> Result<BlobLookup, StateError> {
-        let base = BlobRef::new(kind, crc64, len, xxh3);
+        let base = *wanted;
         // Every name of this content address, of either scheme, shares this prefix.
         let legacy = BlobRef { scheme: 0, ..base };
         let prefix = sub_key(tenant, db, legacy.name_base().as_bytes());
@@ -149,7 +149,7 @@ impl StateDb {
                 key: String::from_utf8_lossy(&k).into_owned(),
                 reason: e.to_string(),
             })?;
-            if known.same_payload(&base) {
+            if known.same_payload(&base) && accept(&known) {
                 return Ok(BlobLookup::Found(known));
             }
             if known.name_base() == new_base {
@@ -157,6 +157,59 @@ impl StateDb {
             }
         }
         Ok(BlobLookup::New { alias: aliases })
+    }
+
+    /// Every stored blob of the payload `wanted` references (any name, any epoch).
+    pub fn same_payload(
+        &self,
+        tenant: &TenantId,
+        db: &DbId,
+        wanted: &BlobRef,
+    ) -> Result<Vec<BlobRef>, StateError> {
+        let legacy = BlobRef {
+            scheme: 0,
+            epoch: 0,
+            alias: 0,
+            ..*wanted
+        };
+        let prefix = sub_key(tenant, db, legacy.name_base().as_bytes());
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf("catalog")?,
+            IteratorMode::From(&prefix, Direction::Forward),
+        ) {
+            let (k, v) = item.map_err(self.rocks("scan catalog"))?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let rest = &k[prefix.len()..];
+            if !(rest.is_empty() || rest.first() == Some(&b'-')) {
+                continue;
+            }
+            let known: BlobRef = serde_json::from_slice(&v).map_err(|e| StateError::Corrupt {
+                key: String::from_utf8_lossy(&k).into_owned(),
+                reason: e.to_string(),
+            })?;
+            if known.same_payload(wanted) {
+                out.push(known);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes blobs from the catalog (garbage collection deleted them).
+    pub fn forget_blobs(
+        &self,
+        tenant: &TenantId,
+        db: &DbId,
+        names: &[String],
+    ) -> Result<(), StateError> {
+        let cf = self.cf("catalog")?;
+        let mut b = WriteBatch::default();
+        for n in names {
+            b.delete_cf(cf, sub_key(tenant, db, n.as_bytes()));
+        }
+        self.write(b)
     }
 
     fn put_blob(
@@ -217,7 +270,7 @@ impl StateDb {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use cairn_core::{Content, DbState, SegmentEntry, WalState};
+    use cairn_core::{BlobKind, Content, DbState, Digest128, SegmentEntry, WalState};
 
     pub(crate) fn manifest(g: u64, blobs: &[BlobRef]) -> Manifest {
         let mut lsn = 0;
@@ -254,7 +307,9 @@ pub(crate) mod tests {
                     last_name: segments.last().map(|s| s.name.clone()),
                     segments,
                 }),
+                gc: Default::default(),
             }),
+            gc: false,
         }
     }
 
@@ -290,47 +345,93 @@ pub(crate) mod tests {
         );
         // Dedup: same address and digest is found; same address, other digest gets an alias.
         assert_eq!(
-            s.find_blob(&t, &d, BlobKind::Segment, 5, 10, Digest128(1))
-                .unwrap(),
+            s.find_blob(
+                &t,
+                &d,
+                &BlobRef::new(BlobKind::Segment, 5, 10, Digest128(1)),
+                |_| true
+            )
+            .unwrap(),
             BlobLookup::Found(blob(5, 10, 1, 0))
         );
         assert_eq!(
-            s.find_blob(&t, &d, BlobKind::Segment, 5, 10, Digest128(9))
-                .unwrap(),
+            s.find_blob(
+                &t,
+                &d,
+                &BlobRef::new(BlobKind::Segment, 5, 10, Digest128(9)),
+                |_| true
+            )
+            .unwrap(),
             BlobLookup::New { alias: 1 }
         );
         s.record_generation(&manifest(3, &[blob(5, 10, 9, 1)]))
             .unwrap();
         assert_eq!(
-            s.find_blob(&t, &d, BlobKind::Segment, 5, 10, Digest128(9))
-                .unwrap(),
+            s.find_blob(
+                &t,
+                &d,
+                &BlobRef::new(BlobKind::Segment, 5, 10, Digest128(9)),
+                |_| true
+            )
+            .unwrap(),
             BlobLookup::Found(blob(5, 10, 9, 1))
         );
         assert_eq!(
-            s.find_blob(&t, &d, BlobKind::Segment, 5, 10, Digest128(3))
-                .unwrap(),
+            s.find_blob(
+                &t,
+                &d,
+                &BlobRef::new(BlobKind::Segment, 5, 10, Digest128(3)),
+                |_| true
+            )
+            .unwrap(),
             BlobLookup::New { alias: 2 }
         );
         // A legacy (scheme 0) name never collides with a scheme-1 one.
         let legacy = BlobRef {
             scheme: 0,
+            epoch: 0,
             ..blob(7, 10, 1, 0)
         };
         s.record_generation(&manifest(4, &[legacy])).unwrap();
         assert_eq!(
-            s.find_blob(&t, &d, BlobKind::Segment, 7, 10, Digest128(2))
-                .unwrap(),
+            s.find_blob(
+                &t,
+                &d,
+                &BlobRef::new(BlobKind::Segment, 7, 10, Digest128(2)),
+                |_| true
+            )
+            .unwrap(),
             BlobLookup::New { alias: 0 }
         );
         assert_eq!(
-            s.find_blob(&t, &d, BlobKind::Segment, 7, 10, Digest128(1))
-                .unwrap(),
+            s.find_blob(
+                &t,
+                &d,
+                &BlobRef::new(BlobKind::Segment, 7, 10, Digest128(1)),
+                |_| true
+            )
+            .unwrap(),
             BlobLookup::Found(legacy)
+        );
+        // A stored blob the caller does not accept (another GC epoch, say) is not reused,
+        // and the new name does not collide with it.
+        let e1 = BlobRef {
+            epoch: 1,
+            ..BlobRef::new(BlobKind::Segment, 5, 10, Digest128(1))
+        };
+        assert_eq!(
+            s.find_blob(&t, &d, &e1, |b| b.epoch == 1).unwrap(),
+            BlobLookup::New { alias: 0 }
         );
         // A length that shares a hex prefix (0x10 vs 0x100) is a different address.
         assert_eq!(
-            s.find_blob(&t, &d, BlobKind::Segment, 5, 16, Digest128(1))
-                .unwrap(),
+            s.find_blob(
+                &t,
+                &d,
+                &BlobRef::new(BlobKind::Segment, 5, 16, Digest128(1)),
+                |_| true
+            )
+            .unwrap(),
             BlobLookup::New { alias: 0 }
         );
     }

@@ -25,6 +25,8 @@ pub enum ItemKey {
     Dirty,
     /// The engine's LSN ranges of a segment checkpoint's files, stored once (`ranges`).
     Ranges,
+    /// A garbage collection's plan (`gcplan`).
+    GcPlan,
     /// A checkpoint's finished chunk (`c` + index).
     Chunk(u64),
     /// That chunk's new page digests (`d` + index).
@@ -48,6 +50,7 @@ impl ItemKey {
             ItemKey::Plan => b"plan".to_vec(),
             ItemKey::Dirty => b"dirty".to_vec(),
             ItemKey::Ranges => b"ranges".to_vec(),
+            ItemKey::GcPlan => b"gcplan".to_vec(),
             ItemKey::Chunk(i) => tagged(b'c', i),
             ItemKey::ChunkDigests(i) => tagged(b'd', i),
             ItemKey::Segment(i) => tagged(b's', i),
@@ -61,6 +64,7 @@ impl ItemKey {
             b"plan" => return Some(ItemKey::Plan),
             b"dirty" => return Some(ItemKey::Dirty),
             b"ranges" => return Some(ItemKey::Ranges),
+            b"gcplan" => return Some(ItemKey::GcPlan),
             _ => {}
         }
         let (tag, rest) = k.split_first()?;
@@ -195,6 +199,7 @@ mod tests {
             ItemKey::Segment(0),
             ItemKey::Restored(3),
             ItemKey::Ranges,
+            ItemKey::GcPlan,
             ItemKey::RestoredSegment(9),
         ] {
             assert_eq!(ItemKey::decode(&k.encode()), Some(k));

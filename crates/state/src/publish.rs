@@ -185,7 +185,9 @@ mod tests {
                     last_name: None,
                     segments: vec![],
                 }),
+                gc: Default::default(),
             }),
+            gc: false,
         }
     }
 

@@ -9,7 +9,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{Generation, Lsn};
-use crate::manifest::state::{ChunkState, DbState, PagesState, SegmentEntry, SourceKind, WalState};
+use crate::manifest::state::{
+    ChunkState, DbState, GcState, PagesState, SegmentEntry, SourceKind, WalState,
+};
 
 /// A new page checkpoint, as the chunks that differ from the parent's.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,6 +72,9 @@ pub struct StateDiff {
     /// A changed WAL stream; `None` when it is the parent's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wal: Option<WalDiff>,
+    /// Garbage collection's new record; `None` when it is the parent's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gc: Option<GcState>,
 }
 
 impl StateDiff {
@@ -107,7 +112,13 @@ impl StateDiff {
             (a, Some(n)) if a.as_ref() != Some(n) => Some(wal_diff(a.as_ref(), n)),
             _ => None,
         };
-        StateDiff { chain, pages, wal }
+        let gc = (prev.gc != next.gc).then(|| next.gc.clone());
+        StateDiff {
+            chain,
+            pages,
+            wal,
+            gc,
+        }
     }
 
     /// Entries this diff carries (chunks and segments), to weigh it against a full state.
@@ -203,6 +214,9 @@ impl DbState {
                 segments,
             });
         }
+        if let Some(gc) = &d.gc {
+            self.gc = gc.clone();
+        }
         self.validate()
     }
 }
@@ -221,6 +235,7 @@ mod tests {
             xxh3: Digest128(u128::from(c)),
             alias: 0,
             scheme: 0,
+            epoch: 0,
         }
     }
 
@@ -371,6 +386,7 @@ mod tests {
                 end: Lsn(0),
                 last_name: None,
             }),
+            gc: None,
         };
         assert!(st.apply(&d).unwrap_err().contains("drops"));
         let d = StateDiff {
@@ -384,6 +400,7 @@ mod tests {
                 end: Lsn(15),
                 last_name: Some("00000001.seg".into()),
             }),
+            gc: None,
         };
         assert!(st.apply(&d).unwrap_err().contains("starts at 5"));
     }

@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
 
 pub use diff::{PagesDiff, StateDiff, WalDiff};
 pub use state::{
-    valid_segment_name, ChunkState, DbState, PagesState, SegmentEntry, SourceKind, WalState,
+    valid_segment_name, ChunkState, DbState, GcState, PagesState, SegmentEntry, SourceKind,
+    WalState,
 };
 
 use crate::address::{crc64, BlobRef};
@@ -72,6 +73,10 @@ pub struct Manifest {
     /// The job that published it (16 hex digits), so a job that publishes twice is visible.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<String>,
+    /// Published by garbage collection: the data state is the parent's, only the GC
+    /// record changed (retention does not count such generations).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gc: bool,
     /// The state, whole or as a diff.
     pub content: Content,
 }
@@ -235,6 +240,7 @@ impl Manifest {
                 writer: v1.writer.clone(),
                 created_unix_ms: v1.created_unix_ms,
                 job: v1.job.clone(),
+                gc: false,
                 content: Content::Full(v1.state()),
             }
         } else {
@@ -264,6 +270,8 @@ struct Body {
     created_unix_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     job: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    gc: bool,
     content: Content,
 }
 
@@ -278,6 +286,7 @@ impl From<&Manifest> for Body {
             writer: m.writer.clone(),
             created_unix_ms: m.created_unix_ms,
             job: m.job.clone(),
+            gc: m.gc,
             content: m.content.clone(),
         }
     }
@@ -294,6 +303,7 @@ impl From<Body> for Manifest {
             writer: b.writer,
             created_unix_ms: b.created_unix_ms,
             job: b.job,
+            gc: b.gc,
             content: b.content,
         }
     }
@@ -313,6 +323,7 @@ mod tests {
             xxh3: Digest128(u128::from(c)),
             alias: 0,
             scheme: 0,
+            epoch: 0,
         }
     }
 
@@ -350,7 +361,9 @@ mod tests {
                     ],
                 }),
                 wal: None,
+                gc: Default::default(),
             }),
+            gc: false,
         }
     }
 
@@ -396,6 +409,7 @@ mod tests {
                     last_name: Some("b".into()),
                     segments: vec![seg("a", 0, 3, 1), seg("b", 4, 3, 2)],
                 }),
+                gc: Default::default(),
             }),
             ..sample_pages()
         };
@@ -409,6 +423,7 @@ mod tests {
                 chain: 1,
                 pages: None,
                 wal: None,
+                gc: None,
             }),
             ..sample_pages()
         };

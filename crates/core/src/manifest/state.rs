@@ -110,6 +110,46 @@ pub struct WalState {
     pub segments: Vec<SegmentEntry>,
 }
 
+/// What garbage collection has done to a database, carried by every generation.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcState {
+    /// The GC epoch: raised by every collection that may delete blobs. Blobs are named
+    /// with the epoch they were uploaded in, and a writer reuses a stored blob it did not
+    /// inherit from its parent generation only if it carries the current epoch, so a
+    /// collection (even a stalled one) never deletes a blob a newer generation uses.
+    #[serde(default)]
+    pub epoch: u64,
+    /// Generations expired by retention, as half-open ranges `[a, b)`, ascending; they are
+    /// never restored again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expired: Vec<(u64, u64)>,
+}
+
+impl GcState {
+    /// Whether generation `g` was expired.
+    pub fn is_expired(&self, g: u64) -> bool {
+        self.expired.iter().any(|(a, b)| *a <= g && g < *b)
+    }
+
+    /// Adds `gens` to the expired ranges (merging adjacent ones).
+    pub fn expire(&mut self, gens: &[u64]) {
+        let mut all: Vec<u64> = gens.to_vec();
+        for (a, b) in &self.expired {
+            all.extend(*a..*b);
+        }
+        all.sort_unstable();
+        all.dedup();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for g in all {
+            match out.last_mut() {
+                Some((_, b)) if *b == g => *b = g + 1,
+                _ => out.push((g, g + 1)),
+            }
+        }
+        self.expired = out;
+    }
+}
+
 /// Everything a generation holds: the newest page checkpoint and the WAL stream.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DbState {
@@ -117,6 +157,13 @@ pub struct DbState {
     pub pages: Option<PagesState>,
     /// The WAL stream, if the database has one.
     pub wal: Option<WalState>,
+    /// Garbage collection's record.
+    #[serde(default, skip_serializing_if = "is_default_gc")]
+    pub gc: GcState,
+}
+
+fn is_default_gc(g: &GcState) -> bool {
+    *g == GcState::default()
 }
 
 impl DbState {

@@ -69,6 +69,7 @@ impl ManifestV1 {
                     chunks: p.chunks,
                 }),
                 wal: None,
+                gc: Default::default(),
             },
             BodyV1::Segments(s) => {
                 let start = s.segments.first().map_or(s.lsn_end, |e| e.lsn_start);
@@ -90,6 +91,7 @@ impl ManifestV1 {
                             })
                             .collect(),
                     }),
+                    gc: Default::default(),
                 }
             }
         }

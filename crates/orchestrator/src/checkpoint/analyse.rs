@@ -260,6 +260,7 @@ mod tests {
             xxh3: Digest128(1),
             alias: 0,
             scheme: 0,
+            epoch: 0,
         };
         ChunkState {
             index: 0,

@@ -298,6 +298,19 @@ impl Checkpointer {
         self.enqueue_with(spec, &items)
     }
 
+    /// Whether generation `g` of `db` was published by garbage collection.
+    async fn published_by_gc(&self, db: &DbId, g: u64) -> Result<bool, CairnError> {
+        let m = cairn_state::fetch_manifest(
+            &self.state,
+            &self.store,
+            &self.cfg.tenant,
+            db,
+            Generation(g),
+        )
+        .await?;
+        Ok(m.gc)
+    }
+
     /// Plans (or reloads the plan of) a checkpoint job, then stages, uploads and publishes
     /// whatever its items do not record as done.
     pub(crate) async fn run_checkpoint(
@@ -376,7 +389,13 @@ impl Checkpointer {
                 )?),
                 None => None,
             };
-        let mut sink = BlobSink::new(self, job.id(), db, &scratch);
+        let mut sink = BlobSink::new(
+            self,
+            job.id(),
+            db,
+            &scratch,
+            parent.as_ref().map(|p| &p.state),
+        );
         let staged = match &plan.body {
             PlanBody::Pages {
                 origin,
@@ -419,9 +438,38 @@ impl Checkpointer {
         let uploaded = sink.finish().await?;
         self.check_cancel(job.id())?;
         job.update(|r| r.phase = Phase::Uploaded, &[])?;
-        let manifest_bytes = self
+        let manifest_bytes = match self
             .publish_plan(job, db, &plan, parent.as_ref(), staged)
-            .await?;
+            .await
+        {
+            Err(CairnError::State(cairn_state::StateError::Fenced { .. }))
+                if self.published_by_gc(db, plan.generation).await? =>
+            {
+                // A garbage collection took the generation: plan again on top of it (the
+                // engine's inputs are kept), in the runner's next attempt.
+                let kept = job.items()?;
+                job.clear_items()?;
+                let mut again = Vec::new();
+                if let Some(d) = &kept.dirty {
+                    again.push(Item::Dirty(d));
+                }
+                if let Some(r) = &kept.ranges {
+                    again.push(Item::Ranges(r));
+                }
+                job.update(
+                    |r| {
+                        r.phase = Phase::New;
+                        r.generation = None;
+                    },
+                    &again,
+                )?;
+                return Err(CairnError::PlanAgain {
+                    db: db.clone(),
+                    generation: Generation(plan.generation),
+                });
+            }
+            other => other?,
+        };
         let mut report = publish::report(&items, &self.cfg.tenant, db, kind, &plan, started);
         report.blobs_uploaded = uploaded.blobs_uploaded;
         report.blobs_reused = uploaded.blobs_reused;

@@ -12,12 +12,14 @@
 //! (see the remote store). Retries: the store retries requests. Cancellation: uploads
 //! still in flight when the sink is dropped (an error, a cancel) are aborted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use cairn_core::{keys, BlobKind, BlobRef, ContentAddress, DbId, Digest128, JobId, PayloadHasher};
+use cairn_core::{
+    keys, BlobKind, BlobRef, ContentAddress, DbId, DbState, Digest128, JobId, PayloadHasher,
+};
 use cairn_executor::{JobScratch, StagedBlob};
 use cairn_state::BlobLookup;
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -62,6 +64,12 @@ pub(super) struct BlobSink<'a> {
     in_flight: FuturesUnordered<UploadTask>,
     this_job: HashMap<String, BlobRef>,
     stats: UploadStats,
+    /// The garbage-collection epoch of the parent generation: new blobs are named with it.
+    epoch: u64,
+    /// The parent generation's state, whose blobs stay reusable whatever their epoch.
+    parent: Option<&'a DbState>,
+    /// The names of the parent's blobs, built on first need.
+    parent_names: Option<HashSet<String>>,
 }
 
 impl Drop for BlobSink<'_> {
@@ -80,6 +88,7 @@ impl<'a> BlobSink<'a> {
         job: JobId,
         db: &'a DbId,
         scratch: &'a JobScratch,
+        parent: Option<&'a DbState>,
     ) -> Self {
         Self {
             cp,
@@ -89,7 +98,27 @@ impl<'a> BlobSink<'a> {
             in_flight: FuturesUnordered::new(),
             this_job: HashMap::new(),
             stats: UploadStats::default(),
+            epoch: parent.map_or(0, |p| p.gc.epoch),
+            parent,
+            parent_names: None,
         }
+    }
+
+    /// Whether a stored blob may be referenced: one of the current GC epoch, or one the
+    /// parent generation references (retained, so no collection deletes it). A blob of an
+    /// older epoch that only the catalog or a listing knows may be on the delete list of a
+    /// collection, even a stalled one (docs/decisions/0022).
+    fn reusable(&mut self, b: &BlobRef) -> bool {
+        if b.epoch == self.epoch {
+            return true;
+        }
+        let parent = self.parent;
+        let names = self.parent_names.get_or_insert_with(|| {
+            parent.map_or_else(HashSet::new, |p| {
+                p.blobs().iter().map(|b| b.name()).collect()
+            })
+        });
+        names.contains(&b.name())
     }
 
     pub(super) fn cp(&self) -> &'a Checkpointer {
@@ -160,21 +189,24 @@ impl<'a> BlobSink<'a> {
         xxh3: Digest128,
     ) -> Result<Resolved, CairnError> {
         let tenant = &self.cp.cfg.tenant;
+        let wanted = BlobRef {
+            epoch: self.epoch,
+            ..BlobRef::new(kind, addr.crc64, addr.len, xxh3)
+        };
+        let candidates = self.cp.state.same_payload(tenant, self.db, &wanted)?;
+        if let Some(b) = candidates.into_iter().find(|b| self.reusable(b)) {
+            self.stats.blobs_reused += 1;
+            return Ok(Resolved::Stored(b));
+        }
         let alias = match self
             .cp
             .state
-            .find_blob(tenant, self.db, kind, addr.crc64, addr.len, xxh3)?
+            .find_blob(tenant, self.db, &wanted, |_| false)?
         {
-            BlobLookup::Found(b) => {
-                self.stats.blobs_reused += 1;
-                return Ok(Resolved::Stored(b));
-            }
             BlobLookup::New { alias } => alias,
+            BlobLookup::Found(b) => b.alias,
         };
-        let blob = BlobRef {
-            alias,
-            ..BlobRef::new(kind, addr.crc64, addr.len, xxh3)
-        };
+        let blob = BlobRef { alias, ..wanted };
         let name = blob.name();
         if let Some(b) = self.this_job.get(&name) {
             self.stats.blobs_reused += 1;
@@ -221,7 +253,7 @@ impl<'a> BlobSink<'a> {
                 Ok(blob)
             }
             Resolved::New(blob, key) => {
-                staged.set_alias(blob.alias)?;
+                staged.rename_for(blob)?;
                 let from = Upload::Staged {
                     path: staged.path.clone(),
                     hold: Some(staged),
@@ -246,10 +278,9 @@ impl<'a> BlobSink<'a> {
             Resolved::New(blob, key) => (blob, key),
         };
         let job = self.scratch.clone();
-        let staged =
-            tokio::task::spawn_blocking(move || job.stage_bytes(kind, &payload, blob.alias))
-                .await
-                .map_err(self.join_err("staging a delta"))??;
+        let staged = tokio::task::spawn_blocking(move || job.stage_bytes(&payload, &blob))
+            .await
+            .map_err(self.join_err("staging a delta"))??;
         let from = Upload::Staged {
             path: staged.path.clone(),
             hold: Some(staged),

@@ -8,6 +8,7 @@
 //! | [`Item::Chunk`] | `c` + index | a checkpoint's finished [`ChunkItem`], JSON |
 //! | [`Item::Digests`] | `d` + index | that chunk's new page digests, 16 bytes each |
 //! | [`Item::Segment`] | `s` + position | a checkpoint's finished [`SegItem`], JSON |
+//! | [`Item::Gc`] | `gcplan` | a garbage collection's plan, JSON |
 //! | [`Item::Ranges`] | `ranges` | the engine's LSN ranges of segment files, JSON, written once at enqueue |
 //! | [`Item::Restored`] | `r` + index | a restore's "chunk written and synced" marker, empty |
 //! | [`Item::RestoredSegment`] | `w` + position | a restore's "segment written and synced" marker, empty |
@@ -114,6 +115,8 @@ pub(crate) enum Item<'a> {
     Dirty(&'a [u64]),
     /// The engine's LSN ranges of segment files, by name.
     Ranges(&'a BTreeMap<String, (Lsn, Lsn)>),
+    /// A garbage collection's plan.
+    Gc(&'a crate::gc::GcPlan),
     /// A finished chunk.
     Chunk(u64, &'a ChunkItem),
     /// A finished chunk's page digests.
@@ -144,6 +147,7 @@ impl Item<'_> {
             ),
             Item::Segment(i, s) => (ItemKey::Segment(*i), Some(json(job, "segment item", *s)?)),
             Item::Ranges(r) => (ItemKey::Ranges, Some(json(job, "segment ranges", *r)?)),
+            Item::Gc(p) => (ItemKey::GcPlan, Some(json(job, "gc plan", *p)?)),
             Item::Restored(i) => (ItemKey::Restored(*i), Some(Vec::new())),
             Item::RestoredSegment(i) => (ItemKey::RestoredSegment(*i), Some(Vec::new())),
             Item::Delete(k) => (*k, None),
@@ -170,6 +174,7 @@ pub(crate) struct JobItems {
     pub segments: BTreeMap<u64, SegItem>,
     pub restored: BTreeSet<u64>,
     pub restored_segments: BTreeSet<u64>,
+    pub gc: Option<crate::gc::GcPlan>,
 }
 
 impl JobItems {
@@ -226,6 +231,12 @@ impl JobItems {
                     out.ranges = Some(
                         serde_json::from_slice(&v)
                             .map_err(|e| bad("segment ranges".into(), e.to_string()))?,
+                    )
+                }
+                ItemKey::GcPlan => {
+                    out.gc = Some(
+                        serde_json::from_slice(&v)
+                            .map_err(|e| bad("gc plan".into(), e.to_string()))?,
                     )
                 }
                 ItemKey::Restored(i) => {

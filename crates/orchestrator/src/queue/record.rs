@@ -53,6 +53,24 @@ pub enum JobSpec {
         /// Re-read every blob.
         deep: bool,
     },
+    /// Apply a retention policy and collect unreferenced blobs.
+    Gc {
+        /// Database.
+        db: DbId,
+        /// Keep the newest N data generations.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        keep_last: Option<u64>,
+        /// Keep data generations younger than this (milliseconds).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        keep_within_ms: Option<u64>,
+        /// Keep unreferenced blobs younger than this by the store's clock (milliseconds).
+        grace_ms: u64,
+        /// Decide and report only; publish and delete nothing.
+        dry_run: bool,
+        /// Report every kept blob with its reason.
+        #[serde(default)]
+        explain: bool,
+    },
 }
 
 impl JobSpec {
@@ -62,6 +80,7 @@ impl JobSpec {
             JobSpec::Checkpoint { .. } => "checkpoint",
             JobSpec::Restore { .. } => "restore",
             JobSpec::Verify { .. } => "verify",
+            JobSpec::Gc { .. } => "gc",
         }
     }
 
@@ -70,7 +89,8 @@ impl JobSpec {
         match self {
             JobSpec::Checkpoint { db, .. }
             | JobSpec::Restore { db, .. }
-            | JobSpec::Verify { db, .. } => db,
+            | JobSpec::Verify { db, .. }
+            | JobSpec::Gc { db, .. } => db,
         }
     }
 }
@@ -99,7 +119,8 @@ impl JobState {
 }
 
 /// The step a job reached. Checkpoints go planned → staged → uploaded → published →
-/// cleaned; restores planned → written → committed; verifies straight to checked.
+/// cleaned; restores planned → written → committed; verifies straight to checked; GC
+/// planned → published (its generation) → swept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
@@ -121,6 +142,8 @@ pub enum Phase {
     Committed,
     /// Verification finished.
     Checked,
+    /// Unreferenced blobs deleted (GC).
+    Swept,
 }
 
 /// Units and bytes done, for `cairn status`.

@@ -161,8 +161,38 @@ impl Checkpointer {
                 gs
             }
         };
-        let mut report = match lsn {
-            Some(l) => self.restore_point_of(&gs, db, l, to, job).await?,
+        // A lease in the store keeps what this restore reads from garbage collection on
+        // any machine; the generation is checked only once the lease is there.
+        let lease = self
+            .take_store_lease(db, job.id().0, vec![gs.manifest.generation.0])
+            .await?;
+        self.check_live(db, &[gs.manifest.generation.0]).await?;
+        let result = self.restore_resolved(job, db, &gs, lsn, to).await;
+        lease.release().await?;
+        let mut report = match result {
+            Err(CairnError::Store(cairn_remote_store::StoreError::NotFound { key, store })) => {
+                // A blob gone mid-restore: say so plainly if its generation expired.
+                self.check_live(db, &[gs.manifest.generation.0]).await?;
+                return Err(CairnError::Store(
+                    cairn_remote_store::StoreError::NotFound { key, store },
+                ));
+            }
+            other => other?,
+        };
+        report.duration_ms = started.elapsed().as_millis() as u64;
+        Ok(report)
+    }
+
+    async fn restore_resolved(
+        &self,
+        job: &mut Job<'_>,
+        db: &DbId,
+        gs: &GenerationState,
+        lsn: Option<Lsn>,
+        to: &Path,
+    ) -> Result<RestoreReport, CairnError> {
+        let report = match lsn {
+            Some(l) => self.restore_point_of(gs, db, l, to, job).await?,
             None => {
                 let st = &gs.state;
                 let segments: &[SegmentEntry] = st.wal.as_ref().map_or(&[], |w| &w.segments);
@@ -176,7 +206,7 @@ impl Checkpointer {
                     segments,
                     layout,
                 };
-                let mut r = self.restore_parts(&gs, &parts, to, Some(job)).await?;
+                let mut r = self.restore_parts(gs, &parts, to, Some(job)).await?;
                 if layout == Layout::Point {
                     let p = st.pages.as_ref();
                     r.page_generation = p.map(|p| p.generation.0);
@@ -186,7 +216,6 @@ impl Checkpointer {
                 r
             }
         };
-        report.duration_ms = started.elapsed().as_millis() as u64;
         Ok(report)
     }
 
