@@ -108,12 +108,17 @@ pub fn generations(json: bool, gens: &[GenerationInfo]) {
         return print_json(&gens);
     }
     println!(
-        "{:>10}  {:<24}  {:<8}  {:>12}  {:>6}",
+        "{:>10}  {:<24}  {:<8}  {:>12}  {:>6}  status",
         "generation", "created", "kind", "size", "blobs"
     );
     for g in gens {
+        let status = match (g.expired, g.gc) {
+            (true, _) => "expired",
+            (false, true) => "collection",
+            (false, false) => "restorable",
+        };
         println!(
-            "{:>10}  {:<24}  {:<8}  {:>12}  {:>6}",
+            "{:>10}  {:<24}  {:<8}  {:>12}  {:>6}  {status}",
             g.generation,
             utc(g.created_unix_ms),
             g.kind,

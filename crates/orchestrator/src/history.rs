@@ -31,6 +31,10 @@ pub struct GenerationInfo {
     pub writer: String,
     /// The job that published it.
     pub job: Option<String>,
+    /// Published by garbage collection (its data is its parent's).
+    pub gc: bool,
+    /// Expired by garbage collection: no longer restorable.
+    pub expired: bool,
 }
 
 /// A generation's manifest object and the whole state it stands for.
@@ -173,6 +177,7 @@ impl Checkpointer {
                 store: self.store.describe().to_string(),
             });
         }
+        let newest = self.state(db, None).await?.state.gc;
         let mut walk = cairn_state::Walk::default();
         let mut out = Vec::with_capacity(gens.len());
         for g in gens {
@@ -191,6 +196,8 @@ impl Checkpointer {
                 parent: m.parent.map(|p| p.0),
                 writer: m.writer.clone(),
                 job: m.job.clone(),
+                gc: m.gc,
+                expired: newest.is_expired(g.0),
             });
         }
         Ok(out)
