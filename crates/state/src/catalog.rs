@@ -197,18 +197,25 @@ impl StateDb {
         Ok(out)
     }
 
-    /// Removes blobs from the catalog (garbage collection deleted them).
+    /// Removes blobs from the catalog (garbage collection deleted them), with the page
+    /// digests of any chunk whose chain ended in one of them: they describe a generation
+    /// that is gone.
     pub fn forget_blobs(
         &self,
         tenant: &TenantId,
         db: &DbId,
         names: &[String],
     ) -> Result<(), StateError> {
+        if names.is_empty() {
+            return Ok(());
+        }
         let cf = self.cf("catalog")?;
         let mut b = WriteBatch::default();
         for n in names {
             b.delete_cf(cf, sub_key(tenant, db, n.as_bytes()));
         }
+        let gone: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
+        self.forget_digests_of(&mut b, tenant, db, &gone)?;
         self.write(b)
     }
 

@@ -8,8 +8,10 @@
 //! that fails to decode counts as absent: it costs a full read of the chunk, not an error.
 //! Nothing here retries or is cancellable.
 
+use std::collections::HashSet;
+
 use cairn_core::{DbId, Manifest, TenantId};
-use rocksdb::WriteBatch;
+use rocksdb::{Direction, IteratorMode, WriteBatch};
 
 use crate::catalog::LocalUpdates;
 use crate::db::sub_key;
@@ -66,6 +68,36 @@ impl StateDb {
         Ok(self
             .get("pagedigests", &sub_key(tenant, db, &index.to_be_bytes()))?
             .and_then(|v| ChunkDigests::decode(index, &v)))
+    }
+
+    /// Adds to `b` the deletion of every chunk's digests whose tip is in `gone`.
+    pub(crate) fn forget_digests_of(
+        &self,
+        b: &mut WriteBatch,
+        tenant: &TenantId,
+        db: &DbId,
+        gone: &HashSet<&str>,
+    ) -> Result<(), StateError> {
+        let pd = self.cf("pagedigests")?;
+        let prefix = sub_key(tenant, db, &[]);
+        for item in self
+            .db
+            .iterator_cf(pd, IteratorMode::From(&prefix, Direction::Forward))
+        {
+            let (k, v) = item.map_err(self.rocks("scan page digests"))?;
+            let Some(rest) = k.strip_prefix(prefix.as_slice()) else {
+                break;
+            };
+            let Ok(index) = <[u8; 8]>::try_from(rest).map(u64::from_be_bytes) else {
+                continue;
+            };
+            // An undecodable record is useless anyway.
+            match ChunkDigests::decode(index, &v) {
+                Some(d) if !gone.contains(d.tip.as_str()) => {}
+                _ => b.delete_cf(pd, &k),
+            }
+        }
+        Ok(())
     }
 
     /// Adds the digest writes and truncation of `local` to a generation's batch.
@@ -135,5 +167,33 @@ mod tests {
         assert_eq!(s.chunk_digests(&t, &d, 1).unwrap(), None);
         assert_eq!(s.chunk_digests(&t, &d, 2).unwrap(), None);
         assert_eq!(s.job(JobId(9)).unwrap().as_deref(), Some(&b"done"[..]));
+    }
+
+    #[test]
+    fn digests_of_a_collected_chain_are_forgotten_with_its_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateDb::open(dir.path()).unwrap();
+        let t = TenantId::new("t").unwrap();
+        let d = DbId::new("d").unwrap();
+        let cd = |i: u64, tip: &str| ChunkDigests {
+            index: i,
+            tip: tip.into(),
+            page_size: 4096,
+            digests: vec![1],
+        };
+        s.record_generation_with(
+            &manifest(1, &[]),
+            &LocalUpdates {
+                digests: &[cd(0, "a"), cd(1, "b"), cd(2, "c")],
+                chunks: Some(3),
+                job: None,
+            },
+        )
+        .unwrap();
+        s.forget_blobs(&t, &d, &["b".to_string(), "x".to_string()])
+            .unwrap();
+        assert_eq!(s.chunk_digests(&t, &d, 0).unwrap(), Some(cd(0, "a")));
+        assert_eq!(s.chunk_digests(&t, &d, 1).unwrap(), None);
+        assert_eq!(s.chunk_digests(&t, &d, 2).unwrap(), Some(cd(2, "c")));
     }
 }
