@@ -385,17 +385,37 @@ impl ObjectStore for FaultStore {
     ) -> BoxStream<'static, object_store::Result<Path>> {
         let inner = Arc::clone(&self.inner);
         let state = Arc::clone(&self.state);
-        locations
-            .then(move |p| {
-                let inner = Arc::clone(&inner);
-                let state = Arc::clone(&state);
-                async move {
-                    let p = p?;
-                    state.before("DELETE", p.as_ref()).await?;
-                    inner.delete(&p).await.map(|()| p)
+        // Each key's fault is decided before the batch goes on without the faulted keys.
+        crate::batch::batched(locations, move |paths| {
+            let (inner, state) = (Arc::clone(&inner), Arc::clone(&state));
+            async move {
+                let mut faults = Vec::with_capacity(paths.len());
+                let mut sent = Vec::with_capacity(paths.len());
+                for p in paths {
+                    match state.before("DELETE", p.as_ref()).await {
+                        Ok(()) => {
+                            sent.push(p);
+                            faults.push(None);
+                        }
+                        Err(e) => faults.push(Some(e)),
+                    }
                 }
-            })
-            .boxed()
+                let mut answers = if sent.is_empty() {
+                    Vec::new()
+                } else {
+                    crate::batch::forward(&inner, sent).await
+                }
+                .into_iter();
+                // In the input's order: a faulted key's error in its own place.
+                faults
+                    .into_iter()
+                    .filter_map(|f| match f {
+                        Some(e) => Some(Err(e)),
+                        None => answers.next(),
+                    })
+                    .collect()
+            }
+        })
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {

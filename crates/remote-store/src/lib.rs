@@ -41,6 +41,7 @@
 //! upload is never completed, so nothing partial is published.
 
 mod backend;
+mod batch;
 mod classify;
 mod config;
 mod error;
@@ -349,6 +350,34 @@ impl RemoteStore {
         Ok(out)
     }
 
+    /// Deletes objects in bulk (one `DeleteObjects` request per 1,000 keys on S3). Returns
+    /// the keys whose deletion was confirmed (a missing object counts as deleted) and the
+    /// first failure, if any; keys neither confirmed nor failed were not deleted as far as
+    /// the caller may assume.
+    pub async fn delete_many(&self, keys: &[String]) -> (Vec<String>, Option<StoreError>) {
+        let paths: Vec<object_store::Result<Path>> =
+            keys.iter().map(|k| Ok(self.path(k))).collect();
+        let mut results = self
+            .stack
+            .top
+            .store
+            .delete_stream(futures::stream::iter(paths).boxed());
+        // Every layer keeps the input's order, and a key's own failure takes its place.
+        let mut done = Vec::with_capacity(keys.len());
+        let mut next = keys.iter();
+        while let Some(r) = results.next().await {
+            let key = next.next().map_or("", String::as_str);
+            match r {
+                Ok(_) => done.push(key.to_string()),
+                Err(e) => match self.err("delete", key, e) {
+                    StoreError::NotFound { .. } => done.push(key.to_string()),
+                    e => return (done, Some(e)),
+                },
+            }
+        }
+        (done, None)
+    }
+
     /// Deletes an object; deleting a missing object is not an error.
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
         match self.stack.top.store.delete(&self.path(key)).await {
@@ -367,6 +396,34 @@ mod tests {
     use super::*;
     use crate::fault::FaultConfig;
     use crate::testutil::{fast_cfg, rt};
+
+    #[test]
+    fn bulk_deletes_go_in_batches_survive_faults_and_count_missing_keys_as_deleted() {
+        let (store, _) =
+            RemoteStore::open_faulty("memory://bulk", fast_cfg(), FaultConfig::transient(0.2, 3))
+                .unwrap();
+        rt().block_on(async {
+            let keys: Vec<String> = (0..2500).map(|i| format!("b/{i:05}")).collect();
+            for k in &keys[..2400] {
+                store.put_bytes(k, Bytes::from_static(b"x")).await.unwrap();
+            }
+            let before = store.stats();
+            let (done, err) = store.delete_many(&keys).await;
+            assert!(err.is_none(), "{err:?}");
+            assert_eq!(
+                done, keys,
+                "every key confirmed, the missing ones too, in order"
+            );
+            assert!(store.list("b/").await.unwrap().is_empty());
+            let s = store.stats();
+            // Three batches, each repeated whole after a transient failure of any key.
+            let batches = s.by_op.delete - before.by_op.delete;
+            assert!(
+                batches >= 3 && batches == 3 + (s.retries - before.retries),
+                "{s:?}"
+            );
+        });
+    }
 
     #[test]
     fn bad_urls_are_named_and_credentials_redacted() {

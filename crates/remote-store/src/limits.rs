@@ -30,8 +30,7 @@ use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
 use object_store::{
     CopyOptions, GetOptions, GetResult, ListResult, MultipartId, MultipartUpload, ObjectMeta,
-    ObjectStore, ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload, PutResult,
-    RenameOptions, UploadPart,
+    ObjectStore, PutMultipartOptions, PutOptions, PutPayload, PutResult, RenameOptions, UploadPart,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -239,16 +238,14 @@ impl ObjectStore for LimitStore {
     ) -> BoxStream<'static, object_store::Result<Path>> {
         let inner = Arc::clone(&self.inner.store);
         let limits = Arc::clone(&self.limits);
-        locations
-            .then(move |p| {
-                let (inner, limits) = (Arc::clone(&inner), Arc::clone(&limits));
-                async move {
-                    let p = p?;
-                    let _permit = limits.permit().await;
-                    inner.delete(&p).await.map(|()| p)
-                }
-            })
-            .boxed()
+        // One permit per batch: the batch is one request.
+        crate::batch::batched(locations, move |paths| {
+            let (inner, limits) = (Arc::clone(&inner), Arc::clone(&limits));
+            async move {
+                let _permit = limits.permit().await;
+                crate::batch::forward(&inner, paths).await
+            }
+        })
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
@@ -370,6 +367,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use object_store::memory::InMemory;
+    use object_store::ObjectStoreExt;
     use std::time::{Duration, Instant};
 
     #[tokio::test]

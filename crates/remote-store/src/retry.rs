@@ -42,8 +42,8 @@ use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
 use object_store::{
     CopyMode, CopyOptions, GetOptions, GetResult, ListResult, MultipartId, MultipartUpload,
-    ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions, PutPayload,
-    PutResult, RenameOptions,
+    ObjectMeta, ObjectStore, PutMode, PutMultipartOptions, PutOptions, PutPayload, PutResult,
+    RenameOptions,
 };
 
 use crate::classify::{classify, Cause};
@@ -260,7 +260,7 @@ impl Failure<StoreError> {
 }
 
 impl Failure<object_store::Error> {
-    fn into_error(self) -> object_store::Error {
+    pub(crate) fn into_error(self) -> object_store::Error {
         match self {
             Failure::Final(e) => e,
             Failure::Exhausted {
@@ -463,19 +463,10 @@ impl ObjectStore for RetryStore {
     ) -> BoxStream<'static, object_store::Result<Path>> {
         let inner = Arc::clone(&self.inner.store);
         let retry = Arc::clone(&self.retry);
-        locations
-            .then(move |p| {
-                let (inner, retry) = (Arc::clone(&inner), Arc::clone(&retry));
-                async move {
-                    let p = p?;
-                    retry
-                        .run("delete", p.as_ref(), || inner.delete(&p))
-                        .await
-                        .map_err(Failure::into_error)?;
-                    Ok(p)
-                }
-            })
-            .boxed()
+        crate::batch::batched(locations, move |paths| {
+            let (inner, retry) = (Arc::clone(&inner), Arc::clone(&retry));
+            async move { crate::batch::retried(&inner, &retry, paths).await }
+        })
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
@@ -583,6 +574,7 @@ mod tests {
     use crate::fault::{FaultConfig, FaultStore};
     use crate::testutil::FlakyList;
     use object_store::memory::InMemory;
+    use object_store::ObjectStoreExt;
 
     fn fast(attempts: u32) -> StoreConfig {
         StoreConfig {

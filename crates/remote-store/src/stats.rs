@@ -63,7 +63,7 @@ pub struct RequestCounts {
     pub put: u64,
     /// Listings (one per listing started, whatever its number of pages).
     pub list: u64,
-    /// Deletes.
+    /// Delete requests (a batch of up to 1,000 keys counts once).
     pub delete: u64,
     /// Copies and renames.
     pub copy: u64,
@@ -425,18 +425,20 @@ impl ObjectStore for StatsStore {
         &self,
         locations: BoxStream<'static, object_store::Result<Path>>,
     ) -> BoxStream<'static, object_store::Result<Path>> {
-        let (before, after) = (Arc::clone(&self.stats), Arc::clone(&self.stats));
-        let counted = locations
-            .map(move |p| {
-                before.request(Op::Delete);
-                p
-            })
-            .boxed();
-        self.inner
-            .store
-            .delete_stream(counted)
-            .map(move |r| after.outcome(r))
-            .boxed()
+        let inner = Arc::clone(&self.inner.store);
+        let stats = Arc::clone(&self.stats);
+        // A batch is one request (one `DeleteObjects` on S3); each key's failure counts.
+        crate::batch::batched(locations, move |paths| {
+            let (inner, stats) = (Arc::clone(&inner), Arc::clone(&stats));
+            async move {
+                stats.request(Op::Delete);
+                crate::batch::forward(&inner, paths)
+                    .await
+                    .into_iter()
+                    .map(|r| stats.outcome(r))
+                    .collect()
+            }
+        })
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {

@@ -39,8 +39,11 @@ use crate::{CairnError, Checkpointer, GenerationState, JobOutcome};
 /// Attempts to publish a collection's generation when writers keep winning the race.
 const PUBLISH_ATTEMPTS: usize = 5;
 
-/// Blob deletions in flight at once.
-const DELETE_CONCURRENCY: usize = 16;
+/// Keys per bulk delete (S3 `DeleteObjects` takes at most 1,000).
+const DELETE_BATCH: usize = 1000;
+
+/// Bulk deletes in flight at once.
+const DELETE_CONCURRENCY: usize = 4;
 
 /// Options of one collection.
 #[derive(Clone, Debug, Default)]
@@ -342,39 +345,43 @@ impl Checkpointer {
             .filter(|(n, _)| !rescued.contains(n))
             .collect();
         let blobs = keys::blobs_prefix(&tenant, db);
-        let mut done = Vec::with_capacity(todo.len());
-        // Positions, not references: the future then stays `Send` for every lifetime.
-        let todo = &todo;
-        let blobs = &blobs;
-        let mut deletions = stream::iter(0..todo.len())
-            .map(|i| async move {
-                let (name, size) = todo[i];
-                self.store.delete(&format!("{blobs}{name}")).await?;
-                Ok::<_, CairnError>((name.clone(), *size))
-            })
+        let sizes: std::collections::HashMap<&str, u64> =
+            todo.iter().map(|(n, s)| (n.as_str(), *s)).collect();
+        // Batches of bulk deletes, a few at once; progress and the catalog follow each.
+        let batches: Vec<Vec<String>> = todo
+            .chunks(DELETE_BATCH)
+            .map(|c| c.iter().map(|(n, _)| format!("{blobs}{n}")).collect())
+            .collect();
+        let batches = &batches;
+        let mut deletions = stream::iter(0..batches.len())
+            .map(|i| async move { self.store.delete_many(&batches[i]).await })
             .buffer_unordered(DELETE_CONCURRENCY);
         let mut deleted = Count::default();
-        while let Some(r) = deletions.next().await {
-            let (name, size) = r?;
-            deleted.blobs += 1;
-            deleted.bytes += size;
-            done.push(name);
-            if done.len() % 256 == 0 {
-                self.check_cancel(job.id())?;
-                self.state.forget_blobs(&tenant, db, &done)?;
-                let (n, b) = (deleted.blobs, deleted.bytes);
-                job.update(
-                    |r| {
-                        r.progress.done = n;
-                        r.progress.bytes_done = b;
-                    },
-                    &[],
-                )?;
-                done.clear();
+        while let Some((keys, failed)) = deletions.next().await {
+            let names: Vec<String> = keys
+                .iter()
+                .map(|k| k.strip_prefix(blobs.as_str()).unwrap_or(k).to_string())
+                .collect();
+            deleted.blobs += names.len() as u64;
+            deleted.bytes += names
+                .iter()
+                .map(|n| sizes.get(n.as_str()).copied().unwrap_or(0))
+                .sum::<u64>();
+            self.state.forget_blobs(&tenant, db, &names)?;
+            if let Some(e) = failed {
+                return Err(e.into());
             }
+            self.check_cancel(job.id())?;
+            let (n, b) = (deleted.blobs, deleted.bytes);
+            job.update(
+                |r| {
+                    r.progress.done = n;
+                    r.progress.bytes_done = b;
+                },
+                &[],
+            )?;
         }
         drop(deletions);
-        self.state.forget_blobs(&tenant, db, &done)?;
         let kept_extra: Vec<&(String, u64)> = plan
             .delete
             .iter()
