@@ -65,9 +65,31 @@ pub async fn restore(
     }
     let staging = sibling(to, ".cairn-point");
     let report = cp.restore_at(db, Lsn(lsn), &staging).await?;
+    let built = replay_staged(&staging, report.page_lsn.unwrap_or(0), lsn, data_pages, to);
+    // Cairn's copy is not needed any more, whether the replay worked or not.
+    std::fs::remove_dir_all(&staging).map_err(io("remove restore staging", &staging))?;
+    let (segments, replayed, next_seq) = built?;
+    Ok(Restored {
+        lsn,
+        page_lsn: report.page_lsn,
+        page_generation: report.page_generation,
+        segments,
+        replayed,
+        next_seq,
+    })
+}
+
+/// Lists what Cairn restored into `staging` and builds `to` from it; returns the
+/// segments, records replayed and next sequence number.
+fn replay_staged(
+    staging: &Path,
+    page_lsn: u64,
+    lsn: u64,
+    data_pages: u32,
+    to: &Path,
+) -> Result<(u64, u64, u64)> {
     let pages = staging.join("pages");
     let pages = pages.exists().then_some(pages);
-    let page_lsn = report.page_lsn.unwrap_or(0);
     let mut segments = Vec::new();
     let wal_dir = staging.join("wal");
     for e in std::fs::read_dir(&wal_dir).map_err(io("list restored WAL", &wal_dir))? {
@@ -84,15 +106,7 @@ pub async fn restore(
     }
     segments.sort_by_key(|(s, _)| s.start);
     let (replayed, next_seq) = build(pages.as_deref(), page_lsn, &segments, lsn, data_pages, to)?;
-    std::fs::remove_dir_all(&staging).map_err(io("remove restore staging", &staging))?;
-    Ok(Restored {
-        lsn,
-        page_lsn: report.page_lsn,
-        page_generation: report.page_generation,
-        segments: segments.len() as u64,
-        replayed,
-        next_seq,
-    })
+    Ok((segments.len() as u64, replayed, next_seq))
 }
 
 /// Replays `segments` from `page_lsn` to exactly `lsn` on top of the page file `pages`
