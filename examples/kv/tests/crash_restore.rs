@@ -300,6 +300,8 @@ fn killed_again_and_again_it_keeps_its_wal_bounded_and_restores_to_any_lsn() {
     let mut seen = Seen::default();
 
     let mut killed = false;
+    // Wall time and batches of each cycle (reported, not asserted).
+    let mut pace: Vec<(Duration, usize)> = Vec::new();
     for c in 0..=cycles {
         let plan = match rng.gen_range(0..100) {
             _ if c == cycles => Kill::Never,
@@ -322,8 +324,10 @@ fn killed_again_and_again_it_keeps_its_wal_bounded_and_restores_to_any_lsn() {
             seen.expect_torn = tear_tail(&rig.data(), &mut rng);
             seen.torn_injected += u64::from(seen.expect_torn.is_some());
         }
+        let (t, before) = (Instant::now(), seen.commits.len());
         killed = cycle(&rig, &mut seen, (c + 1) * ops, plan);
         assert!(seen.expect_torn.is_none(), "the run reported no recovery");
+        pace.push((t.elapsed(), seen.commits.len() - before));
     }
     // The last run reached its target.
     let total = (cycles + 1) * ops;
@@ -442,6 +446,18 @@ fn killed_again_and_again_it_keeps_its_wal_bounded_and_restores_to_any_lsn() {
             expected[&seq].len()
         );
     }
+    let quarter = (pace.len() / 4).max(1);
+    let ms_per_batch = |p: &[(Duration, usize)]| {
+        let (t, n) = p
+            .iter()
+            .fold((0.0, 0), |(t, n), (d, b)| (t + d.as_secs_f64(), n + b));
+        1000.0 * t / n.max(1) as f64
+    };
+    eprintln!(
+        "cairn-kv e2e: {:.2} ms per batch in the first quarter of the cycles, {:.2} in the last",
+        ms_per_batch(&pace[..quarter]),
+        ms_per_batch(&pace[pace.len() - quarter..])
+    );
     eprintln!(
         "cairn-kv e2e: {} runs, {} kills, {} batches, {end} bytes of WAL; max local WAL {} bytes (bound {bound}); \
          {} segment and {} page checkpoints ({} with the tracker), {} head truncations, {} segments deleted locally; \
