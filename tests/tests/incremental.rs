@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use cairn_core::delta::{encode_delta, DeltaHeader, DELTA_HEADER_LEN};
@@ -129,6 +130,79 @@ async fn engine_marks_are_used_and_unmarked_pages_are_not_read() {
         cp.restore(&db, Some(*g), &out).await.unwrap();
         assert_eq!(&std::fs::read(&out).unwrap(), want, "generation {g}");
     }
+}
+
+/// A tracker made after a restart knows nothing of the pages written before it: its first
+/// checkpoint compares page digests, and only later ones trust its marks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_tracker_is_trusted_only_after_one_checkpoint_compared_digests() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("db");
+    let mut data = random_file(&src, 300, 8);
+    let db = DbId::new("restarted").unwrap();
+    let source = Source::Pages {
+        path: src.clone(),
+        page_size: PS as u32,
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+    let mut change = |data: &mut Vec<u8>, tracker: Option<&DirtyTracker>| {
+        let p = rng.gen_range(0..data.len() / PS);
+        rng.fill_bytes(&mut data[p * PS..(p + 1) * PS]);
+        if let Some(t) = tracker {
+            t.mark(p as u64);
+        }
+        std::fs::write(&src, &*data).unwrap();
+    };
+    let with = |t: &Arc<DirtyTracker>| CheckpointOptions {
+        tracker: Some(Arc::clone(t)),
+        ..Default::default()
+    };
+    {
+        let cp = open(dir.path(), 64 * PS as u64);
+        let first = Arc::new(DirtyTracker::new(1 << 20));
+        let r = cp
+            .checkpoint_with(&db, &source, &with(&first))
+            .await
+            .unwrap();
+        assert!(!r.marks_used);
+        change(&mut data, Some(&first));
+        let r = cp
+            .checkpoint_with(&db, &source, &with(&first))
+            .await
+            .unwrap();
+        assert!(r.marks_used, "{r:?}");
+        assert_eq!(r.pages_dirty, 1);
+        // Written, then the process dies before its checkpoint.
+        change(&mut data, Some(&first));
+        change(&mut data, Some(&first));
+    }
+    let cp = open(dir.path(), 64 * PS as u64);
+    let fresh = Arc::new(DirtyTracker::new(1 << 20));
+    change(&mut data, Some(&fresh));
+    let r = cp
+        .checkpoint_with(&db, &source, &with(&fresh))
+        .await
+        .unwrap();
+    assert!(
+        !r.marks_used,
+        "a new tracker's first checkpoint compares digests"
+    );
+    assert!(
+        r.pages_dirty >= 2,
+        "the pages written before the restart: {r:?}"
+    );
+    let out = dir.path().join("after-restart");
+    cp.restore(&db, Some(Generation(r.generation)), &out)
+        .await
+        .unwrap();
+    assert!(std::fs::read(&out).unwrap() == data);
+    change(&mut data, Some(&fresh));
+    let r = cp
+        .checkpoint_with(&db, &source, &with(&fresh))
+        .await
+        .unwrap();
+    assert!(r.marks_used, "{r:?}");
+    assert_eq!(r.pages_dirty, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

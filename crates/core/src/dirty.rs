@@ -12,8 +12,12 @@
 //! tracker's capacity cannot be recorded; marking one sets an overflow flag so the next
 //! drain says "treat every page as dirty" instead of silently losing it.
 //!
-//! Crash: the tracker is in memory only. After a restart the engine has no marks, and the
-//! checkpointer falls back to comparing page digests, so nothing is lost.
+//! Crash: the tracker is in memory only, and its marks say nothing about writes made before
+//! it existed (by an earlier process, say). Each tracker therefore has an identity
+//! ([`DirtyTracker::id`], unique within the process), and the checkpointer trusts a
+//! tracker's marks only once a checkpoint that compared page digests has succeeded with
+//! that same tracker: the first checkpoint with a new tracker (after every restart) reads
+//! the pages, so nothing is lost.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -25,6 +29,7 @@ type Block = Box<[AtomicU64]>;
 
 /// A lock-free set of dirty page numbers.
 pub struct DirtyTracker {
+    id: u64,
     blocks: Box<[OnceLock<Block>]>,
     capacity: u64,
     overflow: AtomicBool,
@@ -51,11 +56,18 @@ impl DirtyTracker {
     /// A tracker for pages `0..capacity_pages`.
     pub fn new(capacity_pages: u64) -> Self {
         let n = usize::try_from(capacity_pages.div_ceil(PAGES_PER_BLOCK)).unwrap_or(usize::MAX);
+        static NEXT: AtomicU64 = AtomicU64::new(1);
         Self {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
             blocks: (0..n).map(|_| OnceLock::new()).collect(),
             capacity: capacity_pages,
             overflow: AtomicBool::new(false),
         }
+    }
+
+    /// This tracker's identity, unique among the trackers of this process.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// Pages this tracker can record.
@@ -114,6 +126,12 @@ mod tests {
     use super::*;
     use std::collections::BTreeSet;
     use std::sync::Arc;
+
+    #[test]
+    fn every_tracker_has_its_own_identity() {
+        let (a, b) = (DirtyTracker::new(1), DirtyTracker::new(1));
+        assert_ne!(a.id(), b.id());
+    }
 
     #[test]
     fn marks_drain_sorted_and_once() {

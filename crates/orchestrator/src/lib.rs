@@ -74,6 +74,9 @@ pub struct Checkpointer {
     db_locks: dashmap::DashMap<cairn_core::DbId, Arc<tokio::sync::Mutex<()>>>,
     /// The newest materialised state of each database this process published or read.
     latest: dashmap::DashMap<cairn_core::DbId, GenerationState>,
+    /// Per database, the tracker whose marks checkpoints trust (see
+    /// [`CheckpointOptions::tracker`]).
+    trackers: dashmap::DashMap<cairn_core::DbId, u64>,
     store_checked: tokio::sync::OnceCell<()>,
 }
 
@@ -151,6 +154,7 @@ impl Checkpointer {
             cancels: queue::Cancels::default(),
             db_locks: dashmap::DashMap::new(),
             latest: dashmap::DashMap::new(),
+            trackers: dashmap::DashMap::new(),
             store_checked: tokio::sync::OnceCell::new(),
         };
         cp.sweep_finished_jobs()?;

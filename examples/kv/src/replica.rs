@@ -13,10 +13,10 @@
 //!   a job plans, and a job re-planned after the file changed would publish the new pages
 //!   under its old LSN. The file is not written while a checkpoint of it runs (calls are
 //!   sequential), as Cairn requires of a raw page file.
-//! - The tracker is in memory: after a restart it misses pages written before the crash
-//!   but not checkpointed (a crash between a flush and its checkpoint). So the first page
-//!   checkpoint of a process passes no dirty set (Cairn compares page digests) and only
-//!   later ones pass the tracker, which Cairn drains and gives back if the job fails.
+//! - Every page checkpoint passes the tracker, which Cairn drains and gives back if the job
+//!   fails. The tracker is in memory and misses pages written before a crash but not
+//!   checkpointed; Cairn knows it is a new tracker and compares page digests for the first
+//!   checkpoint made with it.
 //! - [`Replica::trim_local`] deletes local segments ending at or below
 //!   `min(watermark, page file LSN, published stream end)`: the watermark honours leases,
 //!   local recovery needs the WAL from its own page file's LSN, and a segment that was
@@ -111,8 +111,6 @@ pub struct StoreTrim {
 pub struct Replica {
     cp: Checkpointer,
     db: DbId,
-    /// Whether the tracker holds every page written since the last page checkpoint.
-    marks_complete: bool,
     /// The published stream's end, as last learned (`None`: no stream yet).
     shipped_end: Option<u64>,
     /// The newest published page checkpoint's LSN.
@@ -149,7 +147,6 @@ impl Replica {
         let rep = Replica {
             cp,
             db,
-            marks_complete: false,
             shipped_end: w.wal_end,
             page_lsn: w.page_lsn,
             truncated_before: None,
@@ -230,24 +227,16 @@ impl Replica {
             return Ok(None);
         }
         let flushed = kv.flush()?;
-        let tracker = std::sync::Arc::clone(kv.tracker());
-        let tracked = self.marks_complete;
-        let mut opts = CheckpointOptions {
+        let opts = CheckpointOptions {
             lsn: Some(Lsn(flushed.lsn)),
+            tracker: Some(std::sync::Arc::clone(kv.tracker())),
             ..CheckpointOptions::default()
         };
-        if tracked {
-            opts.tracker = Some(tracker);
-        } else {
-            // Cairn compares every page instead; what the tracker holds is covered.
-            tracker.drain();
-        }
         let source = Source::Pages {
             path: kv.page_file().to_path_buf(),
             page_size: PAGE_SIZE as u32,
         };
         let report = self.cp.checkpoint_with(&self.db, &source, &opts).await?;
-        self.marks_complete = true;
         self.page_lsn = Some(flushed.lsn);
         Ok(Some(PageCheckpoint {
             generation: report.generation,
@@ -255,7 +244,7 @@ impl Replica {
             pages_written: flushed.pages,
             pages_dirty: report.pages_dirty,
             bytes_uploaded: report.bytes_uploaded,
-            tracked,
+            tracked: report.marks_used,
         }))
     }
 

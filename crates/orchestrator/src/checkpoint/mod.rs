@@ -88,15 +88,18 @@ pub struct CheckpointOptions {
     /// Pages the engine marked dirty since its previous checkpoint (a
     /// [`cairn_core::DirtyTracker`] drain), as file-wide page numbers. Pages outside the set
     /// are trusted to be unchanged and are not read, so every page written since the
-    /// previous checkpoint must be marked; only pages past the previous checkpoint's end of
-    /// file need none. `None` (or an overflowed set) means the checkpointer finds changed
+    /// previous checkpoint must be marked, by whichever process wrote it (an engine that
+    /// cannot say so after a restart passes `tracker` instead); only pages past the
+    /// previous checkpoint's end of file need none. `None` (or an overflowed set) means the checkpointer finds changed
     /// pages itself by comparing page digests. Only a raw page file can use them; for any
     /// other source they are an error. The caller keeps its set: if the checkpoint fails,
     /// it can put it back into its tracker.
     pub dirty: Option<DirtySet>,
     /// The engine's tracker: the checkpointer drains it when the job is enqueued and, if
     /// the job fails or is cancelled, puts the drained pages back (used instead of
-    /// `dirty`).
+    /// `dirty`). Its marks are used only after one checkpoint of the database with this
+    /// same tracker has compared page digests and succeeded (in this process), since a
+    /// new tracker knows nothing of writes made before it existed.
     pub tracker: Option<Arc<DirtyTracker>>,
     /// The LSN of the engine's WAL this page checkpoint covers (page sources).
     pub lsn: Option<Lsn>,
@@ -137,6 +140,9 @@ pub struct CheckpointReport {
     pub pages_dirty: u64,
     /// Bytes of those pages.
     pub bytes_dirty: u64,
+    /// The engine's marks decided which pages were read (otherwise page digests were
+    /// compared, as for the first checkpoint with a new tracker).
+    pub marks_used: bool,
     /// Wall time in milliseconds.
     pub duration_ms: u64,
 }
@@ -146,9 +152,13 @@ pub struct CheckpointReport {
 #[must_use = "a checkpoint runs only when it is awaited"]
 pub struct CheckpointRun<'a> {
     cp: &'a Checkpointer,
+    db: DbId,
     job: Result<JobId, CairnError>,
     /// The tracker and the pages drained from it, given back if the job fails.
     give_back: Option<(Arc<DirtyTracker>, DirtySet)>,
+    /// The identity of a tracker whose marks this checkpoint did not use: once it
+    /// succeeds, they are trusted for the database.
+    trust: Option<u64>,
 }
 
 impl CheckpointRun<'_> {
@@ -183,6 +193,9 @@ impl<'a> CheckpointRun<'a> {
             }),
             Err(e) => Err(e),
         };
+        if let (Ok(_), Some(id)) = (&result, self.trust) {
+            self.cp.trackers.insert(self.db.clone(), id);
+        }
         if let (Err(_), Some((tracker, pages))) = (&result, &self.give_back) {
             // Failed or cancelled for good: the pages it drained are dirty still.
             let unfinished = matches!(self.cp.job(id), Ok(r) if r.state.is_unfinished());
@@ -225,9 +238,14 @@ impl Checkpointer {
     ) -> CheckpointRun<'_> {
         let mut opts = opts.clone();
         let mut give_back = None;
+        let mut trust = None;
         if let Some(t) = opts.tracker.take() {
             let drained = t.drain();
-            opts.dirty = Some(drained.clone());
+            // A tracker's marks cover only what happened since it was made: until a
+            // checkpoint that compared page digests succeeds with it, they are not used.
+            let trusted = self.trackers.get(db).is_some_and(|id| *id == t.id());
+            opts.dirty = trusted.then(|| drained.clone());
+            trust = (!trusted).then(|| t.id());
             give_back = Some((t, drained));
         }
         let job = self.enqueue_checkpoint(db, source, &opts);
@@ -238,8 +256,10 @@ impl Checkpointer {
         }
         CheckpointRun {
             cp: self,
+            db: db.clone(),
             job,
             give_back,
+            trust,
         }
     }
 
