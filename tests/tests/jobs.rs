@@ -44,6 +44,7 @@ fn spec(db: &DbId, source: &Source) -> JobSpec {
         source: source.clone(),
         chunk_size: 16 * 1024,
         lsn: None,
+        stamp: None,
     }
 }
 
@@ -184,4 +185,49 @@ async fn jobs_are_listed_with_their_outcome_across_reopen() {
     // A second process cannot open the same state directory.
     let err = Checkpointer::open(Config::new(dir.path().join("state")).unwrap()).unwrap_err();
     assert!(err.to_string().contains("in use"), "{err}");
+}
+
+/// A page checkpoint at an LSN whose file is written again before it runs (an engine that
+/// did not wait for an interrupted job) fails, naming the file and the LSN, rather than
+/// publish other pages under that LSN; one without an LSN takes the file as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_checkpoint_at_an_lsn_fails_if_its_file_changed_before_it_ran() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = open(dir.path(), 1);
+    let db = DbId::new("lsn").unwrap();
+    let (src, mut data) = source(dir.path(), 4);
+    let opts = cairn_orchestrator::CheckpointOptions {
+        lsn: Some(cairn_orchestrator::Lsn(10)),
+        ..Default::default()
+    };
+    let at_lsn = cp.enqueue_checkpoint(&db, &src, &opts).unwrap();
+    let plain = cp
+        .enqueue_checkpoint(&db, &src, &Default::default())
+        .unwrap();
+    // The engine writes the file again (and moves its mtime) before the jobs run.
+    std::thread::sleep(Duration::from_millis(10));
+    data[5] ^= 1;
+    let Source::Pages { path, .. } = &src else {
+        unreachable!()
+    };
+    std::fs::write(path, &data).unwrap();
+    let results = cp.resume().await.unwrap();
+    let of = |id| {
+        results
+            .iter()
+            .find(|(j, _)| *j == id)
+            .map(|(_, r)| r)
+            .unwrap()
+    };
+    match of(at_lsn) {
+        Err(CairnError::SourceChanged { lsn: 10, path, .. }) => {
+            assert!(path.ends_with("db.bin"), "{path}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(of(plain).is_ok(), "{:?}", of(plain));
+    assert_eq!(cp.job(at_lsn).unwrap().state, JobState::Failed);
+    let out = dir.path().join("out");
+    cp.restore(&db, None, &out).await.unwrap();
+    assert!(std::fs::read(&out).unwrap() == data);
 }

@@ -102,6 +102,19 @@ pub enum CairnError {
         /// The source kind given.
         kind: &'static str,
     },
+    /// A page file changed after a checkpoint at an LSN was requested and before it was
+    /// published (say, the job was interrupted and the engine wrote the file again).
+    #[error("database {db}: the page file {path} changed after the checkpoint at LSN {lsn} was requested (job {job}); its pages would be published under the wrong LSN, so the job fails: checkpoint again at the file's current LSN")]
+    SourceChanged {
+        /// Database.
+        db: DbId,
+        /// The page file.
+        path: String,
+        /// The LSN the job was to cover.
+        lsn: u64,
+        /// The job.
+        job: String,
+    },
     /// The generation was expired by garbage collection.
     #[error("generation {generation} of database {db} was expired by garbage collection (retention); it cannot be restored or verified")]
     Expired {
@@ -254,6 +267,7 @@ impl CairnError {
             | CairnError::ChunkNotRecorded { .. }
             | CairnError::UnexpectedOutcome { .. }
             | CairnError::DirtyPagesUnusable { .. }
+            | CairnError::SourceChanged { .. }
             | CairnError::UnknownLease { .. }
             | CairnError::Expired { .. }
             | CairnError::UnknownPin { .. }

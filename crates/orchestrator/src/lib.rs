@@ -40,15 +40,15 @@ use cairn_quota::Budget;
 use cairn_state::StateDb;
 
 pub use cairn_core::{
-    DbId, DbState, DirtySet, DirtyTracker, Generation, JobId, Lsn, Manifest, PagesState,
-    SegmentEntry, SourceKind, TenantId, WalState,
+    CoreError, DbId, DbState, DirtySet, DirtyTracker, ErrorClass, Generation, JobId, Lsn, Manifest,
+    PagesState, SegmentEntry, SourceKind, TenantId, WalState,
 };
 pub use cairn_executor::{sqlite_integrity_check, ExecError};
 pub use cairn_planner::wal::{PageRef, WalError};
 pub use cairn_planner::CostModel;
 pub use cairn_remote_store::{RemoteStore, StoreConfig};
 pub use cairn_state::Lease;
-pub use checkpoint::{CheckpointOptions, CheckpointReport, CheckpointRun, Source};
+pub use checkpoint::{CheckpointOptions, CheckpointReport, CheckpointRun, FileStamp, Source};
 pub use config::{Clock, Config, Env, SystemClock, DEFAULT_CHUNK_SIZE};
 pub use error::CairnError;
 pub use gc::{Count, GcOptions, GcReport, KeptBlob, Pin};

@@ -139,8 +139,9 @@ impl Checkpointer {
                         source,
                         chunk_size,
                         lsn,
+                        stamp,
                     } => self
-                        .run_checkpoint(&mut job, &db, &source, chunk_size, lsn.map(Lsn))
+                        .run_checkpoint(&mut job, &db, &source, chunk_size, (lsn.map(Lsn), stamp))
                         .await
                         .map(JobOutcome::Checkpoint),
                     JobSpec::Restore {

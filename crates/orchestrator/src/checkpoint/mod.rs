@@ -17,6 +17,8 @@
 mod analyse;
 mod pages;
 mod plan;
+
+pub use plan::FileStamp;
 mod publish;
 mod segments;
 mod sink;
@@ -302,11 +304,16 @@ impl Checkpointer {
                 reason: "segment LSN ranges are given to segment directories only".into(),
             });
         }
+        let stamp = match (&source, opts.lsn) {
+            (Source::Pages { path, .. }, Some(_)) => FileStamp::of(path),
+            _ => None,
+        };
         let spec = JobSpec::Checkpoint {
             db: db.clone(),
             source,
             chunk_size: self.cfg.chunk_size,
             lsn: opts.lsn.map(|l| l.0),
+            stamp,
         };
         let mut items = Vec::new();
         if let Some(pages) = &dirty {
@@ -339,7 +346,7 @@ impl Checkpointer {
         db: &DbId,
         source: &Source,
         chunk_size: u64,
-        lsn: Option<Lsn>,
+        (lsn, stamp): (Option<Lsn>, Option<FileStamp>),
     ) -> Result<CheckpointReport, CairnError> {
         let started = Instant::now();
         self.check_store().await?;
@@ -360,6 +367,16 @@ impl Checkpointer {
                     plan,
                     started,
                 ));
+            }
+        }
+        if let (Some(was), Source::Pages { path, .. }, Some(at)) = (stamp, source, lsn) {
+            if FileStamp::of(path) != Some(was) {
+                return Err(CairnError::SourceChanged {
+                    db: db.clone(),
+                    path: path.display().to_string(),
+                    lsn: at.0,
+                    job: job.id().to_string(),
+                });
             }
         }
         let plan = match items.plan.take() {

@@ -10,6 +10,8 @@
 
 use std::path::Path;
 
+use serde::{Deserialize, Serialize};
+
 use cairn_core::{keys, DbId, Generation, Lsn, Manifest};
 use cairn_executor::{list_segments, sqlite_snapshot, JobScratch, PageFile};
 use cairn_planner::{check_page_lsn, plan_pages, plan_segments, PagesInput, SegmentInput};
@@ -24,6 +26,29 @@ pub(super) fn file_stamp(path: &Path) -> Option<(u64, i64, i64)> {
     std::fs::metadata(path)
         .ok()
         .map(|m| (m.ino(), m.mtime(), m.mtime_nsec()))
+}
+
+/// A page file as it was when a checkpoint at an LSN was requested: its length, inode and
+/// modification time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStamp {
+    len: u64,
+    ino: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+}
+
+impl FileStamp {
+    /// The stamp of `path` now (`None` if it cannot be read).
+    pub(crate) fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).ok().map(|m| Self {
+            len: m.len(),
+            ino: m.ino(),
+            mtime: m.mtime(),
+            mtime_nsec: m.mtime_nsec(),
+        })
+    }
 }
 
 impl CkptPlan {

@@ -31,6 +31,10 @@ pub enum JobSpec {
         /// The LSN a page checkpoint covers.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         lsn: Option<u64>,
+        /// The page file when a checkpoint at an LSN was requested: if it changes before
+        /// the job publishes, the job fails rather than publish other pages at that LSN.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stamp: Option<crate::checkpoint::FileStamp>,
     },
     /// Restore a generation.
     Restore {
