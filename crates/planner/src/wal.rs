@@ -45,17 +45,19 @@ impl LeaseRange {
     }
 }
 
-/// How far an engine may delete its local WAL: below the newest published page
-/// checkpoint's LSN or the published stream's end, whichever is further, but never past
-/// the start of a lease in force. Only published state counts: the caller passes the
-/// latest published generation's `page_lsn` and `wal_end`.
+/// How far an engine may delete its local WAL, never past the start of a lease in force.
+/// For a database with a WAL stream it is the published stream's end: WAL that was never
+/// shipped must stay, even below a page checkpoint, because the stream can only continue
+/// from its end (a gap could never be bridged). For a database of page checkpoints only,
+/// it is the newest page checkpoint's LSN. Only published state counts: the caller passes
+/// the latest published generation's `page_lsn` and `wal_end`.
 pub fn watermark(
     page_lsn: Option<Lsn>,
     wal_end: Option<Lsn>,
     leases: &[LeaseRange],
     now_ms: u64,
 ) -> Lsn {
-    let frontier = page_lsn.max(wal_end).unwrap_or(Lsn(0));
+    let frontier = wal_end.or(page_lsn).unwrap_or(Lsn(0));
     leases
         .iter()
         .filter(|l| l.active(now_ms))
@@ -395,13 +397,18 @@ mod tests {
         ) {
             let page_lsn = pages.last().map(|p| p.lsn);
             let w = watermark(page_lsn, Some(wal.end), &leases, now);
-            prop_assert!(w <= page_lsn.max(Some(wal.end)).unwrap_or(Lsn(0)));
+            // Never past what the stream holds, whatever the page checkpoints cover.
+            prop_assert!(w <= wal.end);
             for l in leases.iter().filter(|l| l.active(now)) {
                 prop_assert!(w <= l.start, "watermark {} passes lease {:?}", w, l);
             }
-            // With no lease in force it is exactly the frontier.
+            // With no lease in force it is exactly the stream's end.
             if leases.iter().all(|l| !l.active(now)) {
-                prop_assert_eq!(w, page_lsn.max(Some(wal.end)).unwrap_or(Lsn(0)));
+                prop_assert_eq!(w, wal.end);
+            }
+            // Without a stream, the newest page checkpoint is the frontier.
+            if leases.is_empty() {
+                prop_assert_eq!(watermark(page_lsn, None, &[], now), page_lsn.unwrap_or(Lsn(0)));
             }
         }
 
