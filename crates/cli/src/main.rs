@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use cairn_core::{DbId, Generation, Lsn, SourceKind, TenantId};
 use cairn_orchestrator::{
-    CairnError, CheckpointOptions, Checkpointer, Config, HeadOptions, Source,
+    CairnError, CheckpointOptions, Checkpointer, Config, HeadOptions, RestoreOptions, Source,
 };
 use clap::{Parser, Subcommand};
 
@@ -88,6 +88,10 @@ enum Cmd {
         /// Where to write the database file, segment directory or point directory.
         #[arg(long)]
         to: PathBuf,
+        /// Replace what is at --to (otherwise anything there but an empty directory is
+        /// refused).
+        #[arg(long)]
+        force: bool,
     },
     /// Check that every blob of a generation exists (and with --deep, is intact).
     Verify {
@@ -318,13 +322,16 @@ async fn run(cli: Cli) -> Result<ExitCode, CairnError> {
             generation,
             lsn,
             to,
+            force,
         } => {
             let cp = open(config(&cli)?).await?;
             let db = DbId::new(db.clone())?;
-            let r = match lsn {
-                Some(l) => cp.restore_at(&db, Lsn(*l), to).await?,
-                None => cp.restore(&db, generation.map(Generation), to).await?,
+            let opts = RestoreOptions {
+                generation: generation.map(Generation),
+                lsn: lsn.map(Lsn),
+                overwrite: *force,
             };
+            let r = cp.restore_with(&db, to, &opts).await?;
             output::restore(json, &r);
             Ok(ExitCode::SUCCESS)
         }

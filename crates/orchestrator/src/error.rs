@@ -102,6 +102,13 @@ pub enum CairnError {
         /// The source kind given.
         kind: &'static str,
     },
+    /// A restore's target already exists (and is not an empty directory); nothing was
+    /// written.
+    #[error("restore target {path} already exists; restore somewhere else, remove it, or ask to overwrite it (cairn restore --force)")]
+    TargetExists {
+        /// The target.
+        path: String,
+    },
     /// A page file changed after a checkpoint at an LSN was requested and before it was
     /// published (say, the job was interrupted and the engine wrote the file again).
     #[error("database {db}: the page file {path} changed after the checkpoint at LSN {lsn} was requested (job {job}); its pages would be published under the wrong LSN, so the job fails: checkpoint again at the file's current LSN")]
@@ -268,6 +275,7 @@ impl CairnError {
             | CairnError::UnexpectedOutcome { .. }
             | CairnError::DirtyPagesUnusable { .. }
             | CairnError::SourceChanged { .. }
+            | CairnError::TargetExists { .. }
             | CairnError::UnknownLease { .. }
             | CairnError::Expired { .. }
             | CairnError::UnknownPin { .. }

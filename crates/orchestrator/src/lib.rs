@@ -55,7 +55,7 @@ pub use gc::{Count, GcOptions, GcReport, KeptBlob, Pin};
 pub use history::{GenerationInfo, GenerationState};
 pub use publication::MAX_DIFF_CHAIN;
 pub use queue::{CancelHandle, JobEvent, JobRecord, JobSpec, JobState, JobStatus, Phase, Progress};
-pub use restore::RestoreReport;
+pub use restore::{RestoreOptions, RestoreReport};
 pub use runner::JobOutcome;
 pub use truncate::{HeadOptions, LeaseHandle, LeaseInfo, TruncateReport, Watermark};
 pub use verify::VerifyReport;

@@ -242,6 +242,13 @@ impl Checkpointer {
         }
     }
 
+    /// Every page checkpoint of `db` with an LSN that is still restorable, ascending (an
+    /// engine picks the one to restore or truncate to from these).
+    pub async fn page_checkpoints(&self, db: &DbId) -> Result<Vec<PageRef>, CairnError> {
+        let latest = self.state(db, None).await?;
+        self.page_refs(db, &latest, Lsn(0)).await
+    }
+
     /// Page checkpoints with an LSN, walking back from the latest generation's until one
     /// is below `down_to` (older ones are not needed), ascending.
     pub(crate) async fn page_refs(

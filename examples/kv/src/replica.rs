@@ -36,8 +36,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use cairn_orchestrator::{
-    CairnError, CheckpointOptions, Checkpointer, Config, DbId, Generation, HeadOptions, JobSpec,
-    Lsn, Source,
+    CheckpointOptions, Checkpointer, Config, DbId, HeadOptions, JobSpec, Lsn, Source,
 };
 
 use crate::engine::Kv;
@@ -271,31 +270,10 @@ impl Replica {
     }
 
     /// The LSN of the published page checkpoint `back` checkpoints before the newest
-    /// (0: the newest), walking the generations back.
+    /// (0: the newest).
     pub async fn page_checkpoint_back(&self, back: usize) -> Result<Option<u64>> {
-        let mut pages = self.cp.state(&self.db, None).await?.state.pages;
-        let mut seen = 0;
-        while let Some(p) = pages {
-            if p.lsn.is_some() {
-                if seen == back {
-                    return Ok(p.lsn.map(|l| l.0));
-                }
-                seen += 1;
-            }
-            if p.generation.0 <= 1 {
-                break;
-            }
-            pages = match self
-                .cp
-                .state(&self.db, Some(Generation(p.generation.0 - 1)))
-                .await
-            {
-                Ok(s) => s.state.pages,
-                Err(CairnError::UnknownGeneration { .. }) => None,
-                Err(e) => return Err(e.into()),
-            };
-        }
-        Ok(None)
+        let all = self.cp.page_checkpoints(&self.db).await?;
+        Ok(all.iter().rev().nth(back).map(|p| p.lsn.0))
     }
 
     /// Drops from the store the segments that end at or below the published page

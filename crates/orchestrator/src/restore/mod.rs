@@ -27,6 +27,15 @@ use cairn_planner::wal::restore_point;
 use serde::Serialize;
 
 use crate::queue::{Job, JobSpec, Phase};
+
+/// Whether something is at `path` other than an empty directory.
+fn occupied(path: &Path) -> bool {
+    match std::fs::symlink_metadata(path) {
+        Err(_) => false,
+        Ok(m) if m.is_dir() => std::fs::read_dir(path).map_or(true, |mut d| d.next().is_some()),
+        Ok(_) => true,
+    }
+}
 use crate::{CairnError, Checkpointer, GenerationState, JobOutcome};
 
 /// What a restore did.
@@ -62,6 +71,9 @@ pub struct RestoreReport {
     /// The segments written to `wal/`, by name.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub segments: Option<Vec<String>>,
+    /// Their LSN ranges `[start, end)`, in the same order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub segment_lsns: Option<Vec<(u64, u64)>>,
 }
 
 /// How the parts of a restore are laid out at the target.
@@ -82,46 +94,72 @@ pub(crate) struct Parts<'a> {
     pub layout: Layout,
 }
 
+/// What to restore and whether it may replace what is at the target.
+#[derive(Clone, Debug, Default)]
+pub struct RestoreOptions {
+    /// The generation (the latest when `None`).
+    pub generation: Option<Generation>,
+    /// A point of the WAL stream instead of a generation (see [`Checkpointer::restore_at`]).
+    pub lsn: Option<Lsn>,
+    /// Replace an existing target. Without it a restore refuses any target that exists,
+    /// other than an empty directory, so a mistyped path never wipes a live database.
+    pub overwrite: bool,
+}
+
 impl Checkpointer {
     /// Restores `generation` of `db` (the latest if `None`) to `to`: a file for a page
     /// source, a directory of segment files for a WAL stream, and for a database with both
     /// a directory holding `pages` and `wal/`. Runs as a job, so an interrupted restore
-    /// resumes where it stopped.
+    /// resumes where it stopped. An existing target is refused (see
+    /// [`RestoreOptions::overwrite`]).
     pub async fn restore(
         &self,
         db: &DbId,
         generation: Option<Generation>,
         to: &Path,
     ) -> Result<RestoreReport, CairnError> {
-        self.run_restore_job(db, generation.map(|g| g.0), None, to)
-            .await
+        let opts = RestoreOptions {
+            generation,
+            ..Default::default()
+        };
+        self.restore_with(db, to, &opts).await
     }
 
     /// Restores `db` to LSN `lsn` of its WAL stream, into directory `to`: `to/pages`, the
     /// newest page checkpoint at or below `lsn` (absent when there is none), and `to/wal/`,
     /// exactly the segments that overlap `[its LSN, lsn)` (from 0 without one), under their
     /// own names. The engine replays them. A point that cannot be restored is refused with
-    /// the restorable range.
+    /// the restorable range, and so is an existing target.
     pub async fn restore_at(
         &self,
         db: &DbId,
         lsn: Lsn,
         to: &Path,
     ) -> Result<RestoreReport, CairnError> {
-        self.run_restore_job(db, None, Some(lsn.0), to).await
+        let opts = RestoreOptions {
+            lsn: Some(lsn),
+            ..Default::default()
+        };
+        self.restore_with(db, to, &opts).await
     }
 
-    async fn run_restore_job(
+    /// A restore of a generation or a point, as `opts` says.
+    pub async fn restore_with(
         &self,
         db: &DbId,
-        generation: Option<u64>,
-        lsn: Option<u64>,
         to: &Path,
+        opts: &RestoreOptions,
     ) -> Result<RestoreReport, CairnError> {
         let to = std::path::absolute(to).map_err(|e| CairnError::Config {
             what: format!("restore target {}", to.display()),
             reason: e.to_string(),
         })?;
+        if !opts.overwrite && occupied(&to) {
+            return Err(CairnError::TargetExists {
+                path: to.display().to_string(),
+            });
+        }
+        let (generation, lsn) = (opts.generation.map(|g| g.0), opts.lsn.map(|l| l.0));
         let id = self.enqueue(JobSpec::Restore {
             db: db.clone(),
             generation,
@@ -212,6 +250,18 @@ impl Checkpointer {
                     r.page_generation = p.map(|p| p.generation.0);
                     r.page_lsn = p.and_then(|p| p.lsn).map(|l| l.0);
                     r.segments = Some(segments.iter().map(|s| s.name.clone()).collect());
+                    r.segment_lsns = Some(
+                        segments
+                            .iter()
+                            .map(|s| (s.lsn_start.0, s.lsn_end.0))
+                            .collect(),
+                    );
+                    r.segment_lsns = Some(
+                        segments
+                            .iter()
+                            .map(|s| (s.lsn_start.0, s.lsn_end.0))
+                            .collect(),
+                    );
                 }
                 r
             }
@@ -254,6 +304,12 @@ impl Checkpointer {
         r.replay_from = Some(rp.replay_from.0);
         r.replay_to = Some(rp.replay_to.0);
         r.segments = Some(segments.iter().map(|s| s.name.clone()).collect());
+        r.segment_lsns = Some(
+            segments
+                .iter()
+                .map(|s| (s.lsn_start.0, s.lsn_end.0))
+                .collect(),
+        );
         Ok(r)
     }
 
