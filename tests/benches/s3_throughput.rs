@@ -13,9 +13,13 @@
 //! A third child measures the remote store alone uploading the segment from its file
 //! (`RemoteStore::put_blob_range`), without the rest of the checkpoint.
 //!
+//! Each side runs `CAIRN_BENCH_RUNS` times (default and minimum 3), in an order that
+//! rotates from run to run; the throughput ratio is taken within each run, and every figure
+//! is printed as the median with its min–max ([`cairn_tests::bench`]).
+//!
 //! `cargo bench -p cairn-tests --bench s3_throughput`. Environment: `CAIRN_BENCH_MIB`
 //! (segment size, default 1024), `CAIRN_BENCH_DIR` (work directory, default the system temp
-//! dir), `CAIRN_BENCH_REPS` (alternating runs of each side, default 1).
+//! dir), `CAIRN_BENCH_RUNS` (`CAIRN_BENCH_REPS` is read too).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::fs::File;
@@ -27,6 +31,7 @@ use std::time::Instant;
 use cairn_core::DbId;
 use cairn_orchestrator::{Checkpointer, Config, Env, Source};
 use cairn_remote_store::{RemoteStore, StoreConfig};
+use cairn_tests::bench::{ratio_line, Goal, Spread};
 use cairn_tests::s3::{s3_config, S3Server};
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as ObjPath;
@@ -250,7 +255,7 @@ fn main() {
         _ => {}
     }
     let size_mib = env_usize("CAIRN_BENCH_MIB", 1024);
-    let reps = env_usize("CAIRN_BENCH_REPS", 1).max(1);
+    let reps = env_usize("CAIRN_BENCH_RUNS", env_usize("CAIRN_BENCH_REPS", 3)).max(3);
     let base = std::env::var("CAIRN_BENCH_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| std::env::temp_dir());
@@ -270,78 +275,88 @@ fn main() {
     let bytes = (size_mib as u64) << 20;
     let server = S3Server::start().unwrap_or_else(|e| panic!("{e}"));
     println!(
-        "s3 throughput benchmark: one {size_mib} MiB segment to moto at {}, {reps} run(s) each",
+        "s3 throughput benchmark: one {size_mib} MiB segment to moto at {}, {reps} runs of each side",
         server.endpoint()
     );
     let (mut plain, mut cairn, mut direct) = (Vec::new(), Vec::new(), Vec::new());
     for rep in 0..reps {
-        let p = child(
-            "plain",
-            server.endpoint(),
-            server.bucket(),
-            &segments,
-            dir.path(),
-        );
-        clear(server.endpoint(), server.bucket(), "plain");
         let work = dir.path().join(format!("cairn-{rep}"));
         std::fs::create_dir_all(&work).unwrap();
-        let c = child(
-            "cairn",
-            server.endpoint(),
-            server.bucket(),
-            &segments,
-            &work,
-        );
-        clear(server.endpoint(), server.bucket(), "cairn");
+        for side in 0..3 {
+            let (role, prefix, out) = match (rep + side) % 3 {
+                0 => ("plain", "plain", &mut plain),
+                1 => ("cairn", "cairn", &mut cairn),
+                _ => ("direct", "direct", &mut direct),
+            };
+            let r = child(role, server.endpoint(), server.bucket(), &segments, &work);
+            clear(server.endpoint(), server.bucket(), prefix);
+            out.push(r);
+        }
+        let show = |r: &Run| {
+            format!(
+                "{:.2} s ({:.0} MiB/s, peak RSS {:.0} MiB)",
+                r.secs,
+                mib(bytes) / r.secs,
+                r.hwm_kib as f64 / 1024.0
+            )
+        };
         println!(
-            "run {}: object_store {:.2} s ({:.0} MiB/s, peak RSS {:.0} MiB); cairn {:.2} s ({:.0} MiB/s, peak RSS {:.0} MiB)",
+            "run {}: object_store {}; cairn {}; remote store straight from the segment {}",
             rep + 1,
-            p.secs,
-            mib(bytes) / p.secs,
-            p.hwm_kib as f64 / 1024.0,
-            c.secs,
-            mib(bytes) / c.secs,
-            c.hwm_kib as f64 / 1024.0
+            show(&plain[rep]),
+            show(&cairn[rep]),
+            show(&direct[rep])
         );
-        let d = child(
-            "direct",
-            server.endpoint(),
-            server.bucket(),
-            &segments,
-            dir.path(),
-        );
-        clear(server.endpoint(), server.bucket(), "direct");
-        println!(
-            "run {}: remote store alone, straight from the segment (put_blob_range): {:.2} s ({:.0} MiB/s, peak RSS {:.0} MiB)",
-            rep + 1,
-            d.secs,
-            mib(bytes) / d.secs,
-            d.hwm_kib as f64 / 1024.0
-        );
-        plain.push(p);
-        cairn.push(c);
-        direct.push(d);
     }
-    let best = |v: &[Run]| v.iter().map(|r| r.secs).fold(f64::MAX, f64::min);
-    let (p, c) = (best(&plain), best(&cairn));
-    let hwm = cairn.iter().map(|r| r.hwm_kib).max().unwrap_or(0) as f64 / 1024.0;
+    let rate = |v: &[Run]| Spread::of(&v.iter().map(|r| mib(bytes) / r.secs).collect::<Vec<_>>());
+    let rss = |v: &[Run]| {
+        Spread::of(
+            &v.iter()
+                .map(|r| r.hwm_kib as f64 / 1024.0)
+                .collect::<Vec<_>>(),
+        )
+    };
+    println!();
+    println!("{reps} runs, median (min–max):");
     println!(
-        "object_store multipart upload: {:.0} MiB/s (best of {reps})",
-        mib(bytes) / p
+        "  object_store multipart upload:           {} MiB/s, peak RSS {} MiB",
+        rate(&plain).show(0),
+        rss(&plain).show(0)
     );
     println!(
-        "cairn full checkpoint:         {:.0} MiB/s (best of {reps})",
-        mib(bytes) / c
+        "  cairn full checkpoint:                   {} MiB/s, peak RSS {} MiB",
+        rate(&cairn).show(0),
+        rss(&cairn).show(0)
     );
     println!(
-        "throughput ratio cairn/object_store: {:.2} (goal >= 0.90)",
-        p / c
+        "  remote store straight from the segment:  {} MiB/s, peak RSS {} MiB",
+        rate(&direct).show(0),
+        rss(&direct).show(0)
     );
-    let d = best(&direct);
+    let ratio =
+        |v: &[Run]| -> Vec<f64> { plain.iter().zip(v).map(|(p, c)| p.secs / c.secs).collect() };
+    println!("ratios (goal in brackets; met only if every run meets it):");
     println!(
-        "remote store straight from the segment: {:.0} MiB/s, ratio {:.2} (what a checkpoint that skips staging sealed segments would approach)",
-        mib(bytes) / d,
-        p / d
+        "{}",
+        ratio_line(
+            "throughput cairn / object_store",
+            &ratio(&cairn),
+            Some(Goal::AtLeast(0.9))
+        )
     );
-    println!("cairn peak resident memory: {hwm:.0} MiB (goal <= 256 MiB for a 1 GiB segment)");
+    println!(
+        "{}",
+        ratio_line(
+            "throughput remote store alone / object_store",
+            &ratio(&direct),
+            None
+        )
+    );
+    let peak: Vec<f64> = cairn.iter().map(|r| r.hwm_kib as f64 / 1024.0).collect();
+    let goal = Goal::AtMost(256.0);
+    println!(
+        "  cairn peak resident memory: {} MiB  [goal {goal} MiB for a 1 GiB segment: {}]",
+        Spread::of(&peak).show(0),
+        goal.verdict(&Spread::of(&peak))
+    );
 }

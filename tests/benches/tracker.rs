@@ -2,7 +2,12 @@
 //! thread and from two at once, and with a drain running concurrently; next to a plain
 //! `fetch_or` on one shared atomic word as the floor, measured in the same run.
 //!
-//! `cargo bench -p cairn-tests --bench tracker` (env `CAIRN_BENCH_MARKS`, default 50 M).
+//! Every figure is measured in `CAIRN_BENCH_RUNS` runs (default and minimum 3), the floor
+//! and the one-thread `mark` in alternating order, and printed as the median with its
+//! min–max ([`cairn_tests::bench`]); the ratio to the floor is taken within each run.
+//!
+//! `cargo bench -p cairn-tests --bench tracker` (env `CAIRN_BENCH_MARKS`, default 50 M
+//! marks per measurement).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
@@ -11,6 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use cairn_core::DirtyTracker;
+use cairn_tests::bench::{env_or, runs, Spread};
 
 const PAGES: u64 = 1 << 22; // 16 GiB of 4 KiB pages
 
@@ -32,30 +38,38 @@ fn ns_per(n: usize, f: impl FnOnce()) -> f64 {
     t.elapsed().as_nanos() as f64 / n as f64
 }
 
-fn main() {
-    let n: usize = std::env::var("CAIRN_BENCH_MARKS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(50_000_000);
-    let work = pages(42, n);
+/// One run: (floor, one thread, two threads, with a drain, drains meanwhile, distinct
+/// pages marked).
+fn run(work: &[u64], flip: bool) -> (f64, f64, f64, f64, u64, usize) {
+    let n = work.len();
     let tracker = DirtyTracker::new(PAGES);
     // Warm up: allocate every block once, as a running engine would have.
     for p in (0..PAGES).step_by(1 << 14) {
         tracker.mark(p);
     }
     tracker.drain();
-
     let floor_word = AtomicU64::new(0);
-    let floor = ns_per(n, || {
-        for p in &work {
-            floor_word.fetch_or(1 << (p % 64), Ordering::Release);
-        }
-    });
-    let one = ns_per(n, || {
-        for p in &work {
-            black_box(tracker.mark(*p));
-        }
-    });
+    let floor = || {
+        ns_per(n, || {
+            for p in work {
+                floor_word.fetch_or(1 << (p % 64), Ordering::Release);
+            }
+        })
+    };
+    let one = || {
+        ns_per(n, || {
+            for p in work {
+                black_box(tracker.mark(*p));
+            }
+        })
+    };
+    let (floor, one) = if flip {
+        let o = one();
+        (floor(), o)
+    } else {
+        let f = floor();
+        (f, one())
+    };
     let drained = tracker.drain().pages.len();
 
     let tracker = Arc::new(tracker);
@@ -94,21 +108,54 @@ fn main() {
         })
     };
     let with_drain = ns_per(n, || {
-        for p in &work {
+        for p in work {
             black_box(tracker.mark(*p));
         }
     });
     stop.store(true, Ordering::Relaxed);
     let drains = drainer.join().unwrap();
+    (floor, one, two, with_drain, drains, drained)
+}
 
-    println!("DirtyTracker::mark over {PAGES} pages, {n} random marks ({drained} distinct pages):");
-    println!("  one shared atomic fetch_or (floor):    {floor:6.2} ns");
+fn main() {
+    let n: usize = env_or("CAIRN_BENCH_MARKS", 50_000_000);
+    let runs = runs();
+    let work = pages(42, n);
+    let mut v: [Vec<f64>; 5] = Default::default();
+    let mut distinct = 0;
+    for r in 0..runs {
+        let (floor, one, two, with_drain, drains, drained) = run(&work, !r.is_multiple_of(2));
+        distinct = drained;
+        println!(
+            "run {}: floor {floor:.2} ns, mark {one:.2} ns, two threads {two:.2} ns, with a drain {with_drain:.2} ns ({drains} drains)",
+            r + 1
+        );
+        for (i, x) in [floor, one, two, with_drain, drains as f64]
+            .into_iter()
+            .enumerate()
+        {
+            v[i].push(x);
+        }
+    }
+    let ratio: Vec<f64> = v[1].iter().zip(&v[0]).map(|(m, f)| m / f).collect();
+    let s = |i: usize| Spread::of(&v[i]).show(2);
+    println!();
     println!(
-        "  mark, one thread:                      {one:6.2} ns  ({:.2}x the floor)",
-        one / floor
+        "DirtyTracker::mark over {PAGES} pages, {n} random marks ({distinct} distinct pages), {runs} runs, median (min–max):"
     );
-    println!("  mark, two threads at once:             {two:6.2} ns per mark per thread");
+    println!("  one shared atomic fetch_or (floor):    {} ns", s(0));
     println!(
-        "  mark while another thread drains:      {with_drain:6.2} ns  ({drains} drains meanwhile)"
+        "  mark, one thread:                      {} ns  ({}x the floor)",
+        s(1),
+        Spread::of(&ratio).show(2)
+    );
+    println!(
+        "  mark, two threads at once:             {} ns per mark per thread",
+        s(2)
+    );
+    println!(
+        "  mark while another thread drains:      {} ns  ({} drains meanwhile)",
+        s(3),
+        Spread::of(&v[4]).show(0)
     );
 }

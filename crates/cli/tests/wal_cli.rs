@@ -152,7 +152,9 @@ fn watermark_leases_truncation_and_restore_to_a_point() {
     let restored = fixtures::read_dir_files(&to.join("wal")).unwrap();
     assert_eq!(restored.keys().collect::<Vec<_>>(), vec!["seg-00000002"]);
     assert!(restored["seg-00000002"] == segs["seg-00000002"]);
-    // Past the end, or below the truncated head without a page checkpoint: refused.
+    // Past the end, or below the truncated head without a page checkpoint: refused
+    // (into a fresh target, so that the refusal is about the point, not the target).
+    let to = dir.path().join("refused");
     let past = (end + 1).to_string();
     let err = fails(cairn(&state).args([
         "restore",

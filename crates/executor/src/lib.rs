@@ -3,13 +3,15 @@
 //! RocksDB; the orchestrator decides what to stage and records what was staged.
 
 pub mod assemble;
+pub mod compose;
 pub mod error;
 mod fsutil;
 pub mod point;
 pub mod scratch;
 pub mod source;
 
-pub use assemble::{DirAssembler, FileAssembler};
+pub use assemble::{AssemblyWriter, DirAssembler, FileAssembler};
+pub use compose::{held_from, BaseWrite, Composer, DeltaPiece, HeldPiece, Part};
 pub use error::ExecError;
 pub use point::PointAssembler;
 pub use scratch::{JobScratch, Scratch, StagedBlob};

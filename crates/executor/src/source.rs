@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use cairn_core::{ContentAddress, Digest128, PayloadHasher};
 
@@ -248,9 +249,18 @@ pub struct PageScan {
     pub captured: Option<Vec<u8>>,
 }
 
+/// Smallest part of a chunk that [`scan_pages`] hands to a thread of its own.
+pub const MIN_SCAN_PART: u64 = 8 << 20;
+
 /// Reads a chunk once, computing every page's digest, comparing it with `known` (the
 /// digests of the chunk's previous state) and keeping the bytes of up to `capture` changed
 /// pages, so a delta needs no second read. `len` must be a multiple of `page_size`.
+///
+/// The chunk is cut into page-aligned parts of at least [`MIN_SCAN_PART`] bytes, one per
+/// available core, each read and hashed by a thread of its own: every byte is still read
+/// once, in [`IO_BUF`] pieces. The threads share one count of changed pages and stop
+/// keeping bytes once it passes `capture`, so at most `capture` pages are held whatever
+/// the number of threads.
 pub fn scan_pages(
     file: &File,
     path: &Path,
@@ -259,6 +269,96 @@ pub fn scan_pages(
     page_size: u32,
     known: &[u128],
     capture: usize,
+) -> Result<PageScan, ExecError> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let parts = (len / MIN_SCAN_PART).clamp(1, threads);
+    scan_in_parts(file, path, offset, len, page_size, known, capture, parts)
+}
+
+/// [`scan_pages`] cut into `parts` parts (at most one per page).
+#[allow(clippy::too_many_arguments)]
+fn scan_in_parts(
+    file: &File,
+    path: &Path,
+    offset: u64,
+    len: u64,
+    page_size: u32,
+    known: &[u128],
+    capture: usize,
+    parts: u64,
+) -> Result<PageScan, ExecError> {
+    let ps = u64::from(page_size);
+    let pages = len / ps;
+    let parts = parts.clamp(1, pages.max(1));
+    let per_part = pages.div_ceil(parts);
+    let changed_so_far = AtomicUsize::new(0);
+    let part = |i: u64| {
+        let first = (i * per_part).min(pages);
+        let end = ((i + 1) * per_part).min(pages);
+        let known = known.get(first as usize..).unwrap_or(&[]);
+        scan_part(
+            file,
+            path,
+            offset + first * ps,
+            (end - first) * ps,
+            page_size,
+            known,
+            capture,
+            &changed_so_far,
+        )
+        .map(|scan| (first, scan))
+    };
+    if parts == 1 {
+        return part(0).map(|(_, scan)| scan);
+    }
+    let results: Vec<Result<(u64, PageScan), ExecError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..parts).map(|i| s.spawn(move || part(i))).collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(ExecError::Io {
+                        op: "scan pages (a scanning thread panicked)",
+                        path: path.display().to_string(),
+                        source: std::io::Error::other("scanning thread panicked"),
+                    })
+                })
+            })
+            .collect()
+    });
+    let mut out = PageScan {
+        digests: Vec::with_capacity(usize::try_from(pages).unwrap_or(0)),
+        changed: Vec::new(),
+        captured: Some(Vec::new()),
+    };
+    for r in results {
+        let (first, scan) = r?;
+        out.digests.extend_from_slice(&scan.digests);
+        let base = u32::try_from(first).unwrap_or(u32::MAX);
+        out.changed
+            .extend(scan.changed.iter().map(|p| p.saturating_add(base)));
+        match (out.captured.as_mut(), scan.captured) {
+            (Some(c), Some(more)) => c.extend_from_slice(&more),
+            _ => out.captured = None,
+        }
+    }
+    if out.changed.len() > capture {
+        out.captured = None;
+    }
+    Ok(out)
+}
+
+/// One part of [`scan_pages`]: page numbers in the result are relative to the part.
+#[allow(clippy::too_many_arguments)]
+fn scan_part(
+    file: &File,
+    path: &Path,
+    offset: u64,
+    len: u64,
+    page_size: u32,
+    known: &[u128],
+    capture: usize,
+    changed_so_far: &AtomicUsize,
 ) -> Result<PageScan, ExecError> {
     let ps = page_size as usize;
     let pages = usize::try_from(len / u64::from(page_size)).unwrap_or(0);
@@ -274,7 +374,8 @@ pub fn scan_pages(
             let d = page_digest(page);
             if known.get(index) != Some(&d) {
                 scan.changed.push(u32::try_from(index).unwrap_or(u32::MAX));
-                if scan.changed.len() > capture {
+                let total = changed_so_far.fetch_add(1, Ordering::Relaxed) + 1;
+                if total > capture {
                     scan.captured = None;
                 } else if let Some(c) = scan.captured.as_mut() {
                     c.extend_from_slice(page);
@@ -371,5 +472,38 @@ mod tests {
             read_pages(&f, &p, off as u64, 4096, &[100_000]),
             Err(ExecError::SourceChanged { .. })
         ));
+    }
+
+    #[test]
+    fn a_scan_split_across_threads_finds_what_one_thread_finds() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let mut data: Vec<u8> = (0..(2 << 20) + 4096 * 12)
+            .map(|i| (i % 251) as u8 ^ (i >> 12) as u8)
+            .collect();
+        std::fs::write(&p, &data).unwrap();
+        let f = File::open(&p).unwrap();
+        let len = data.len() as u64;
+        let first = scan_in_parts(&f, &p, 0, len, 4096, &[], 0, 1).unwrap();
+        // Changes near every part boundary, and pages past the known digests.
+        for pg in [0usize, 130, 131, 260, 389, 520, 517] {
+            data[pg * 4096 + 9] ^= 0x33;
+        }
+        std::fs::write(&p, &data).unwrap();
+        let known = &first.digests[..first.digests.len() - 2];
+        let want = scan_in_parts(&f, &p, 0, len, 4096, known, 9, 1).unwrap();
+        assert_eq!(
+            want.changed,
+            vec![0, 130, 131, 260, 389, 517, 520, 522, 523]
+        );
+        assert!(want.captured.is_some());
+        for parts in 2..=5 {
+            for capture in [0usize, 8, 9, 10] {
+                let one = scan_in_parts(&f, &p, 0, len, 4096, known, capture, 1).unwrap();
+                let many = scan_in_parts(&f, &p, 0, len, 4096, known, capture, parts).unwrap();
+                assert_eq!(many, one, "{parts} parts, capture {capture}");
+            }
+        }
+        assert_eq!(scan_pages(&f, &p, 0, len, 4096, known, 9).unwrap(), want);
     }
 }

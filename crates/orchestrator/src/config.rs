@@ -13,6 +13,9 @@ use crate::CairnError;
 /// Default chunk size of page sources: 64 MiB.
 pub const DEFAULT_CHUNK_SIZE: u64 = 64 * 1024 * 1024;
 
+/// Default bound on the delta payloads a restore holds in memory: 128 MiB.
+pub(crate) const DEFAULT_RESTORE_MEMORY: u64 = 128 * 1024 * 1024;
+
 /// Wall-clock time, injected so tests control it.
 pub trait Clock: Send + Sync {
     /// Milliseconds since the Unix epoch.
@@ -98,8 +101,12 @@ pub struct Config {
     pub scratch_limit: u64,
     /// Blob uploads in flight at once.
     pub upload_concurrency: usize,
-    /// Blob downloads in flight at once during restore and verify.
+    /// Blob downloads in flight at once during restore and verify; a restore composes up
+    /// to this many chunks at once.
     pub download_concurrency: usize,
+    /// Bytes of delta payloads one restore holds in memory at once, across all the chunks
+    /// it composes (128 MiB by default). A delta larger than this is fetched alone.
+    pub restore_memory: u64,
     /// Chunks read and analysed at once during a checkpoint.
     pub scan_concurrency: usize,
     /// The delta-or-rewrite cost model.
@@ -123,6 +130,7 @@ impl Config {
             scratch_limit: 8 * 1024 * 1024 * 1024,
             upload_concurrency: 4,
             download_concurrency: 8,
+            restore_memory: DEFAULT_RESTORE_MEMORY,
             scan_concurrency: 2,
             cost_model: CostModel::default(),
             resume_at_open: false,
@@ -147,6 +155,12 @@ impl Config {
             return Err(CairnError::Config {
                 what: "concurrency".into(),
                 reason: "must be at least 1".into(),
+            });
+        }
+        if self.restore_memory == 0 {
+            return Err(CairnError::Config {
+                what: "restore memory".into(),
+                reason: "must be at least 1 byte".into(),
             });
         }
         Ok(())

@@ -14,6 +14,7 @@
 //! checked after each restored chunk or segment.
 
 mod chunk;
+mod memory;
 mod write;
 
 pub(crate) use chunk::fetch_blob;

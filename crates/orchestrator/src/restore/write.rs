@@ -122,15 +122,18 @@ impl<'w, 'j> Writer<'w, 'j> {
         let todo: Vec<usize> = (0..p.chunks.len())
             .filter(|i| !self.chunks_done.contains(&p.chunks[*i].index))
             .collect();
+        let concurrency = cp.cfg.download_concurrency;
+        let memory = super::memory::MemoryBound::new(cp.cfg.restore_memory, concurrency);
+        let memory = &memory;
         let mut stream = stream::iter(todo)
             .map(|i| {
                 let c = &p.chunks[i];
                 async move {
-                    let n = cp.restore_chunk(tenant, db, p, c, asm).await?;
+                    let n = cp.restore_chunk(tenant, db, p, c, asm, memory).await?;
                     Ok::<_, CairnError>((c.index, c.len, n))
                 }
             })
-            .buffer_unordered(cp.cfg.download_concurrency);
+            .buffer_unordered(concurrency);
         while let Some(r) = stream.next().await {
             let (index, len, n) = r?;
             report.blobs_read += n;
