@@ -164,13 +164,13 @@ async fn a_new_tracker_is_trusted_only_after_one_checkpoint_compared_digests() {
             .checkpoint_with(&db, &source, &with(&first))
             .await
             .unwrap();
-        assert!(!r.marks_used);
+        assert!(!r.dirty_used);
         change(&mut data, Some(&first));
         let r = cp
             .checkpoint_with(&db, &source, &with(&first))
             .await
             .unwrap();
-        assert!(r.marks_used, "{r:?}");
+        assert!(r.dirty_used, "{r:?}");
         assert_eq!(r.pages_dirty, 1);
         // Written, then the process dies before its checkpoint.
         change(&mut data, Some(&first));
@@ -184,7 +184,7 @@ async fn a_new_tracker_is_trusted_only_after_one_checkpoint_compared_digests() {
         .await
         .unwrap();
     assert!(
-        !r.marks_used,
+        !r.dirty_used,
         "a new tracker's first checkpoint compares digests"
     );
     assert!(
@@ -201,7 +201,7 @@ async fn a_new_tracker_is_trusted_only_after_one_checkpoint_compared_digests() {
         .checkpoint_with(&db, &source, &with(&fresh))
         .await
         .unwrap();
-    assert!(r.marks_used, "{r:?}");
+    assert!(r.dirty_used, "{r:?}");
     assert_eq!(r.pages_dirty, 1);
 }
 

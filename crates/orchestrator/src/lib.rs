@@ -74,7 +74,7 @@ pub struct Checkpointer {
     db_locks: dashmap::DashMap<cairn_core::DbId, Arc<tokio::sync::Mutex<()>>>,
     /// The newest materialised state of each database this process published or read.
     latest: dashmap::DashMap<cairn_core::DbId, GenerationState>,
-    /// Per database, the tracker whose marks checkpoints trust (see
+    /// Per database, the tracker whose dirty pages checkpoints trust (see
     /// [`CheckpointOptions::tracker`]).
     trackers: dashmap::DashMap<cairn_core::DbId, u64>,
     store_checked: tokio::sync::OnceCell<()>,

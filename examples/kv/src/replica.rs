@@ -243,7 +243,7 @@ impl Replica {
             pages_written: flushed.pages,
             pages_dirty: report.pages_dirty,
             bytes_uploaded: report.bytes_uploaded,
-            tracked: report.marks_used,
+            tracked: report.dirty_used,
         }))
     }
 

@@ -99,7 +99,7 @@ pub struct CheckpointOptions {
     pub dirty: Option<DirtySet>,
     /// The engine's tracker: the checkpointer drains it when the job is enqueued and, if
     /// the job fails or is cancelled, puts the drained pages back (used instead of
-    /// `dirty`). Its marks are used only after one checkpoint of the database with this
+    /// `dirty`). Its dirty pages are used only after one checkpoint of the database with this
     /// same tracker has compared page digests and succeeded (in this process), since a
     /// new tracker knows nothing of writes made before it existed.
     pub tracker: Option<Arc<DirtyTracker>>,
@@ -142,9 +142,9 @@ pub struct CheckpointReport {
     pub pages_dirty: u64,
     /// Bytes of those pages.
     pub bytes_dirty: u64,
-    /// The engine's marks decided which pages were read (otherwise page digests were
+    /// The engine's dirty pages decided which pages were read (otherwise page digests were
     /// compared, as for the first checkpoint with a new tracker).
-    pub marks_used: bool,
+    pub dirty_used: bool,
     /// Wall time in milliseconds.
     pub duration_ms: u64,
 }
@@ -158,7 +158,7 @@ pub struct CheckpointRun<'a> {
     job: Result<JobId, CairnError>,
     /// The tracker and the pages drained from it, given back if the job fails.
     give_back: Option<(Arc<DirtyTracker>, DirtySet)>,
-    /// The identity of a tracker whose marks this checkpoint did not use: once it
+    /// The identity of a tracker whose dirty pages this checkpoint did not use: once it
     /// succeeds, they are trusted for the database.
     trust: Option<u64>,
 }
@@ -243,7 +243,7 @@ impl Checkpointer {
         let mut trust = None;
         if let Some(t) = opts.tracker.take() {
             let drained = t.drain();
-            // A tracker's marks cover only what happened since it was made: until a
+            // A tracker's dirty pages cover only what happened since it was made: until a
             // checkpoint that compared page digests succeeds with it, they are not used.
             let trusted = self.trackers.get(db).is_some_and(|id| *id == t.id());
             opts.dirty = trusted.then(|| drained.clone());

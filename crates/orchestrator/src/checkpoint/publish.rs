@@ -150,7 +150,7 @@ pub(super) fn report(
                 r.pages_dirty += c.dirty;
             }
             r.bytes_dirty = r.pages_dirty * u64::from(*page_size);
-            r.marks_used = items.dirty.is_some();
+            r.dirty_used = items.dirty.is_some();
         }
         PlanBody::Segments { new, .. } => {
             r.source_bytes = new.iter().map(|n| n.len).sum();
