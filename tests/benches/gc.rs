@@ -11,7 +11,7 @@
 //!    operation) and by moto's own request log (HTTP requests by method, so listing pages
 //!    and bulk deletes count as the server saw them).
 //!
-//! Every figure is the median and min–max of `CAIRN_BENCH_REPS` runs (default 3), each on
+//! Every figure is the median and min–max of `CAIRN_BENCH_RUNS` runs (default 3), each on
 //! a fresh history. `cargo bench -p cairn-tests --bench gc`; `CAIRN_BENCH_DIR` sets the
 //! work directory.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -284,7 +284,7 @@ fn moto_store(dir: &Path, reps: usize, blobs: usize) {
 }
 
 fn main() {
-    let reps = env_usize("CAIRN_BENCH_REPS", 3).max(1);
+    let reps = env_usize("CAIRN_BENCH_RUNS", 3).max(1);
     let blobs = env_usize("CAIRN_BENCH_GC_BLOBS", 2_000);
     let base = std::env::var_os("CAIRN_BENCH_DIR").map_or_else(std::env::temp_dir, Into::into);
     let dir = tempfile::tempdir_in(base).unwrap();

@@ -10,7 +10,7 @@
 //! (written every 64 generations) with their amortised cost per publication.
 //!
 //! `cargo bench -p cairn-tests --bench manifests`. Environment: `CAIRN_BENCH_SEGMENTS`,
-//! `CAIRN_BENCH_CHUNKS`, `CAIRN_BENCH_REPS` (restore repetitions, default 3),
+//! `CAIRN_BENCH_CHUNKS`, `CAIRN_BENCH_RUNS` (restore repetitions, default 3),
 //! `CAIRN_BENCH_DIR` (work directory).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -56,7 +56,7 @@ struct Publish {
 fn main() {
     let segments = env_usize("CAIRN_BENCH_SEGMENTS", 10_000);
     let chunks = env_usize("CAIRN_BENCH_CHUNKS", 1_000);
-    let reps = env_usize("CAIRN_BENCH_REPS", 3).max(1);
+    let reps = env_usize("CAIRN_BENCH_RUNS", 3).max(1);
     let base = std::env::var_os("CAIRN_BENCH_DIR").map_or_else(std::env::temp_dir, Into::into);
     let dir = tempfile::tempdir_in(base).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()

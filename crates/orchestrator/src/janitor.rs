@@ -16,17 +16,25 @@ pub(crate) const KEEP_FINISHED_JOBS: usize = 200;
 impl Checkpointer {
     /// Removes what finished jobs left behind (see the module documentation).
     pub(crate) fn sweep_finished_jobs(&self) -> Result<(), CairnError> {
-        let mut records: Vec<JobRecord> = self
-            .state
-            .jobs()?
-            .into_iter()
-            .filter_map(|(id, b)| JobRecord::decode(id, &b).ok())
-            .collect();
+        let mut records = Vec::new();
+        // A record that does not decode may be an unfinished job of another build: its
+        // scratch is kept, and the record too (`cairn status` names it).
+        let mut undecodable = Vec::new();
+        for (id, b) in self.state.jobs()? {
+            match JobRecord::decode(id, &b) {
+                Ok(r) => records.push(r),
+                Err(e) => {
+                    tracing::warn!(job = %id, error = %e, "job record does not decode; its scratch is kept");
+                    undecodable.push(id);
+                }
+            }
+        }
         records.sort_by_key(|r| std::cmp::Reverse(r.seq));
         let unfinished: Vec<JobId> = records
             .iter()
             .filter(|r| r.state.is_unfinished())
             .map(|r| r.id)
+            .chain(undecodable)
             .collect();
         for (n, r) in records
             .iter()

@@ -283,6 +283,21 @@ impl Checkpointer {
         Ok(out)
     }
 
+    /// The leases in force now that overlap `range`.
+    fn blocking_leases(
+        &self,
+        db: &DbId,
+        range: &std::ops::Range<Lsn>,
+    ) -> Result<Vec<Lease>, CairnError> {
+        let now = self.env.now_ms();
+        Ok(self
+            .lease_ranges(db)?
+            .into_iter()
+            .filter(|(_, r)| r.blocks(range, now))
+            .map(|(l, _)| l)
+            .collect())
+    }
+
     /// Drops the published segments of `db` that end at or below `before`, in one new
     /// generation (see [`HeadOptions`]).
     pub async fn truncate_head(
@@ -296,45 +311,44 @@ impl Checkpointer {
         let wal = latest.state.wal.as_ref().ok_or_else(|| no_wal(db))?;
         let range = wal.start..before.max(wal.start);
         let mut cancelled = false;
-        loop {
-            let now = self.env.now_ms();
-            let blocking: Vec<Lease> = self
-                .lease_ranges(db)?
-                .into_iter()
-                .filter(|(_, r)| r.blocks(&range, now))
-                .map(|(l, _)| l)
-                .collect();
-            let Some(first) = blocking.first() else {
-                break;
-            };
-            if opts.cancel && !cancelled {
-                for l in &blocking {
-                    if let Some(job) = l.holder {
-                        self.cancel(job)?;
-                    }
-                }
-                cancelled = true;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(CairnError::LeaseHeld {
-                    db: db.clone(),
-                    lease: format!("{:016x}", first.id),
-                    start: first.start,
-                    end: first.end,
-                    expires_unix_ms: first.expires_unix_ms,
-                    waited_ms: opts.timeout.as_millis() as u64,
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
         let lock = self.db_lock(db);
-        let wait_until = deadline.max(tokio::time::Instant::now() + Duration::from_secs(1));
-        let _publishing = tokio::time::timeout_at(wait_until, lock.lock())
-            .await
-            .map_err(|_| CairnError::Busy {
-                db: db.clone(),
-                what: "a checkpoint of this database is publishing".into(),
-            })?;
+        // Leases are checked again once the database's publication lock is held, so a
+        // lease taken while this waited for the lock is honoured too.
+        let _publishing = loop {
+            let blocking = self.blocking_leases(db, &range)?;
+            if let Some(first) = blocking.first() {
+                if opts.cancel && !cancelled {
+                    for l in &blocking {
+                        if let Some(job) = l.holder {
+                            self.cancel(job)?;
+                        }
+                    }
+                    cancelled = true;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(CairnError::LeaseHeld {
+                        db: db.clone(),
+                        lease: format!("{:016x}", first.id),
+                        start: first.start,
+                        end: first.end,
+                        expires_unix_ms: first.expires_unix_ms,
+                        waited_ms: opts.timeout.as_millis() as u64,
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            let wait_until = deadline.max(tokio::time::Instant::now() + Duration::from_secs(1));
+            let guard = tokio::time::timeout_at(wait_until, lock.lock())
+                .await
+                .map_err(|_| CairnError::Busy {
+                    db: db.clone(),
+                    what: "a checkpoint of this database is publishing".into(),
+                })?;
+            if self.blocking_leases(db, &range)?.is_empty() {
+                break guard;
+            }
+        };
         let latest = self.latest_state(db).await?.ok_or_else(|| no_wal(db))?;
         let wal = latest.state.wal.clone().ok_or_else(|| no_wal(db))?;
         let pages = self.page_refs(db, &latest, wal.start).await?;

@@ -80,7 +80,7 @@ impl Checkpointer {
         let lease = self.take_store_lease(db, job.id().0, vec![g]).await?;
         self.check_live(db, &[g]).await?;
         let result = self.verify_now(db, Some(Generation(g)), deep).await;
-        lease.release().await?;
+        lease.release().await;
         let report = result?;
         job.update(
             |r| {

@@ -23,7 +23,7 @@ use object_store::ObjectStore;
 use crate::retry::{Classified, Retry};
 
 /// Keys per batch: the most one S3 `DeleteObjects` request takes.
-pub(crate) const DELETE_BATCH: usize = 1000;
+pub const DELETE_BATCH: usize = 1000;
 
 /// `locations` in batches of [`DELETE_BATCH`]: each run of paths goes to `each`, errors
 /// already in the stream pass through, and the results keep the order of the input (every

@@ -42,6 +42,7 @@
 
 mod backend;
 mod batch;
+pub use batch::DELETE_BATCH;
 mod classify;
 mod config;
 mod error;

@@ -38,6 +38,4 @@ pub use digests::ChunkDigests;
 pub use error::StateError;
 pub use jobs::{ItemKey, ItemWrite};
 pub use leases::Lease;
-pub use publish::{
-    fetch_manifest, publish, publish_with, remote_databases, remote_generations, sync_from_remote,
-};
+pub use publish::{fetch_manifest, publish, publish_with, remote_databases, remote_generations};

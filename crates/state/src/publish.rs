@@ -3,10 +3,12 @@
 //! Contract: [`publish`] creates the remote manifest object with a conditional create and
 //! only then records it locally, so the local state never claims a generation the store
 //! lacks; the loser of a race gets [`StateError::Fenced`] and records nothing.
-//! [`sync_from_remote`] imports every generation the store has and the local state lacks.
+//! [`fetch_manifest`] reads a generation from the store and records it when the local
+//! state lacks it; [`remote_generations`] lists what the store holds.
 //!
 //! Crash: after the remote create and before the local batch, the store holds a generation
-//! the local state does not; the next [`sync_from_remote`] imports it, so nothing is lost or
+//! the local state does not; whoever next needs it (the orchestrator looks for the latest
+//! generation in the store before it plans) fetches and records it, so nothing is lost or
 //! published twice. Retries: a conditional create that reports "already exists" is settled
 //! by reading the object back: the same manifest means our earlier attempt won (its
 //! response was lost). Requests are retried by the store. Cancellation: dropping a future between
@@ -125,22 +127,6 @@ pub async fn fetch_manifest(
     Ok(m)
 }
 
-/// Imports every generation published in the store that the local state lacks, so a fresh
-/// state directory (or one that lost a race to another writer) catches up. Returns the
-/// generations present remotely, ascending.
-pub async fn sync_from_remote(
-    state: &StateDb,
-    store: &RemoteStore,
-    tenant: &TenantId,
-    db: &DbId,
-) -> Result<Vec<Generation>, StateError> {
-    let gens = remote_generations(store, tenant, db).await?;
-    for g in &gens {
-        fetch_manifest(state, store, tenant, db, *g).await?;
-    }
-    Ok(gens)
-}
-
 /// Databases of a tenant that have published manifests in the store.
 pub async fn remote_databases(
     store: &RemoteStore,
@@ -209,9 +195,12 @@ mod tests {
         let d = DbId::new("d").unwrap();
         assert!(b.generations(&t, &d).unwrap().is_empty());
         assert_eq!(
-            sync_from_remote(&b, &store, &t, &d).await.unwrap(),
+            remote_generations(&store, &t, &d).await.unwrap(),
             vec![Generation(1)]
         );
+        fetch_manifest(&b, &store, &t, &d, Generation(1))
+            .await
+            .unwrap();
         assert_eq!(
             b.manifest(&t, &d, Generation(1)).unwrap().unwrap().writer,
             "a"

@@ -62,16 +62,34 @@ pub(crate) struct StoreLease {
 }
 
 impl Drop for StoreLease {
+    /// A lease dropped without [`StoreLease::release`] (its job was cancelled, or failed
+    /// before it could release) stops being renewed and is removed in the background; if
+    /// that fails too, it lapses by its TTL. Either way GC only ever keeps more.
     fn drop(&mut self) {
         self.renewal.abort();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let (store, key) = (self.store.clone(), std::mem::take(&mut self.key));
+            rt.spawn(async move { remove(&store, &key).await });
+        }
+    }
+}
+
+async fn remove(store: &RemoteStore, key: &str) {
+    if key.is_empty() {
+        return;
+    }
+    if let Err(e) = store.delete(key).await {
+        tracing::warn!(lease = %key, error = %e, "could not remove a restore lease; it lapses by its TTL");
     }
 }
 
 impl StoreLease {
-    /// Removes it.
-    pub(crate) async fn release(self) -> Result<(), CairnError> {
+    /// Removes it. Never fails the work it protected: a lease that cannot be removed
+    /// lapses by its TTL (and is logged).
+    pub(crate) async fn release(mut self) {
         self.renewal.abort();
-        Ok(self.store.delete(&self.key).await?)
+        let key = std::mem::take(&mut self.key);
+        remove(&self.store, &key).await;
     }
 }
 

@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 
 use cairn_core::{keys, DbId, Generation};
 use cairn_planner::gc::{self as rules, Listed, Reason};
+// Keys per bulk delete: the store's own batch size, so one slice is one request.
+use cairn_remote_store::DELETE_BATCH;
 use futures::stream::{self, StreamExt};
 use serde::{Deserialize, Serialize};
 
@@ -38,9 +40,6 @@ use crate::{CairnError, Checkpointer, GenerationState, JobOutcome};
 
 /// Attempts to publish a collection's generation when writers keep winning the race.
 const PUBLISH_ATTEMPTS: usize = 5;
-
-/// Keys per bulk delete (S3 `DeleteObjects` takes at most 1,000).
-const DELETE_BATCH: usize = 1000;
 
 /// Bulk deletes in flight at once.
 const DELETE_CONCURRENCY: usize = 4;
@@ -264,7 +263,9 @@ impl Checkpointer {
             in_grace,
             explained,
         };
-        if opts.dry_run {
+        // A dry run, or nothing to expire or delete: report, publish nothing (a collection
+        // with nothing to do costs no generation and fences no writer).
+        if opts.dry_run || (plan.delete.is_empty() && plan.expired.is_empty()) {
             report.generations_retained = plan.retained;
             report.generations_expired = plan.expired;
             report.blobs_kept = plan.kept.blobs;
@@ -313,6 +314,8 @@ impl Checkpointer {
         manifest.gc = true;
         let lock = self.db_lock(db);
         let _publishing = lock.lock().await;
+        // From here a cancel is not honoured: it could land after the create.
+        self.enter_publication(job.id())?;
         match cairn_state::publish(&self.state, &self.store, &manifest).await {
             Ok(_) => {}
             Err(cairn_state::StateError::Fenced { .. }) => return Ok(false),

@@ -1,6 +1,6 @@
 //! The durable job queue: one module owning job state.
 //!
-//! Contract: every checkpoint, restore and verify is a [`JobRecord`] in the state
+//! Contract: every checkpoint, restore, verify and collection (GC) is a [`JobRecord`] in the state
 //! database, written before any work starts ([`Checkpointer::enqueue`]). While a job runs,
 //! its [`Job`] handle holds the record in memory and is the only thing that changes it:
 //! every change is persisted with the step's typed items ([`Item`]) in one synced batch,

@@ -78,7 +78,7 @@ pub enum JobSpec {
 }
 
 impl JobSpec {
-    /// `checkpoint`, `restore` or `verify`.
+    /// `checkpoint`, `restore`, `verify` or `gc`.
     pub fn kind(&self) -> &'static str {
         match self {
             JobSpec::Checkpoint { .. } => "checkpoint",
@@ -204,7 +204,7 @@ pub struct JobRecord {
 pub struct JobStatus {
     /// Identity, 16 hex digits.
     pub id: String,
-    /// `checkpoint`, `restore` or `verify`.
+    /// `checkpoint`, `restore`, `verify` or `gc`.
     pub kind: &'static str,
     /// Database.
     pub db: String,

@@ -207,7 +207,7 @@ impl Checkpointer {
             .await?;
         self.check_live(db, &[gs.manifest.generation.0]).await?;
         let result = self.restore_resolved(job, db, &gs, lsn, to).await;
-        lease.release().await?;
+        lease.release().await;
         let mut report = match result {
             Err(CairnError::Store(cairn_remote_store::StoreError::NotFound { key, store })) => {
                 // A blob gone mid-restore: say so plainly if its generation expired.
@@ -251,12 +251,6 @@ impl Checkpointer {
                     r.page_generation = p.map(|p| p.generation.0);
                     r.page_lsn = p.and_then(|p| p.lsn).map(|l| l.0);
                     r.segments = Some(segments.iter().map(|s| s.name.clone()).collect());
-                    r.segment_lsns = Some(
-                        segments
-                            .iter()
-                            .map(|s| (s.lsn_start.0, s.lsn_end.0))
-                            .collect(),
-                    );
                     r.segment_lsns = Some(
                         segments
                             .iter()
