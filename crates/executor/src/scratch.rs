@@ -148,7 +148,7 @@ impl JobScratch {
 
     /// Stages `len` bytes of `src` at `offset` as a blob of `kind`, in one read of the
     /// source that also computes its content address and, with `page_size`, one digest per
-    /// page (returned; empty without it). The blob gets alias 0 ([`StagedBlob::set_alias`]).
+    /// page (returned; empty without it). The blob gets alias 0 (see [`StagedBlob::rename_for`]).
     pub fn stage_range(
         &self,
         kind: BlobKind,
