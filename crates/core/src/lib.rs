@@ -13,6 +13,7 @@ pub mod error;
 pub mod ids;
 pub mod keys;
 pub mod manifest;
+pub mod sqlite_wal;
 
 pub use address::{BlobKind, BlobRef, ContentAddress, Digest128, PayloadHasher};
 pub use dirty::{DirtySet, DirtyTracker};
@@ -22,3 +23,4 @@ pub use manifest::{
     ChunkState, Content, DbState, GcState, Manifest, PagesDiff, PagesState, SegmentEntry,
     SourceKind, StateDiff, WalDiff, WalState,
 };
+pub use sqlite_wal::WalPosition;

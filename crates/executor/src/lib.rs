@@ -9,6 +9,7 @@ mod fsutil;
 pub mod point;
 pub mod scratch;
 pub mod source;
+pub mod sqlite;
 
 pub use assemble::{AssemblyWriter, DirAssembler, FileAssembler};
 pub use compose::{held_from, BaseWrite, Composer, DeltaPiece, HeldPiece, Part};
@@ -17,5 +18,6 @@ pub use point::PointAssembler;
 pub use scratch::{JobScratch, Scratch, StagedBlob};
 pub use source::{
     hash_range, list_segments, page_digest, read_pages, scan_pages, sqlite_integrity_check,
-    sqlite_snapshot, PageFile, PageScan, SegmentFile,
+    PageFile, PageScan, ReadAt, SegmentFile,
 };
+pub use sqlite::{FullScanReason, SqliteSnapshot};

@@ -24,7 +24,7 @@ use cairn_quota::{Budget, Reservation};
 
 use crate::error::ExecError;
 use crate::fsutil::{fsync_dir, remove_if_exists};
-use crate::source::{page_digest, read_range};
+use crate::source::{page_digest, read_range, ReadAt};
 
 /// The scratch root, `<state>/scratch`, with the byte budget staging draws from.
 #[derive(Clone, Debug)]
@@ -152,7 +152,7 @@ impl JobScratch {
     pub fn stage_range(
         &self,
         kind: BlobKind,
-        src: &File,
+        src: &(impl ReadAt + ?Sized),
         src_path: &Path,
         offset: u64,
         len: u64,

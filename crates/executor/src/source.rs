@@ -1,5 +1,5 @@
-//! Reading sources: raw page files, SQLite databases (snapshotted with SQLite's online
-//! backup API) and directories of sealed segments.
+//! Reading sources: raw page files, SQLite databases (read in place, see [`crate::sqlite`])
+//! and directories of sealed segments.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -65,9 +65,28 @@ impl PageFile {
     }
 }
 
+/// Something page bytes are read from by offset: a plain file, or a SQLite snapshot read
+/// in place ([`crate::SqliteSnapshot`]: the main file with the WAL's frames laid over it).
+pub trait ReadAt: Send + Sync {
+    /// Fills `buf` with the bytes at `offset`; `UnexpectedEof` if they are not all there.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+}
+
+impl ReadAt for File {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        FileExt::read_exact_at(self, buf, offset)
+    }
+}
+
+impl<T: ReadAt + ?Sized> ReadAt for std::sync::Arc<T> {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        (**self).read_exact_at(buf, offset)
+    }
+}
+
 /// Reads `len` bytes at `offset` in `IO_BUF` pieces, handing each to `f`.
-pub fn read_range(
-    file: &File,
+pub fn read_range<R: ReadAt + ?Sized>(
+    file: &R,
     path: &Path,
     offset: u64,
     len: u64,
@@ -101,8 +120,8 @@ pub fn read_range(
 }
 
 /// Computes the content address and confirming digest of a byte range of a file.
-pub fn hash_range(
-    file: &File,
+pub fn hash_range<R: ReadAt + ?Sized>(
+    file: &R,
     path: &Path,
     offset: u64,
     len: u64,
@@ -113,51 +132,6 @@ pub fn hash_range(
         Ok(())
     })?;
     Ok(h.finish())
-}
-
-/// Takes a consistent snapshot of a live SQLite database into `dest` with SQLite's online
-/// backup API, and returns it opened as a page file with the database's page size.
-pub fn sqlite_snapshot(src: &Path, dest: &Path) -> Result<PageFile, ExecError> {
-    use rusqlite::{Connection, OpenFlags};
-    let sql = |path: &Path| {
-        let path = path.display().to_string();
-        move |source| ExecError::Sqlite { path, source }
-    };
-    let meta = std::fs::metadata(src).map_err(ExecError::io("open source", src))?;
-    if !meta.is_file() {
-        return Err(ExecError::BadSource {
-            path: src.display().to_string(),
-            reason: "not a regular file".into(),
-        });
-    }
-    let source = Connection::open_with_flags(
-        src,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(sql(src))?;
-    // Fails with "file is not a database" for anything that is not SQLite.
-    let page_size: u32 = source
-        .query_row("PRAGMA page_size", [], |r| r.get(0))
-        .map_err(sql(src))?;
-    if dest.exists() {
-        std::fs::remove_file(dest).map_err(ExecError::io("remove stale snapshot", dest))?;
-    }
-    {
-        let mut out = Connection::open(dest).map_err(sql(dest))?;
-        out.execute_batch(&format!(
-            "PRAGMA page_size = {page_size}; PRAGMA journal_mode = DELETE;"
-        ))
-        .map_err(sql(dest))?;
-        let backup = rusqlite::backup::Backup::new(&source, &mut out).map_err(sql(src))?;
-        backup
-            .run_to_completion(4096, std::time::Duration::from_millis(0), None)
-            .map_err(sql(src))?;
-    }
-    drop(source);
-    let f = File::open(dest).map_err(ExecError::io("open snapshot", dest))?;
-    f.sync_all()
-        .map_err(ExecError::io("fsync snapshot", dest))?;
-    PageFile::open(dest, page_size)
 }
 
 /// One file of a segment directory.
@@ -261,8 +235,8 @@ pub const MIN_SCAN_PART: u64 = 8 << 20;
 /// once, in [`IO_BUF`] pieces. The threads share one count of changed pages and stop
 /// keeping bytes once it passes `capture`, so at most `capture` pages are held whatever
 /// the number of threads.
-pub fn scan_pages(
-    file: &File,
+pub fn scan_pages<R: ReadAt + ?Sized>(
+    file: &R,
     path: &Path,
     offset: u64,
     len: u64,
@@ -277,8 +251,8 @@ pub fn scan_pages(
 
 /// [`scan_pages`] cut into `parts` parts (at most one per page).
 #[allow(clippy::too_many_arguments)]
-fn scan_in_parts(
-    file: &File,
+fn scan_in_parts<R: ReadAt + ?Sized>(
+    file: &R,
     path: &Path,
     offset: u64,
     len: u64,
@@ -350,8 +324,8 @@ fn scan_in_parts(
 
 /// One part of [`scan_pages`]: page numbers in the result are relative to the part.
 #[allow(clippy::too_many_arguments)]
-fn scan_part(
-    file: &File,
+fn scan_part<R: ReadAt + ?Sized>(
+    file: &R,
     path: &Path,
     offset: u64,
     len: u64,
@@ -390,8 +364,8 @@ fn scan_part(
 
 /// Reads the given pages (numbers within the chunk at `chunk_offset`, ascending) and
 /// returns their bytes concatenated; runs of adjacent pages are read with one call.
-pub fn read_pages(
-    file: &File,
+pub fn read_pages<R: ReadAt + ?Sized>(
+    file: &R,
     path: &Path,
     chunk_offset: u64,
     page_size: u32,

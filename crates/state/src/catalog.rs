@@ -46,6 +46,10 @@ pub struct LocalUpdates<'a> {
     pub chunks: Option<u64>,
     /// A job record (id, encoded record) to write.
     pub job: Option<(cairn_core::JobId, &'a [u8])>,
+    /// The SQLite WAL position the generation's page snapshot was taken at (see
+    /// [`StateDb::wal_position`]); `None` leaves the recorded one, which names an older
+    /// generation and so is not used for this one's children.
+    pub wal_position: Option<cairn_core::WalPosition>,
 }
 
 fn encode<T: Serialize>(key: impl FnOnce() -> String, v: &T) -> Result<Vec<u8>, StateError> {
@@ -267,6 +271,10 @@ impl StateDb {
         let rec = encode(|| format!("dbs/{}/{}", m.tenant, m.db), &rec)?;
         b.put_cf(self.cf("dbs")?, db_key(&m.tenant, &m.db), rec);
         self.put_digests(&mut b, m, local)?;
+        if let Some(p) = local.wal_position {
+            // An older position stays, but names an older generation: it is never used.
+            self.put_wal_position(&mut b, m, p)?;
+        }
         if let Some((id, record)) = local.job {
             b.put_cf(self.cf("jobs")?, job_key(id), record);
         }

@@ -23,6 +23,7 @@ pub(crate) const CFS: &[&str] = &[
     "generations",
     "catalog",
     "pagedigests",
+    "walpositions",
     "jobs",
     "leases",
 ];

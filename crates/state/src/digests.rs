@@ -1,4 +1,4 @@
-//! Page digests: per chunk, one XXH3-128 per page of this state directory's latest
+//! Page digests (and the SQLite WAL position of the same snapshot): per chunk, one XXH3-128 per page of this state directory's latest
 //! published generation, so a checkpoint without the engine's dirty pages finds changed
 //! pages by reading each chunk once, without downloading anything.
 //!
@@ -10,7 +10,7 @@
 
 use std::collections::HashSet;
 
-use cairn_core::{DbId, Manifest, TenantId};
+use cairn_core::{DbId, Manifest, TenantId, WalPosition};
 use rocksdb::{Direction, IteratorMode, WriteBatch};
 
 use crate::catalog::LocalUpdates;
@@ -56,6 +56,25 @@ impl ChunkDigests {
     }
 }
 
+fn decode_position(v: &[u8]) -> Option<(u64, WalPosition)> {
+    if v.len() != 28 {
+        return None;
+    }
+    let g = u64::from_be_bytes(v[..8].try_into().ok()?);
+    let w = |i: usize| {
+        let at = 8 + 4 * i;
+        v[at..at + 4].try_into().ok().map(u32::from_be_bytes)
+    };
+    Some((
+        g,
+        WalPosition {
+            salts: (w(0)?, w(1)?),
+            frame: w(2)?,
+            checksum: (w(3)?, w(4)?),
+        },
+    ))
+}
+
 impl StateDb {
     /// The page digests recorded for chunk `index`, if any (undecodable records count as
     /// absent: they only cost a rescan).
@@ -68,6 +87,38 @@ impl StateDb {
         Ok(self
             .get("pagedigests", &sub_key(tenant, db, &index.to_be_bytes()))?
             .and_then(|v| ChunkDigests::decode(index, &v)))
+    }
+
+    /// The SQLite WAL position recorded with this state directory's latest published page
+    /// generation of the database, with that generation's number. A record that fails to
+    /// decode counts as absent (it costs a full page-digest scan, not an error).
+    pub fn wal_position(
+        &self,
+        tenant: &TenantId,
+        db: &DbId,
+    ) -> Result<Option<(u64, WalPosition)>, StateError> {
+        Ok(self
+            .get("walpositions", &crate::db::db_key(tenant, db))?
+            .and_then(|v| decode_position(&v)))
+    }
+
+    /// Adds to `b` the WAL position of `m`'s page snapshot.
+    pub(crate) fn put_wal_position(
+        &self,
+        b: &mut WriteBatch,
+        m: &Manifest,
+        p: WalPosition,
+    ) -> Result<(), StateError> {
+        let mut v = m.generation.0.to_be_bytes().to_vec();
+        for w in [p.salts.0, p.salts.1, p.frame, p.checksum.0, p.checksum.1] {
+            v.extend_from_slice(&w.to_be_bytes());
+        }
+        b.put_cf(
+            self.cf("walpositions")?,
+            crate::db::db_key(&m.tenant, &m.db),
+            v,
+        );
+        Ok(())
     }
 
     /// Adds to `b` the deletion of every chunk's digests whose tip is in `gone`.
@@ -144,22 +195,30 @@ mod tests {
             page_size: 4096,
             digests: vec![i.into(), 7],
         };
+        let pos = WalPosition {
+            salts: (1, u32::MAX),
+            frame: 77,
+            checksum: (3, 4),
+        };
         s.record_generation_with(
             &manifest(1, &[]),
             &LocalUpdates {
                 digests: &[cd(0, "a"), cd(1, "b"), cd(2, "c")],
                 chunks: Some(3),
                 job: Some((JobId(9), b"done")),
+                wal_position: Some(pos),
             },
         )
         .unwrap();
         assert_eq!(s.chunk_digests(&t, &d, 1).unwrap(), Some(cd(1, "b")));
+        assert_eq!(s.wal_position(&t, &d).unwrap(), Some((1, pos)));
         s.record_generation_with(
             &manifest(2, &[]),
             &LocalUpdates {
                 digests: &[cd(0, "z")],
                 chunks: Some(1),
                 job: None,
+                wal_position: None,
             },
         )
         .unwrap();
@@ -187,6 +246,7 @@ mod tests {
                 digests: &[cd(0, "a"), cd(1, "b"), cd(2, "c")],
                 chunks: Some(3),
                 job: None,
+                wal_position: None,
             },
         )
         .unwrap();

@@ -11,6 +11,7 @@
 //! | `generations` | tenant `\0` db `\0` generation | encoded manifest |
 //! | `catalog` | tenant `\0` db `\0` blob name | [`cairn_core::BlobRef`] (JSON) |
 //! | `pagedigests` | tenant `\0` db `\0` chunk index | [`ChunkDigests`] of this writer's latest generation |
+//! | `walpositions` | tenant `\0` db | generation, then the [`cairn_core::WalPosition`] of its SQLite snapshot |
 //! | `jobs` | see [`jobs`] | the durable job queue's records and items |
 //! | `leases` | tenant `\0` db `\0` lease id | [`Lease`] (JSON) |
 //!

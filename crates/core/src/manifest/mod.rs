@@ -1,7 +1,7 @@
 //! The manifest: the self-describing object that publishes one generation of one
 //! database, enough (with its chain) to restore it from the store alone.
 //!
-//! Encoding (version 2; version 1 is still read, see [`v1`]):
+//! Encoding (version 2; version 1 is still read, see the `v1` module):
 //!
 //! ```text
 //! magic "CAIRNMAN" | version u32 LE | flags u32 LE | body length u64 LE

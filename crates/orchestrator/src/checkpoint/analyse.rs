@@ -14,13 +14,12 @@
 //! always describe exactly the bytes of the blob. This runs on a blocking thread and has
 //! no state of its own: a crash loses nothing but the staged file's `.partial` name.
 
-use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use cairn_core::delta::{encode_delta, DeltaHeader};
 use cairn_core::{BlobKind, ChunkState};
-use cairn_executor::{page_digest, read_pages, scan_pages, JobScratch, StagedBlob};
+use cairn_executor::{page_digest, read_pages, scan_pages, JobScratch, ReadAt, StagedBlob};
 use cairn_planner::{decide_chunk, ChainInfo, ChunkDecision, ChunkInput, ChunkPlan, CostModel};
 use cairn_state::ChunkDigests;
 
@@ -38,7 +37,7 @@ pub(super) struct ChunkCtx {
     /// The engine's dirty pages within the chunk, if it supplied them.
     pub dirty: Option<Vec<u32>>,
     pub model: CostModel,
-    pub file: Arc<File>,
+    pub file: Arc<dyn ReadAt>,
     pub path: PathBuf,
     pub scratch: JobScratch,
 }
@@ -218,6 +217,7 @@ mod tests {
     use cairn_core::{BlobRef, Digest128, JobId};
     use cairn_executor::Scratch;
     use cairn_quota::Budget;
+    use std::fs::File;
 
     const PS: u32 = 4096;
     const PAGES: usize = 16;

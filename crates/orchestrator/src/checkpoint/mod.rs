@@ -43,7 +43,7 @@ use sink::BlobSink;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Source {
-    /// A live SQLite database file (snapshotted with the online backup API).
+    /// A live SQLite database file (read in place under a read transaction).
     Sqlite(PathBuf),
     /// A quiescent raw file of fixed-size pages.
     Pages {
@@ -143,8 +143,17 @@ pub struct CheckpointReport {
     /// Bytes of those pages.
     pub bytes_dirty: u64,
     /// The engine's dirty pages decided which pages were read (otherwise page digests were
-    /// compared, as for the first checkpoint with a new tracker).
+    /// compared, as for the first checkpoint with a new tracker). For SQLite, the dirty
+    /// pages are those of the WAL frames committed since the previous generation.
     pub dirty_used: bool,
+    /// SQLite only: why every page's digest was compared instead of taking the changed
+    /// pages from the WAL (`no_position`, `wal_reset`, `wal_rewritten`, `not_wal`; see
+    /// [`cairn_executor::FullScanReason`]); `None` when the WAL named them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub full_scan_reason: Option<&'static str>,
+    /// SQLite only: the committed WAL frames the snapshot included.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wal_frames: Option<u32>,
     /// Wall time in milliseconds.
     pub duration_ms: u64,
 }
@@ -379,6 +388,7 @@ impl Checkpointer {
                 });
             }
         }
+        let mut snapshot = None;
         let plan = match items.plan.take() {
             Some(p) if p.still_valid() => p,
             stale => {
@@ -406,7 +416,13 @@ impl Checkpointer {
                     chunk_size,
                     lsn,
                 };
-                self.plan_checkpoint(job, &what, &items, &scratch).await?
+                let planned = self.plan_checkpoint(job, &what, &items, &scratch).await?;
+                if planned.snapshot.is_some() {
+                    // A SQLite snapshot's changed pages come from its WAL, or are unknown.
+                    items.dirty = planned.changed;
+                }
+                snapshot = planned.snapshot;
+                planned.plan
             }
         };
         let parent =
@@ -450,6 +466,7 @@ impl Checkpointer {
                     chunk_size: *chunk_size,
                     len: *len,
                     chunks,
+                    snapshot: snapshot.clone(),
                 };
                 pages::PagesRun {
                     sink: &mut sink,

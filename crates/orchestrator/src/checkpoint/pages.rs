@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use cairn_core::{BlobKind, ChunkState, PagesState, SourceKind};
-use cairn_executor::PageFile;
+use cairn_executor::{PageFile, ReadAt, SqliteSnapshot};
 use cairn_planner::ChunkPlan;
 use cairn_state::{ChunkDigests, ItemKey};
 use futures::stream::{self, StreamExt};
@@ -31,6 +31,8 @@ pub(super) struct PagesShape<'r> {
     pub chunk_size: u64,
     pub len: u64,
     pub chunks: &'r [ChunkPlan],
+    /// The SQLite snapshot the plan was made from, read instead of the file.
+    pub snapshot: Option<Arc<SqliteSnapshot>>,
 }
 
 /// One run over a page source: the sink, the job and its items, the plan and the parent.
@@ -53,18 +55,26 @@ impl PagesRun<'_, '_, '_> {
     /// digests to commit with them.
     pub(super) async fn run(self) -> Result<Staged, CairnError> {
         let PagesShape {
-            file,
+            file: path,
             page_size,
             chunk_size,
             len,
             chunks,
+            ref snapshot,
             ..
         } = self.shape;
-        let page_file = PageFile::open(file, page_size)?;
-        if page_file.len != len {
+        let (file, found): (Arc<dyn ReadAt>, u64) = match snapshot {
+            Some(s) => (Arc::clone(s) as Arc<dyn ReadAt>, s.len()),
+            None => {
+                let f = PageFile::open(path, page_size)?;
+                let n = f.len;
+                (Arc::new(f.file), n)
+            }
+        };
+        if found != len {
             return Err(CairnError::Exec(cairn_executor::ExecError::SourceChanged {
-                path: file.display().to_string(),
-                detail: format!("length {} differs from the planned {len}", page_file.len),
+                path: path.display().to_string(),
+                detail: format!("length {found} differs from the planned {len}"),
             }));
         }
         let cp = self.sink.cp();
@@ -94,7 +104,6 @@ impl PagesRun<'_, '_, '_> {
             .prev
             .filter(|p| p.page_size == page_size && p.chunk_size == chunk_size);
         let pages_per_chunk = chunk_size / u64::from(page_size);
-        let file = Arc::new(page_file.file);
         let (tenant, db) = (&cp.cfg.tenant, self.sink.db());
         let dirty = self.items.dirty.as_deref();
         let mut contexts = Vec::new();
@@ -131,7 +140,7 @@ impl PagesRun<'_, '_, '_> {
                 dirty,
                 model: cp.cfg.cost_model,
                 file: Arc::clone(&file),
-                path: page_file.path.clone(),
+                path: path.to_path_buf(),
                 scratch: self.sink.scratch().clone(),
             });
         }

@@ -1,11 +1,14 @@
-//! Planning a checkpoint: catch up with the store, take the SQLite snapshot, ask the pure
-//! planner for the work, and persist the plan, the first durable step of the job.
+//! Planning a checkpoint: catch up with the store, open the SQLite snapshot (in place,
+//! under a read transaction, with the pages changed since the previous generation's WAL
+//! position), ask the pure planner for the work, and persist the plan, the first durable
+//! step of the job.
 //!
-//! Crash: before the plan is persisted nothing durable exists but the record (and possibly
-//! a snapshot in scratch, taken again by the next attempt); after it, every attempt
-//! executes the same plan: same generation, parent and creation time. A plan whose file
-//! changed since ([`CkptPlan::still_valid`]) is dropped and the job plans again, unless its
-//! manifest already reached the store, in which case the job adopts that generation.
+//! Crash: before the plan is persisted nothing durable exists but the record; after it,
+//! every attempt executes the same plan: same generation, parent and creation time. A plan
+//! whose file changed since ([`CkptPlan::still_valid`]) is dropped and the job plans again,
+//! unless its manifest already reached the store, in which case the job adopts that
+//! generation. A SQLite plan is valid only in the attempt that holds its snapshot: a new
+//! attempt plans again from a new snapshot (blobs already stored are found, not uploaded).
 //! Retries: none here. Cancellation: checked before planning.
 
 use std::path::Path;
@@ -13,11 +16,13 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use cairn_core::{keys, DbId, Generation, Lsn, Manifest};
-use cairn_executor::{list_segments, sqlite_snapshot, JobScratch, PageFile};
+use std::sync::Arc;
+
+use cairn_executor::{list_segments, JobScratch, PageFile, SqliteSnapshot};
 use cairn_planner::{check_page_lsn, plan_pages, plan_segments, PagesInput, SegmentInput};
 use cairn_remote_store::StoreError;
 
-use crate::queue::{CkptPlan, Item, Job, JobItems, Phase, PlanBody, Progress};
+use crate::queue::{CkptPlan, Item, Job, JobItems, Phase, PlanBody, Progress, SqlitePlan};
 use crate::{CairnError, Checkpointer, Source};
 
 /// Inode and modification time of a file.
@@ -56,6 +61,10 @@ impl CkptPlan {
     /// unchanged in place, or its segment directory exists.
     pub(crate) fn still_valid(&self) -> bool {
         match &self.body {
+            // Its read transaction ended with the attempt that planned it.
+            PlanBody::Pages {
+                sqlite: Some(_), ..
+            } => false,
             PlanBody::Pages {
                 file, len, stamp, ..
             } => {
@@ -97,14 +106,16 @@ impl Checkpointer {
         Ok(true)
     }
 
-    /// Takes the snapshot (SQLite), plans, and persists the plan: the first durable step.
+    /// Opens the snapshot (SQLite), plans, and persists the plan: the first durable step.
+    /// For SQLite it also returns the snapshot (held until the job's reads are done) and,
+    /// when the WAL named them, the changed pages (persisted with the plan).
     pub(super) async fn plan_checkpoint(
         &self,
         job: &mut Job<'_>,
         what: &PlanRequest<'_>,
         items: &JobItems,
-        scratch: &JobScratch,
-    ) -> Result<CkptPlan, CairnError> {
+        _scratch: &JobScratch,
+    ) -> Result<Planned, CairnError> {
         let PlanRequest {
             db,
             source,
@@ -133,12 +144,12 @@ impl Checkpointer {
             db: db.clone(),
             source: e,
         };
-        let page_body = |page_file: PageFile| {
+        let page_body = |path: &Path, len: u64, page_size: u32, sqlite: Option<SqlitePlan>| {
             check_page_lsn(prev_pages, lsn).map_err(plan_err)?;
             let input = PagesInput {
                 origin: source.kind(),
-                len: page_file.len,
-                page_size: page_file.page_size,
+                len,
+                page_size,
                 chunk_size,
             };
             let plan =
@@ -146,29 +157,50 @@ impl Checkpointer {
             let units = plan.chunks.len() as u64;
             let body = PlanBody::Pages {
                 origin: source.kind(),
-                file: page_file.path.clone(),
+                file: path.to_path_buf(),
                 page_size: plan.page_size,
                 chunk_size: plan.chunk_size,
                 len: plan.len,
                 lsn,
-                stamp: file_stamp(&page_file.path),
+                stamp: file_stamp(path),
                 chunks: plan.chunks,
+                sqlite,
             };
             Ok::<_, CairnError>((body, units, plan.len))
         };
+        let mut snapshot = None;
+        let mut changed = None;
         let (body, units, bytes) = match source {
             Source::Sqlite(p) => {
-                let (p, dest) = (p.clone(), scratch.dir().join("snapshot.sqlite"));
-                let page_file = tokio::task::spawn_blocking(move || sqlite_snapshot(&p, &dest))
+                // The WAL position is usable only for the page snapshot this state
+                // directory published last, whose page digests it also holds.
+                let since = self
+                    .state
+                    .wal_position(&tenant, db)?
+                    .filter(|(g, _)| prev_pages.map(|p| p.generation.0) == Some(*g))
+                    .map(|(_, pos)| pos);
+                let path = p.clone();
+                let snap = tokio::task::spawn_blocking(move || SqliteSnapshot::open(&path, since))
                     .await
                     .map_err(|source| CairnError::Join {
                         job: job.id().to_string(),
                         what: "SQLite snapshot",
                         source,
                     })??;
-                page_body(page_file)?
+                let info = SqlitePlan {
+                    position: snap.position(),
+                    full_scan_reason: snap.changed().err(),
+                    wal_frames: snap.frames(),
+                };
+                changed = snap.changed().ok().map(<[u64]>::to_vec);
+                let out = page_body(p, snap.len(), snap.page_size(), Some(info))?;
+                snapshot = Some(Arc::new(snap));
+                out
             }
-            Source::Pages { path, page_size } => page_body(PageFile::open(path, *page_size)?)?,
+            Source::Pages { path, page_size } => {
+                let f = PageFile::open(path, *page_size)?;
+                page_body(path, f.len, f.page_size, None)?
+            }
             Source::Segments(dir) => {
                 let files = list_segments(dir)?;
                 let ranges = items.ranges.as_ref();
@@ -206,6 +238,12 @@ impl Checkpointer {
                 .map_or(*start, |w| w.end);
             self.hold_lease(db, from..*end, job.id())?;
         }
+        let mut saved = vec![Item::Plan(&plan)];
+        match (&changed, &snapshot) {
+            (Some(pages), _) => saved.push(Item::Dirty(pages)),
+            (None, Some(_)) => saved.push(Item::Delete(cairn_state::ItemKey::Dirty)),
+            (None, None) => {}
+        }
         job.update(
             |r| {
                 r.phase = Phase::Planned;
@@ -217,10 +255,23 @@ impl Checkpointer {
                     bytes_total: bytes,
                 };
             },
-            &[Item::Plan(&plan)],
+            &saved,
         )?;
-        Ok(plan)
+        Ok(Planned {
+            plan,
+            snapshot,
+            changed,
+        })
     }
+}
+
+/// A persisted plan, with what only the planning attempt has.
+pub(super) struct Planned {
+    pub plan: CkptPlan,
+    /// The SQLite snapshot the plan reads (its read transaction is held while it lives).
+    pub snapshot: Option<Arc<SqliteSnapshot>>,
+    /// The SQLite pages the WAL says changed since the previous generation.
+    pub changed: Option<Vec<u64>>,
 }
 
 /// What a checkpoint job asks to plan.
@@ -260,6 +311,7 @@ mod tests {
                     offset: 0,
                     len: 8192,
                 }],
+                sqlite: None,
             },
         };
         assert!(plan.still_valid());

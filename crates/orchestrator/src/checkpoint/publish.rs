@@ -107,6 +107,12 @@ impl Checkpointer {
             digests: &digests,
             chunks: chunk_count,
             job: Some((job.id(), &record)),
+            wal_position: match &plan.body {
+                PlanBody::Pages {
+                    sqlite: Some(s), ..
+                } => s.position,
+                _ => None,
+            },
         };
         let bytes = cairn_state::publish_with(&self.state, &self.store, &manifest, &local).await?;
         job.committed(published);
@@ -139,8 +145,17 @@ pub(super) fn report(
         ..Default::default()
     };
     match &plan.body {
-        PlanBody::Pages { len, page_size, .. } => {
+        PlanBody::Pages {
+            len,
+            page_size,
+            sqlite,
+            ..
+        } => {
             r.source_bytes = *len;
+            if let Some(s) = sqlite {
+                r.full_scan_reason = s.full_scan_reason.map(|f| f.as_str());
+                r.wal_frames = Some(s.wal_frames);
+            }
             for c in items.chunks.values() {
                 match c.outcome {
                     Outcome::Full => r.chunks_full += 1,

@@ -61,6 +61,11 @@ pub(crate) enum PlanBody {
         stamp: Option<(u64, i64, i64)>,
         /// Every chunk of the file.
         chunks: Vec<ChunkPlan>,
+        /// For a SQLite database read in place under a read transaction: its WAL position
+        /// and how its changed pages are found. Such a plan is valid only while the attempt
+        /// that made it holds the snapshot.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sqlite: Option<SqlitePlan>,
     },
     /// A directory of segments.
     Segments {
@@ -161,6 +166,18 @@ fn json<T: Serialize>(job: JobId, item: &'static str, v: &T) -> Result<Vec<u8>, 
         item,
         source,
     })
+}
+
+/// What a SQLite page checkpoint's snapshot found (see [`cairn_executor::SqliteSnapshot`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct SqlitePlan {
+    /// The snapshot's WAL position, recorded with the generation when it is published.
+    pub position: Option<cairn_core::WalPosition>,
+    /// Why every page's digest is compared; `None` when the WAL's frames since the
+    /// previous generation's position named the changed pages.
+    pub full_scan_reason: Option<cairn_executor::FullScanReason>,
+    /// Committed WAL frames the snapshot included.
+    pub wal_frames: u32,
 }
 
 /// Everything a job has persisted beside its record.

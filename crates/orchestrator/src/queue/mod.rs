@@ -24,7 +24,9 @@ use tokio::sync::watch;
 
 pub(crate) use cancel::Cancels;
 pub use cancel::{CancelHandle, JobEvent};
-pub(crate) use items::{ChunkItem, CkptPlan, Item, JobItems, Outcome, PlanBody, SegItem};
+pub(crate) use items::{
+    ChunkItem, CkptPlan, Item, JobItems, Outcome, PlanBody, SegItem, SqlitePlan,
+};
 pub use record::{
     backoff_ms, JobRecord, JobSpec, JobState, JobStatus, Phase, Progress, MAX_ATTEMPTS, MAX_STARTS,
 };
