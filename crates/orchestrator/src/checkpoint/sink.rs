@@ -163,6 +163,12 @@ impl<'a> BlobSink<'a> {
             self.stats.blobs_reused += 1;
             return Ok(true);
         }
+        // Another chunk of this attempt with the same payload already started its upload
+        // (which removes the staged file when it is done).
+        if self.this_job.contains_key(&blob.name()) {
+            self.stats.blobs_reused += 1;
+            return Ok(true);
+        }
         let staged = self.scratch.dir().join(blob.name());
         if !staged.is_file() {
             return Ok(false);
@@ -249,7 +255,12 @@ impl<'a> BlobSink<'a> {
         let b = staged.blob;
         match self.resolve(b.kind, b.address(), b.xxh3).await? {
             Resolved::Stored(blob) => {
-                staged.discard()?;
+                // Another chunk of this job with the same payload staged the same file
+                // name and is uploading it (the upload removes it): deleting it here
+                // would pull it from under that upload.
+                if !self.this_job.contains_key(&staged.blob.name()) {
+                    staged.discard()?;
+                }
                 Ok(blob)
             }
             Resolved::New(blob, key) => {
