@@ -246,22 +246,33 @@ pub fn scan_pages<R: ReadAt + ?Sized>(
 ) -> Result<PageScan, ExecError> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
     let parts = (len / MIN_SCAN_PART).clamp(1, threads);
-    scan_in_parts(file, path, offset, len, page_size, known, capture, parts)
+    let scan = Scan {
+        file,
+        path,
+        page_size,
+        capture,
+    };
+    scan_in_parts(&scan, offset, len, known, parts)
+}
+
+/// What every part of one [`scan_pages`] call shares.
+struct Scan<'a, R: ?Sized> {
+    file: &'a R,
+    path: &'a Path,
+    page_size: u32,
+    capture: usize,
 }
 
 /// [`scan_pages`] cut into `parts` parts (at most one per page).
-#[allow(clippy::too_many_arguments)]
 fn scan_in_parts<R: ReadAt + ?Sized>(
-    file: &R,
-    path: &Path,
+    scan: &Scan<'_, R>,
     offset: u64,
     len: u64,
-    page_size: u32,
     known: &[u128],
-    capture: usize,
     parts: u64,
 ) -> Result<PageScan, ExecError> {
-    let ps = u64::from(page_size);
+    let (path, capture) = (scan.path, scan.capture);
+    let ps = u64::from(scan.page_size);
     let pages = len / ps;
     let parts = parts.clamp(1, pages.max(1));
     let per_part = pages.div_ceil(parts);
@@ -271,16 +282,13 @@ fn scan_in_parts<R: ReadAt + ?Sized>(
         let end = ((i + 1) * per_part).min(pages);
         let known = known.get(first as usize..).unwrap_or(&[]);
         scan_part(
-            file,
-            path,
+            scan,
             offset + first * ps,
             (end - first) * ps,
-            page_size,
             known,
-            capture,
             &changed_so_far,
         )
-        .map(|scan| (first, scan))
+        .map(|part| (first, part))
     };
     if parts == 1 {
         return part(0).map(|(_, scan)| scan);
@@ -323,17 +331,14 @@ fn scan_in_parts<R: ReadAt + ?Sized>(
 }
 
 /// One part of [`scan_pages`]: page numbers in the result are relative to the part.
-#[allow(clippy::too_many_arguments)]
 fn scan_part<R: ReadAt + ?Sized>(
-    file: &R,
-    path: &Path,
+    s: &Scan<'_, R>,
     offset: u64,
     len: u64,
-    page_size: u32,
     known: &[u128],
-    capture: usize,
     changed_so_far: &AtomicUsize,
 ) -> Result<PageScan, ExecError> {
+    let (file, path, page_size, capture) = (s.file, s.path, s.page_size, s.capture);
     let ps = page_size as usize;
     let pages = usize::try_from(len / u64::from(page_size)).unwrap_or(0);
     let mut scan = PageScan {
@@ -458,14 +463,38 @@ mod tests {
         std::fs::write(&p, &data).unwrap();
         let f = File::open(&p).unwrap();
         let len = data.len() as u64;
-        let first = scan_in_parts(&f, &p, 0, len, 4096, &[], 0, 1).unwrap();
+        let first = scan_in_parts(
+            &Scan {
+                file: &f,
+                path: &p,
+                page_size: 4096,
+                capture: 0,
+            },
+            0,
+            len,
+            &[],
+            1,
+        )
+        .unwrap();
         // Changes near every part boundary, and pages past the known digests.
         for pg in [0usize, 130, 131, 260, 389, 520, 517] {
             data[pg * 4096 + 9] ^= 0x33;
         }
         std::fs::write(&p, &data).unwrap();
         let known = &first.digests[..first.digests.len() - 2];
-        let want = scan_in_parts(&f, &p, 0, len, 4096, known, 9, 1).unwrap();
+        let want = scan_in_parts(
+            &Scan {
+                file: &f,
+                path: &p,
+                page_size: 4096,
+                capture: 9,
+            },
+            0,
+            len,
+            known,
+            1,
+        )
+        .unwrap();
         assert_eq!(
             want.changed,
             vec![0, 130, 131, 260, 389, 517, 520, 522, 523]
@@ -473,8 +502,32 @@ mod tests {
         assert!(want.captured.is_some());
         for parts in 2..=5 {
             for capture in [0usize, 8, 9, 10] {
-                let one = scan_in_parts(&f, &p, 0, len, 4096, known, capture, 1).unwrap();
-                let many = scan_in_parts(&f, &p, 0, len, 4096, known, capture, parts).unwrap();
+                let one = scan_in_parts(
+                    &Scan {
+                        file: &f,
+                        path: &p,
+                        page_size: 4096,
+                        capture,
+                    },
+                    0,
+                    len,
+                    known,
+                    1,
+                )
+                .unwrap();
+                let many = scan_in_parts(
+                    &Scan {
+                        file: &f,
+                        path: &p,
+                        page_size: 4096,
+                        capture,
+                    },
+                    0,
+                    len,
+                    known,
+                    parts,
+                )
+                .unwrap();
                 assert_eq!(many, one, "{parts} parts, capture {capture}");
             }
         }
