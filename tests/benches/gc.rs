@@ -56,11 +56,7 @@ fn show(v: &[f64], digits: usize) -> String {
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
+    cairn_tests::fixtures::runtime().unwrap()
 }
 
 /// Objects and bytes under the store's root.

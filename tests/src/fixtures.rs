@@ -107,3 +107,12 @@ pub fn integrity(path: &Path) -> rusqlite::Result<Vec<String>> {
     let rows = s.query_map([], |r| r.get::<_, String>(0))?;
     rows.collect()
 }
+
+/// The multi-threaded runtime (two workers) the property tests and benchmarks drive the
+/// library with.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}

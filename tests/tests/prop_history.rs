@@ -45,11 +45,7 @@ struct Expect {
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
+    cairn_tests::fixtures::runtime().unwrap()
 }
 
 proptest! {

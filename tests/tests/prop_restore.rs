@@ -30,11 +30,7 @@ fn change() -> impl Strategy<Value = Change> {
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
+    cairn_tests::fixtures::runtime().unwrap()
 }
 
 const PAGE: usize = 1024;
