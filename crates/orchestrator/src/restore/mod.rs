@@ -15,6 +15,7 @@
 
 mod chunk;
 mod memory;
+mod sqlite;
 mod write;
 
 pub(crate) use chunk::fetch_blob;
@@ -38,6 +39,7 @@ fn occupied(path: &Path) -> bool {
     }
 }
 use crate::{CairnError, Checkpointer, GenerationState, JobOutcome};
+pub use sqlite::{SqlitePoint, SqliteRestoreReport};
 
 /// What a restore did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
