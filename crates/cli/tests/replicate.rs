@@ -133,7 +133,10 @@ impl Rig {
             if let Some(s) = child.try_wait().unwrap() {
                 break s;
             }
-            assert!(t.elapsed() < Duration::from_secs(5), "replicate did not exit within 5 s");
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "replicate did not exit within 5 s"
+            );
             std::thread::sleep(Duration::from_millis(20));
         };
         assert!(out.success(), "replicate exited with {out}");
@@ -243,5 +246,8 @@ fn a_wal_reset_behind_a_stopped_replicator_is_a_named_gap_and_nothing_else_is_lo
     let (_, k) = rig.restore(Some(lsn)).unwrap();
     assert_eq!(k, 120, "the point before the gap");
     let err = rig.restore(Some(lsn + 1)).unwrap_err();
-    assert!(err.contains("gap"), "a point inside the gap is refused by name: {err}");
+    assert!(
+        err.contains("gap"),
+        "a point inside the gap is refused by name: {err}"
+    );
 }

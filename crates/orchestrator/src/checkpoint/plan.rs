@@ -179,8 +179,9 @@ impl Checkpointer {
                     .wal_position(&tenant, db)?
                     .filter(|(g, _)| prev_pages.map(|p| p.generation.0) == Some(*g))
                     .map(|(_, pos)| pos);
-                let snap = match self.lent.remove(&job.id()) {
-                    Some((_, s)) => s,
+                let lent = self.lent.get(&job.id()).map(|e| Arc::clone(e.value()));
+                let snap = match lent {
+                    Some(s) => s,
                     None if lsn.is_some() => {
                         return Err(CairnError::SourceChanged {
                             db: db.clone(),

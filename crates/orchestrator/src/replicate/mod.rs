@@ -193,7 +193,21 @@ impl Checkpointer {
 impl Run<'_> {
     /// Where shipping stands when no snapshot is held: the spool's newest header, which
     /// is trusted only for the same WAL (this process held nothing in between).
-    fn resume_point(&self) -> Result<Option<Shipped>, CairnError> {
+    async fn resume_point(&self) -> Result<Option<Shipped>, CairnError> {
+        // A gap whose page generation was never written (a crash between the two): that
+        // snapshot is gone, so the position counts as lost and a new gap follows.
+        if let Some(s) = self.cp.latest_state(&self.db).await? {
+            if let (Some(w), p) = (&s.state.wal, &s.state.pages) {
+                let page_lsn = p.as_ref().and_then(|p| p.lsn).map_or(0, |l| l.0);
+                let open_gap = w.segments.last().is_some_and(|g| {
+                    g.name.ends_with(cairn_core::sqlite_segment::GAP_SUFFIX)
+                        && page_lsn < g.lsn_end.0
+                });
+                if open_gap {
+                    return Ok(None);
+                }
+            }
+        }
         Ok(self.spool.newest()?.map(|s| Shipped {
             position: s.header.position,
             checkpoint_seq: s.header.checkpoint_seq,
@@ -332,6 +346,13 @@ impl Run<'_> {
     async fn step(&mut self, maintain: bool) -> Result<(), CairnError> {
         // A segment spooled by an earlier step or run goes first.
         self.publish().await?;
+        if self.page_due.is_some() {
+            // The page generation after a gap comes from the gap's own snapshot, before
+            // anything is shipped after it, so every point after the gap is restorable.
+            if let Some((snap, _)) = self.held.clone() {
+                return self.page_generation(&snap).await;
+            }
+        }
         let src = self.src.clone();
         let mut snap = tokio::task::spawn_blocking(move || SqliteSnapshot::open(&src, None))
             .await
@@ -342,7 +363,7 @@ impl Run<'_> {
             })??;
         let before = match &self.held {
             Some((_, s)) => Some(*s),
-            None => self.resume_point()?,
+            None => self.resume_point().await?,
         };
         self.ship(&snap, before.as_ref()).await?;
         let now = Shipped::at(&snap, before.as_ref());
