@@ -187,7 +187,7 @@ pub fn transactions<'a>(
     let ps = h.page_size as usize;
     let step = FRAME_HEADER_LEN + ps;
     let body = &seg[SEGMENT_HEADER_LEN.min(seg.len())..];
-    if body.len() % step != 0 {
+    if !body.len().is_multiple_of(step) {
         return Err(corrupt(
             name,
             format!(

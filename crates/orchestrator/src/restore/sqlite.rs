@@ -139,8 +139,7 @@ impl Checkpointer {
                 let shipped = wal
                     .segments
                     .iter()
-                    .filter(|s| captured_ms_of(&s.name).is_some_and(|c| c <= t))
-                    .next_back();
+                    .rfind(|s| captured_ms_of(&s.name).is_some_and(|c| c <= t));
                 match shipped {
                     Some(s) => s.lsn_end,
                     None => {
