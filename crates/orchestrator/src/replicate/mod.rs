@@ -311,14 +311,19 @@ impl Run<'_> {
                 self.report.last_gap_reason = Some(reason.as_str());
                 self.changed = None;
                 self.page_due = Some(reason);
-                tracing::warn!(
-                    db = %self.db,
-                    reason = reason.as_str(),
-                    shipped = ?shipped,
-                    wal_salts = ?snap.wal_header().map(|h| h.salts),
-                    wal_frames = snap.frames(),
-                    "the WAL position was lost; shipping a gap and a page generation"
-                );
+                let salts = snap.wal_header().map(|h| h.salts);
+                if reason == FullScanReason::NoPosition {
+                    tracing::info!(db = %self.db, "no shipped position yet: starting the stream with a page generation");
+                } else {
+                    tracing::warn!(
+                        db = %self.db,
+                        reason = reason.as_str(),
+                        shipped = ?shipped,
+                        wal_salts = ?salts,
+                        wal_frames = snap.frames(),
+                        "the WAL position was lost; shipping a gap and a page generation"
+                    );
+                }
             }
         }
         Ok(())
