@@ -10,7 +10,7 @@
 //! file but allows one restart. So a shipper that always holds a read transaction, and
 //! opens the next before it lets the previous go, sees every committed frame: either in
 //! the same WAL after its position, or, after a backfilled position, in a WAL restarted
-//! exactly once (salt-1 one higher). [`frames_to_ship`] applies
+//! exactly once (whatever its salts). [`frames_to_ship`] applies
 //! that rule and reports anything else as a lost position.
 //!
 //! [`SqliteControl::truncate_wal`] resets the WAL with the application's writers held off
@@ -120,11 +120,12 @@ pub fn frames_to_ship(
             _ => Err(FullScanReason::WalRewritten),
         };
     }
-    // Every restart adds one to salt-1 (taken from the shared WAL index), so one more means
-    // exactly one restart. (The header's checkpoint sequence is the restarting
-    // connection's own count, not a shared one, so it proves nothing.)
-    let restarted_once = h.salts.0 == p.salts.0.wrapping_add(1);
-    if shipped.backfilled && restarted_once {
+    // Held since every frame was backfilled and shipped: a second restart would need the
+    // first one's frames copied into the main file, which our read mark 0 forbids, so new
+    // salts mean exactly one restart of a WAL that held nothing unshipped. (The salts do
+    // not count restarts: a connection that did not restart the WAL itself writes random
+    // ones into the next header.)
+    if shipped.backfilled {
         Ok((1, last))
     } else {
         Err(FullScanReason::WalReset)
@@ -300,3 +301,7 @@ impl SqliteControl {
         })
     }
 }
+
+#[cfg(test)]
+#[path = "sqlite_control_tests.rs"]
+mod tests;
