@@ -91,8 +91,10 @@ pub fn frames_to_ship(
 ) -> Result<(u32, u32), FullScanReason> {
     let last = snap.frames();
     let Some(h) = snap.wal_header() else {
-        // An empty or missing WAL: nothing lost if everything was in the main file.
-        return if shipped.backfilled || shipped.position.frame == 0 {
+        // An empty or missing WAL: nothing lost only if it was held empty or backfilled
+        // since the position (otherwise its frames may have been copied into the main file
+        // and the WAL deleted, say by the application's last connection closing).
+        return if shipped.backfilled {
             Ok((1, 0))
         } else {
             Err(FullScanReason::WalReset)

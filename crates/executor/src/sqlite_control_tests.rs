@@ -135,3 +135,27 @@ fn truncate_wal_makes_the_frames_durable_first_then_resets_the_wal() {
     let next = snap(&db);
     assert_eq!(frames_to_ship(&t.locked, &next), Ok((1, next.frames())));
 }
+
+#[test]
+fn a_wal_deleted_while_nobody_held_it_is_a_lost_position() {
+    let d = tempfile::tempdir().unwrap();
+    let db = d.path().join("a.db");
+    let a = app(&db);
+    commit(&a, 1);
+    let s = snap(&db);
+    let shipped = Shipped {
+        backfilled: false,
+        ..Shipped::at(&s, None).unwrap()
+    };
+    drop(s);
+    commit(&a, 2);
+    // The last connection closing copies every frame into the file and deletes the WAL.
+    drop(a);
+    let mut wal = db.as_os_str().to_os_string();
+    wal.push("-wal");
+    assert!(!std::path::Path::new(&wal).exists());
+    assert_eq!(
+        frames_to_ship(&shipped, &snap(&db)),
+        Err(FullScanReason::WalReset)
+    );
+}
