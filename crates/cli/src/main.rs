@@ -272,6 +272,10 @@ enum LogFormat {
 }
 
 fn main() -> ExitCode {
+    // Everything Cairn creates (state, scratch, spool, the local store, restored files)
+    // is the operator's alone: files 0600, directories 0700. A local store holds a full
+    // copy of the database.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));

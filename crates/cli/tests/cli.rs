@@ -438,3 +438,47 @@ fn a_dead_endpoint_fails_fast_naming_it() {
     );
     assert!(err.contains("127.0.0.1:1"), "the endpoint is named: {err}");
 }
+
+#[test]
+fn what_cairn_creates_is_the_operators_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let src = dir.path().join("db.pages");
+    std::fs::write(&src, vec![7u8; 65536]).unwrap();
+    run_ok(
+        cairn(&state)
+            .args([
+                "--json",
+                "checkpoint",
+                "--db",
+                "d",
+                "--kind",
+                "pages",
+                "--source",
+            ])
+            .arg(&src),
+    );
+    let to = dir.path().join("restored");
+    run_ok(
+        cairn(&state)
+            .args(["--json", "restore", "--db", "d", "--to"])
+            .arg(&to),
+    );
+    let mut seen = 0;
+    let mut todo = vec![state, to];
+    while let Some(p) = todo.pop() {
+        let m = std::fs::metadata(&p).unwrap();
+        let mode = m.permissions().mode() & 0o777;
+        let want = if m.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(mode, want, "{} has mode {mode:o}", p.display());
+        seen += 1;
+        if m.is_dir() {
+            todo.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    assert!(
+        seen > 10,
+        "the walk saw the state directory, its store and the restore"
+    );
+}
