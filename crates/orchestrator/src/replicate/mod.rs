@@ -119,6 +119,25 @@ struct Run<'c> {
     report: ReplicateReport,
 }
 
+/// The header of a segment of `snap`'s frames from `first` (`None` without a WAL).
+fn header_of(
+    snap: &SqliteSnapshot,
+    kind: SegmentKind,
+    first: u32,
+    captured_ms: u64,
+) -> Option<SegmentHeader> {
+    let (position, h) = (snap.position()?, snap.wal_header()?);
+    Some(SegmentHeader {
+        kind,
+        page_size: snap.page_size(),
+        checkpoint_seq: h.checkpoint_seq,
+        position,
+        first_frame: first,
+        backfilled: snap.backfilled(),
+        captured_ms,
+    })
+}
+
 fn frame_pages(frames: &[u8], page_size: u32) -> impl Iterator<Item = u64> + '_ {
     frames
         .chunks_exact(FRAME_HEADER_LEN + page_size as usize)
@@ -236,18 +255,9 @@ impl Run<'_> {
         first: u32,
         frames: &[u8],
     ) -> Result<(), CairnError> {
-        let (Some(position), Some(h)) = (snap.position(), snap.wal_header()) else {
+        let Some(header) = header_of(snap, kind, first, self.cp.env.now_ms()) else {
             // No WAL at all (never written in WAL mode): a gap still needs a header.
             return self.spool_bare(snap, kind).await;
-        };
-        let header = SegmentHeader {
-            kind,
-            page_size: snap.page_size(),
-            checkpoint_seq: h.checkpoint_seq,
-            position,
-            first_frame: first,
-            backfilled: snap.backfilled(),
-            captured_ms: self.cp.env.now_ms(),
         };
         let name = segment_name(self.next_lsn().await?, header.captured_ms, kind);
         let n = self.spool.write(&name, &header, frames)?;
@@ -450,17 +460,8 @@ impl Run<'_> {
                     return Ok::<_, CairnError>(());
                 }
                 let frames = snap.read_frames(first, last)?;
-                let (Some(position), Some(h)) = (snap.position(), snap.wal_header()) else {
+                let Some(header) = header_of(snap, SegmentKind::Frames, first, now_ms) else {
                     return Ok(());
-                };
-                let header = SegmentHeader {
-                    kind: SegmentKind::Frames,
-                    page_size: snap.page_size(),
-                    checkpoint_seq: h.checkpoint_seq,
-                    position,
-                    first_frame: first,
-                    backfilled: snap.backfilled(),
-                    captured_ms: now_ms,
                 };
                 let name = segment_name(next, now_ms, SegmentKind::Frames);
                 let n = spool.write(&name, &header, &frames)?;
