@@ -350,6 +350,8 @@ impl Run<'_> {
             .await?;
         self.unpublished = false;
         self.report.generation = Some(r.generation);
+        let state = self.cp.latest_state(&self.db).await?;
+        self.report.stream_end = state.and_then(|s| s.state.wal.map(|w| w.end.0));
         if let Some(s) = self.spool.newest()? {
             self.spool.prune(&s.name)?;
         }
