@@ -288,6 +288,12 @@ impl BlobDecoder {
         Ok(())
     }
 
+    /// [`BlobDecoder::push`] for a caller that only verifies (the payload is still
+    /// decompressed and hashed, then dropped).
+    pub fn check(&mut self, data: &[u8]) -> Result<(), CoreError> {
+        self.push(data, |_| Ok::<(), CoreError>(()))
+    }
+
     /// Runs `input` (body bytes) through zstd, handing the output to `sink`.
     fn inflate<E, F>(&mut self, mut input: &[u8], sink: &mut F) -> Result<(), E>
     where
