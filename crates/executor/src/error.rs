@@ -44,6 +44,15 @@ pub enum ExecError {
     /// The scratch space budget is exhausted.
     #[error("scratch space: {0}")]
     Quota(#[from] cairn_quota::QuotaError),
+    /// A payload could not be encoded as a blob (zstd failed to compress it).
+    #[error("staging a blob in {dir}: {source}")]
+    Encode {
+        /// The job's scratch directory.
+        dir: String,
+        /// The encoder's error.
+        #[source]
+        source: cairn_core::CoreError,
+    },
 }
 
 impl ExecError {
@@ -69,6 +78,7 @@ impl ExecError {
             ExecError::SourceChanged { .. } => ErrorClass::Transient,
             ExecError::Quota(q) => q.class(),
             ExecError::BadSource { .. } => ErrorClass::Permanent,
+            ExecError::Encode { source, .. } => source.class(),
         }
     }
 

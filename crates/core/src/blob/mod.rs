@@ -112,9 +112,10 @@ pub fn plausible_object_len(blob: &BlobRef, size: u64) -> bool {
         || (OVERHEAD_V2..=blob.len.saturating_add(OVERHEAD_V2)).contains(&size)
 }
 
-/// The largest object a blob of `blob`'s payload can be (a version 2 blob stored raw).
-pub fn max_object_len(blob: &BlobRef) -> u64 {
-    blob.len.saturating_add(OVERHEAD_V2)
+/// The largest object a blob of a `payload_len`-byte payload can be (a version 2 blob
+/// stored raw).
+pub fn max_object_len(payload_len: u64) -> u64 {
+    payload_len.saturating_add(OVERHEAD_V2)
 }
 
 /// Size of a version 1 object of a payload of `payload_len` bytes.
