@@ -17,7 +17,7 @@ mod chunk;
 mod memory;
 mod write;
 
-pub(crate) use chunk::fetch_blob;
+pub(crate) use chunk::fetch_blob_decoded;
 
 use std::path::Path;
 use std::time::Instant;
