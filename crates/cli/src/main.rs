@@ -3,6 +3,7 @@
 
 mod demo;
 mod output;
+mod replicate;
 mod wal;
 
 use std::path::PathBuf;
@@ -10,7 +11,8 @@ use std::process::ExitCode;
 
 use cairn_core::{DbId, Generation, Lsn, SourceKind, TenantId};
 use cairn_orchestrator::{
-    CairnError, CheckpointOptions, Checkpointer, Config, HeadOptions, RestoreOptions, Source,
+    CairnError, CheckpointOptions, Checkpointer, Config, HeadOptions, ReplicateOptions,
+    RestoreOptions, Source,
 };
 use clap::{Parser, Subcommand};
 
@@ -38,6 +40,10 @@ struct Cli {
     /// writes: the operator guarantees one writer per database (see docs/decisions)
     #[arg(long, global = true)]
     single_writer: bool,
+    /// Log lines on stderr as `text` (colours only on a terminal) or one JSON object per
+    /// line (`json`). The level comes from `CAIRN_LOG` (default `warn`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// Print one JSON document on stdout instead of a human report.
     #[arg(long, global = true)]
     json: bool,
@@ -73,7 +79,31 @@ enum Cmd {
         #[arg(long)]
         ranges: Option<PathBuf>,
     },
+    /// Replicate a live SQLite database continuously (its WAL as segments, at least once
+    /// per interval; page generations as the WAL grows) until SIGINT or SIGTERM.
+    Replicate {
+        /// Database name.
+        #[arg(long)]
+        db: String,
+        /// The SQLite file (in WAL mode).
+        #[arg(long)]
+        source: PathBuf,
+        /// Time between shipping steps: the loss window for a store that keeps up.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+        interval: std::time::Duration,
+        /// Write a page generation once this many bytes of WAL were shipped since the last.
+        #[arg(long, default_value_t = 256 << 20)]
+        page_every_bytes: u64,
+        /// ... or once this long passed since the last one.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
+        page_every: std::time::Duration,
+        /// Reset the WAL (checkpoint TRUNCATE) once its file passes this many bytes.
+        #[arg(long, default_value_t = 64 << 20)]
+        wal_limit: u64,
+    },
     /// Restore a generation (the latest by default), or a point of the WAL, to a path.
+    /// A database shipped by `cairn replicate` restores to one SQLite file: its newest
+    /// shipped commit, or the one at --lsn or --time.
     Restore {
         /// Database name.
         #[arg(long)]
@@ -81,10 +111,15 @@ enum Cmd {
         /// Generation to restore [default: latest].
         #[arg(long, conflicts_with = "lsn")]
         generation: Option<u64>,
-        /// Restore to this LSN: DIR/pages (the newest page checkpoint at or below it) and
-        /// DIR/wal/ (the segments to replay from it).
-        #[arg(long)]
+        /// Restore to this LSN: for a replicated SQLite database, the file as of the last
+        /// transaction at or below it; for other engines, DIR/pages (the newest page
+        /// checkpoint at or below it) and DIR/wal/ (the segments to replay from it).
+        #[arg(long, conflicts_with = "time")]
         lsn: Option<u64>,
+        /// Replicated SQLite only: the file as of the newest transaction shipped at or
+        /// before this time (RFC 3339 in UTC, e.g. 2026-12-02T18:00:00Z).
+        #[arg(long)]
+        time: Option<String>,
         /// Where to write the database file, segment directory or point directory.
         #[arg(long)]
         to: PathBuf,
@@ -227,14 +262,32 @@ enum Cmd {
     },
 }
 
+/// The format of log lines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 fn main() -> ExitCode {
+    // Everything Cairn creates (state, scratch, spool, the local store, restored files)
+    // is the operator's alone: files 0600, directories 0700. A local store holds a full
+    // copy of the database.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -321,11 +374,22 @@ async fn run(cli: Cli) -> Result<ExitCode, CairnError> {
             db,
             generation,
             lsn,
+            time,
             to,
             force,
         } => {
             let cp = open(config(&cli)?).await?;
             let db = DbId::new(db.clone())?;
+            let time = time.as_deref().map(replicate::parse_time).transpose()?;
+            if time.is_some()
+                || cp
+                    .is_replicated_sqlite(&db, generation.map(Generation))
+                    .await?
+            {
+                let point = (*lsn, time);
+                replicate::restore(&cp, &db, *generation, point, to, *force, json).await?;
+                return Ok(ExitCode::SUCCESS);
+            }
             let opts = RestoreOptions {
                 generation: generation.map(Generation),
                 lsn: lsn.map(Lsn),
@@ -333,6 +397,24 @@ async fn run(cli: Cli) -> Result<ExitCode, CairnError> {
             };
             let r = cp.restore_with(&db, to, &opts).await?;
             output::restore(json, &r);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Replicate {
+            db,
+            source,
+            interval,
+            page_every_bytes,
+            page_every,
+            wal_limit,
+        } => {
+            let cp = open(config(&cli)?).await?;
+            let opts = ReplicateOptions {
+                interval: *interval,
+                page_every_bytes: *page_every_bytes,
+                page_every: *page_every,
+                wal_limit: *wal_limit,
+            };
+            replicate::run(&cp, &DbId::new(db.clone())?, source, &opts, json).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Watermark { db } => {

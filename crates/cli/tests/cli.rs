@@ -412,3 +412,73 @@ fn two_processes_racing_for_a_generation_one_wins_the_other_is_fenced() {
         }
     }
 }
+
+#[test]
+fn a_dead_endpoint_fails_fast_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("db.pages");
+    std::fs::write(&src, vec![7u8; 8192]).unwrap();
+    let started = std::time::Instant::now();
+    let out = run_err(
+        cairn(&dir.path().join("state"))
+            .env("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+            .env("AWS_ACCESS_KEY_ID", "x")
+            .env("AWS_SECRET_ACCESS_KEY", "y")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ALLOW_HTTP", "true")
+            .args(["--store", "s3://bucket/p", "checkpoint", "--db", "d"])
+            .args(["--kind", "pages", "--source"])
+            .arg(&src),
+    );
+    let err = stderr(&out);
+    // The bound for a one-shot command against an endpoint refusing connections.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "{err}"
+    );
+    assert!(err.contains("127.0.0.1:1"), "the endpoint is named: {err}");
+}
+
+#[test]
+fn what_cairn_creates_is_the_operators_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let src = dir.path().join("db.pages");
+    std::fs::write(&src, vec![7u8; 65536]).unwrap();
+    run_ok(
+        cairn(&state)
+            .args([
+                "--json",
+                "checkpoint",
+                "--db",
+                "d",
+                "--kind",
+                "pages",
+                "--source",
+            ])
+            .arg(&src),
+    );
+    let to = dir.path().join("restored");
+    run_ok(
+        cairn(&state)
+            .args(["--json", "restore", "--db", "d", "--to"])
+            .arg(&to),
+    );
+    let mut seen = 0;
+    let mut todo = vec![state, to];
+    while let Some(p) = todo.pop() {
+        let m = std::fs::metadata(&p).unwrap();
+        let mode = m.permissions().mode() & 0o777;
+        let want = if m.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(mode, want, "{} has mode {mode:o}", p.display());
+        seen += 1;
+        if m.is_dir() {
+            todo.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    assert!(
+        seen > 10,
+        "the walk saw the state directory, its store and the restore"
+    );
+}

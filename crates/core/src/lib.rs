@@ -13,6 +13,7 @@ pub mod error;
 pub mod ids;
 pub mod keys;
 pub mod manifest;
+pub mod sqlite_segment;
 pub mod sqlite_wal;
 
 pub use address::{BlobKind, BlobRef, ContentAddress, Digest128, PayloadHasher};

@@ -258,6 +258,13 @@ impl SegmentWriter {
     }
 }
 
+/// Whether an assembly of `target` was renamed into place: the target exists and no
+/// staging copy of it does. A restore killed between that rename and recording it uses
+/// this to finish instead of writing everything again.
+pub fn committed(target: &Path) -> bool {
+    target.exists() && !staging_path(target).exists()
+}
+
 /// Removes what an abandoned restore to `target` left beside it (`<target>.cairn-restore`).
 pub fn discard_partial(target: &Path) -> Result<(), ExecError> {
     remove_if_exists(&staging_path(target), "remove partial restore")

@@ -44,6 +44,9 @@ pub enum ExecError {
     /// The scratch space budget is exhausted.
     #[error("scratch space: {0}")]
     Quota(#[from] cairn_quota::QuotaError),
+    /// A segment that does not decode (its error names it).
+    #[error(transparent)]
+    Format(#[from] cairn_core::CoreError),
     /// A payload could not be encoded as a blob (zstd failed to compress it).
     #[error("staging a blob in {dir}: {source}")]
     Encode {
@@ -77,6 +80,7 @@ impl ExecError {
             },
             ExecError::SourceChanged { .. } => ErrorClass::Transient,
             ExecError::Quota(q) => q.class(),
+            ExecError::Format(e) => e.class(),
             ExecError::BadSource { .. } => ErrorClass::Permanent,
             ExecError::Encode { source, .. } => source.class(),
         }

@@ -6,10 +6,14 @@ pub mod assemble;
 pub mod compose;
 pub mod error;
 mod fsutil;
+mod kept;
 pub mod point;
 pub mod scratch;
 pub mod source;
 pub mod sqlite;
+pub mod sqlite_apply;
+pub mod sqlite_control;
+pub mod sqlite_spool;
 
 pub use assemble::{AssemblyWriter, DirAssembler, FileAssembler};
 pub use compose::{held_from, BaseWrite, Composer, DeltaPiece, HeldPiece, Part};
@@ -21,3 +25,6 @@ pub use source::{
     PageFile, PageScan, ReadAt, SegmentFile,
 };
 pub use sqlite::{FullScanReason, SqliteSnapshot};
+pub use sqlite_apply::{apply_segments, Applied};
+pub use sqlite_control::{frames_to_ship, Shipped, SqliteControl, Truncation};
+pub use sqlite_spool::{Spool, Spooled};

@@ -28,7 +28,7 @@ use std::fs::File;
 use std::io::{BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cairn_core::sqlite_wal::{check_frame, WalHeader, FRAME_HEADER_LEN, WAL_HEADER_LEN};
@@ -75,9 +75,9 @@ impl FullScanReason {
 /// A SQLite database's snapshot under a held read transaction (see the module docs).
 pub struct SqliteSnapshot {
     path: PathBuf,
-    main: File,
+    main: Arc<File>,
     main_len: u64,
-    wal: Option<(PathBuf, File)>,
+    wal: Option<(PathBuf, Arc<File>)>,
     page_size: u32,
     len: u64,
     /// Page index (from 0) → offset in the WAL of its newest committed frame's page.
@@ -85,6 +85,10 @@ pub struct SqliteSnapshot {
     position: Option<WalPosition>,
     changed: Result<Vec<u64>, FullScanReason>,
     frames: u32,
+    header: Option<WalHeader>,
+    /// Committed frames: (offset of the frame header in the WAL, its checksum).
+    committed: Vec<(u64, (u32, u32))>,
+    backfilled: bool,
     _reader: Mutex<Connection>,
 }
 
@@ -108,6 +112,8 @@ struct WalScan {
     overlay: BTreeMap<u64, u64>,
     /// Pages of committed frames after `since`, or why they are unknown.
     changed: Result<Vec<u64>, FullScanReason>,
+    /// Every committed frame: (offset of its header, its checksum).
+    committed: Vec<(u64, (u32, u32))>,
 }
 
 fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> ExecError + '_ {
@@ -123,6 +129,20 @@ fn side_file(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// Reads a file from the start with `pread`, leaving the descriptor's offset alone.
+struct PosReader<'f> {
+    file: &'f File,
+    pos: u64,
+}
+
+impl Read for PosReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = FileExt::read_at(self.file, buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
 /// Parses the WAL at `wal_path` (held stable by the write lock) up to its last commit
 /// frame; `None` if it has no valid header.
 fn scan_wal(
@@ -130,7 +150,8 @@ fn scan_wal(
     file: &File,
     since: Option<WalPosition>,
 ) -> Result<Option<WalScan>, ExecError> {
-    let mut r = BufReader::with_capacity(IO_BUF, file);
+    // Positional reads: the descriptor is shared (see `crate::kept`), its offset is not ours.
+    let mut r = BufReader::with_capacity(IO_BUF, PosReader { file, pos: 0 });
     let mut head = [0u8; WAL_HEADER_LEN];
     match r.read_exact(&mut head) {
         Ok(()) => {}
@@ -146,6 +167,8 @@ fn scan_wal(
     let mut last_commit = (0u32, header.checksum);
     let mut overlay = BTreeMap::new();
     let mut pending: Vec<(u64, u64)> = Vec::new();
+    let mut committed = Vec::new();
+    let mut pending_frames = Vec::new();
     let mut changed = Vec::new();
     let mut pending_changed = Vec::new();
     // Whether `since` is in this WAL: decided at its frame (or at once for frame 0).
@@ -172,11 +195,13 @@ fn scan_wal(
             + FRAME_HEADER_LEN as u64;
         let page = u64::from(f.page - 1);
         pending.push((page, at));
+        pending_frames.push((at - FRAME_HEADER_LEN as u64, f.checksum));
         if since_ok == Ok(true) {
             pending_changed.push(page);
         }
         if f.commit.is_some() {
             overlay.extend(pending.drain(..));
+            committed.append(&mut pending_frames);
             changed.append(&mut pending_changed);
             last_commit = (n, f.checksum);
         }
@@ -205,14 +230,15 @@ fn scan_wal(
         last_commit,
         overlay,
         changed,
+        committed,
     }))
 }
 
 /// The WAL index's `nBackfill` and `mxFrame` (`-shm`, native byte order), if readable.
 fn wal_index(shm: &Path) -> Option<(u32, u32)> {
-    let f = File::open(shm).ok()?;
+    let f = crate::kept::open(shm).ok()?;
     let mut b = [0u8; 100];
-    FileExt::read_exact_at(&f, &mut b, 0).ok()?;
+    FileExt::read_exact_at(&*f, &mut b, 0).ok()?;
     let word = |at: usize| {
         let mut w = [0u8; 4];
         w.copy_from_slice(&b[at..at + 4]);
@@ -225,6 +251,16 @@ impl SqliteSnapshot {
     /// Opens a snapshot of the SQLite database at `src` and finds the pages changed since
     /// `since` (the previous snapshot's position), see the module docs.
     pub fn open(src: &Path, since: Option<WalPosition>) -> Result<Self, ExecError> {
+        Self::open_locked(src, since, None)
+    }
+
+    /// [`SqliteSnapshot::open`] while `held` (a connection of the caller's, see
+    /// [`crate::SqliteControl`]) already holds the write lock; it stays held.
+    pub(crate) fn open_locked(
+        src: &Path,
+        since: Option<WalPosition>,
+        held: Option<&Connection>,
+    ) -> Result<Self, ExecError> {
         let sql = sql_err(src);
         let meta = std::fs::metadata(src).map_err(ExecError::io("open source", src))?;
         if !meta.is_file() {
@@ -256,18 +292,25 @@ impl SqliteSnapshot {
             c.query_row("PRAGMA page_count", [], |r| r.get(0))
                 .map_err(&sql)
         };
-        let main = File::open(src).map_err(ExecError::io("open source", src))?;
+        let main = crate::kept::open(src).map_err(ExecError::io("open source", src))?;
+        let mut backfilled = true;
         let (pages, wal, scan) = if wal_mode {
-            let writer = Connection::open_with_flags(
-                src,
-                OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            )
-            .map_err(&sql)?;
-            writer.busy_timeout(WRITE_LOCK_WAIT).map_err(&sql)?;
-            writer.execute_batch("BEGIN IMMEDIATE").map_err(&sql)?;
+            let writer = match held {
+                Some(_) => None,
+                None => {
+                    let w = Connection::open_with_flags(
+                        src,
+                        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                    )
+                    .map_err(&sql)?;
+                    w.busy_timeout(WRITE_LOCK_WAIT).map_err(&sql)?;
+                    w.execute_batch("BEGIN IMMEDIATE").map_err(&sql)?;
+                    Some(w)
+                }
+            };
             let pages = begin(&reader)?;
             let wal_path = side_file(src, "-wal");
-            let (wal, scan) = match File::open(&wal_path) {
+            let (wal, scan) = match crate::kept::open(&wal_path) {
                 Ok(f) => {
                     let scan = scan_wal(&wal_path, &f, since)?;
                     (Some((wal_path, f)), scan)
@@ -276,9 +319,11 @@ impl SqliteSnapshot {
                 Err(e) => return Err(ExecError::io("open WAL", &wal_path)(e)),
             };
             let index = wal_index(&side_file(src, "-shm"));
-            writer.execute_batch("ROLLBACK").map_err(&sql)?;
-            drop(writer);
+            if let Some(w) = writer {
+                w.execute_batch("ROLLBACK").map_err(&sql)?;
+            }
             let last = scan.as_ref().map_or(0, |s| s.last_commit.0);
+            backfilled = index.map_or(last == 0, |(b, _)| b >= last);
             let scan = match (scan, index) {
                 (Some(mut s), Some((backfilled, mx_frame))) => {
                     if mx_frame != last {
@@ -341,6 +386,12 @@ impl SqliteSnapshot {
             wal,
             page_size,
             len: pages * u64::from(page_size),
+            header: scan.as_ref().map(|s| s.header),
+            committed: scan
+                .as_ref()
+                .map(|s| s.committed.clone())
+                .unwrap_or_default(),
+            backfilled,
             overlay: scan.map(|s| s.overlay).unwrap_or_default(),
             position,
             changed,
@@ -379,6 +430,51 @@ impl SqliteSnapshot {
         self.frames
     }
 
+    /// The WAL's header, if it has a valid one.
+    pub fn wal_header(&self) -> Option<WalHeader> {
+        self.header
+    }
+
+    /// Whether every committed frame had been copied into the main file when the snapshot
+    /// began (SQLite then reads the main file alone, and may restart the WAL once).
+    pub fn backfilled(&self) -> bool {
+        self.backfilled
+    }
+
+    /// Replaces the changed pages with `changed` (a caller that followed every frame since
+    /// the previous page checkpoint knows them better than a WAL position can say).
+    pub fn set_changed(&mut self, changed: Result<Vec<u64>, FullScanReason>) {
+        self.changed = changed;
+    }
+
+    /// The checksum of committed frame `n` (from 1), if the snapshot includes it.
+    pub fn frame_checksum(&self, n: u32) -> Option<(u32, u32)> {
+        let i = usize::try_from(n).ok()?.checked_sub(1)?;
+        self.committed.get(i).map(|(_, c)| *c)
+    }
+
+    /// The bytes of committed frames `first..=last` (from 1) as they are in the WAL.
+    pub fn read_frames(&self, first: u32, last: u32) -> Result<Vec<u8>, ExecError> {
+        let (Some((path, wal)), Some(h)) = (&self.wal, &self.header) else {
+            return Ok(Vec::new());
+        };
+        let range = usize::try_from(first.max(1) - 1).unwrap_or(usize::MAX)
+            ..usize::try_from(last).unwrap_or(usize::MAX);
+        let Some(frames) = self.committed.get(range) else {
+            return Err(ExecError::SourceChanged {
+                path: self.path.display().to_string(),
+                detail: format!("frames {first}..={last} are not all in its snapshot"),
+            });
+        };
+        let Some(&(start, _)) = frames.first() else {
+            return Ok(Vec::new());
+        };
+        let step = (FRAME_HEADER_LEN + h.page_size as usize) as u64;
+        let mut out = vec![0u8; frames.len() * step as usize];
+        FileExt::read_exact_at(&**wal, &mut out, start).map_err(ExecError::io("read WAL", path))?;
+        Ok(out)
+    }
+
     /// Pages (from 0, ascending) changed since the position given to
     /// [`SqliteSnapshot::open`], or why they are not known.
     pub fn changed(&self) -> Result<&[u64], FullScanReason> {
@@ -399,7 +495,7 @@ impl ReadAt for SqliteSnapshot {
         let from_main = usize::try_from(self.main_len.saturating_sub(offset))
             .unwrap_or(usize::MAX)
             .min(buf.len());
-        FileExt::read_exact_at(&self.main, &mut buf[..from_main], offset)?;
+        FileExt::read_exact_at(&*self.main, &mut buf[..from_main], offset)?;
         buf[from_main..].fill(0);
         let ps = u64::from(self.page_size);
         let (first, last) = (offset / ps, (end - 1) / ps);
@@ -408,7 +504,7 @@ impl ReadAt for SqliteSnapshot {
             let start = page * ps;
             let (s, e) = (start.max(offset), (start + ps).min(end));
             let dst = &mut buf[(s - offset) as usize..(e - offset) as usize];
-            FileExt::read_exact_at(wal, dst, at + (s - start))?;
+            FileExt::read_exact_at(&**wal, dst, at + (s - start))?;
         }
         // Pages past the main file's end exist only as frames.
         let past = self.main_len.div_ceil(ps).max(first);

@@ -27,6 +27,7 @@ mod history;
 mod janitor;
 mod publication;
 mod queue;
+mod replicate;
 mod restore;
 mod runner;
 mod truncate;
@@ -58,7 +59,8 @@ pub use gc::{Count, GcOptions, GcReport, KeptBlob, Pin};
 pub use history::{GenerationInfo, GenerationState};
 pub use publication::MAX_DIFF_CHAIN;
 pub use queue::{CancelHandle, JobEvent, JobRecord, JobSpec, JobState, JobStatus, Phase, Progress};
-pub use restore::{RestoreOptions, RestoreReport};
+pub use replicate::{ReplicateOptions, ReplicateReport};
+pub use restore::{RestoreOptions, RestoreReport, SqlitePoint, SqliteRestoreReport};
 pub use runner::JobOutcome;
 pub use truncate::{HeadOptions, LeaseHandle, LeaseInfo, TruncateReport, Watermark};
 pub use verify::VerifyReport;
@@ -80,6 +82,9 @@ pub struct Checkpointer {
     /// Per database, the tracker whose dirty pages checkpoints trust (see
     /// [`CheckpointOptions::tracker`]).
     trackers: dashmap::DashMap<cairn_core::DbId, u64>,
+    /// SQLite snapshots lent to checkpoint jobs by their enqueuer (see
+    /// [`CheckpointOptions::snapshot`]), taken by the job's plan.
+    lent: dashmap::DashMap<JobId, Arc<cairn_executor::SqliteSnapshot>>,
     store_checked: tokio::sync::OnceCell<()>,
 }
 
@@ -159,6 +164,7 @@ impl Checkpointer {
             db_locks: dashmap::DashMap::new(),
             latest: dashmap::DashMap::new(),
             trackers: dashmap::DashMap::new(),
+            lent: dashmap::DashMap::new(),
             store_checked: tokio::sync::OnceCell::new(),
         };
         cp.sweep_finished_jobs()?;

@@ -3,7 +3,9 @@
 //! Contract: [`Retry`] is the one retry engine of a store. A [`Budget`] allows at most
 //! `retry_max_attempts` attempts of one operation and no retry that would start after
 //! `retry_total_ms`; between attempts it sleeps an exponential backoff with full jitter
-//! (`retry_initial_backoff_ms` doubling up to `retry_max_backoff_ms`). Only failures whose
+//! (`retry_initial_backoff_ms` doubling up to `retry_max_backoff_ms`); a connection
+//! failure of an endpoint that has never answered gets only a few attempts, so a dead or
+//! mistyped endpoint fails fast. Only failures whose
 //! [`Cause`] is transient are retried ([`crate::classify`] decides, once, for everyone);
 //! a permanent failure ends the operation at once. Every retry is counted in the store's
 //! statistics and logged at debug level; giving up is logged as a warning.
@@ -84,7 +86,13 @@ pub(crate) struct Retry {
     /// The store's description, for logs.
     store: String,
     stats: Arc<Stats>,
+    /// The endpoint has answered at least once (any response, even an error).
+    answered: std::sync::atomic::AtomicBool,
 }
+
+/// Attempts of one operation against an endpoint that has never accepted a connection: a
+/// dead or mistyped endpoint fails within seconds instead of the whole budget.
+const UNANSWERED_CONNECT_ATTEMPTS: u32 = 3;
 
 impl Retry {
     pub(crate) fn new(cfg: &StoreConfig, store: String, stats: Arc<Stats>) -> Self {
@@ -97,7 +105,13 @@ impl Retry {
             total: Duration::from_millis(cfg.retry_total_ms),
             store,
             stats,
+            answered: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    fn answered(&self) {
+        self.answered
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A fresh budget for one operation, starting now with its first attempt.
@@ -132,7 +146,10 @@ impl Retry {
         let mut budget = self.budget();
         loop {
             match attempt().await {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    self.answered();
+                    return Ok(v);
+                }
                 Err(e) if e.transient_cause().is_none() => return Err(Failure::Final(e)),
                 Err(e) => {
                     if !budget.wait(op, target, &e).await {
@@ -155,14 +172,28 @@ pub(crate) struct Budget {
 impl Budget {
     /// After a failed attempt with the transient error `e`: sleeps the backoff and returns
     /// `true` (the caller makes the next attempt), or returns `false` when the attempts or
-    /// the time are spent. `e`'s cause is where a policy for particular causes (say, an
-    /// endpoint that never accepted a connection) would look.
+    /// the time are spent. A connection failure of an endpoint that never answered gets
+    /// only [`UNANSWERED_CONNECT_ATTEMPTS`] attempts.
     pub(crate) async fn wait(
         &mut self,
         op: &'static str,
         target: &str,
         e: &impl Classified,
     ) -> bool {
+        let cause = e.transient_cause();
+        if cause != Some(Cause::Connect) {
+            self.retry.answered();
+        }
+        let never_answered = !self
+            .retry
+            .answered
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if cause == Some(Cause::Connect)
+            && never_answered
+            && self.attempts >= UNANSWERED_CONNECT_ATTEMPTS
+        {
+            return false;
+        }
         let Some(delay) = self.next_delay() else {
             return false;
         };
@@ -596,6 +627,46 @@ mod tests {
         ));
         let layer = RetryStore::wrap(Layer::of(Arc::clone(&f), false), retry);
         (layer, f, stats)
+    }
+
+    /// An error of a chosen cause.
+    struct Failing(Cause);
+
+    impl std::fmt::Display for Failing {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "{:?}", self.0)
+        }
+    }
+
+    impl Classified for Failing {
+        fn transient_cause(&self) -> Option<Cause> {
+            Some(self.0)
+        }
+    }
+
+    async fn attempts_until_given_up(retry: &Arc<Retry>, cause: Cause) -> u32 {
+        let mut n = 0;
+        let r: Result<(), _> = retry
+            .run("get", "k", || {
+                n += 1;
+                async move { Err(Failing(cause)) }
+            })
+            .await;
+        assert!(matches!(r, Err(Failure::Exhausted { .. })));
+        n
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_that_never_answered_gets_few_connect_attempts() {
+        let retry = Arc::new(Retry::new(&fast(10), "test".into(), Arc::default()));
+        assert_eq!(
+            attempts_until_given_up(&retry, Cause::Connect).await,
+            UNANSWERED_CONNECT_ATTEMPTS
+        );
+        // Other causes get the whole budget, and once the endpoint answered, so do
+        // connection failures.
+        assert_eq!(attempts_until_given_up(&retry, Cause::Timeout).await, 10);
+        assert_eq!(attempts_until_given_up(&retry, Cause::Connect).await, 10);
     }
 
     #[tokio::test]

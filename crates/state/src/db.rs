@@ -160,6 +160,14 @@ impl StateDb {
             .map_err(self.rocks("write batch"))
     }
 
+    /// Writes `batch` without waiting for it to reach the disk: a process crash keeps it
+    /// (RocksDB's log is written before this returns), a power loss may drop it together
+    /// with later unsynced batches, never an earlier synced one; the next synced write
+    /// makes it durable too.
+    pub(crate) fn write_relaxed(&self, batch: WriteBatch) -> Result<(), StateError> {
+        self.db.write(batch).map_err(self.rocks("write batch"))
+    }
+
     /// Held across a read-modify-write of shared records.
     pub(crate) fn serial(&self) -> MutexGuard<'_, ()> {
         // The guarded sequences leave consistent state even if a holder panicked.

@@ -7,6 +7,9 @@
 //!
 //! Contract: a record and the items that go with a step are written in one synced batch
 //! ([`StateDb::put_job`]), so after a crash a job's items always match its record's step.
+//! Per-unit progress (a chunk or segment done) may be written relaxed
+//! ([`StateDb::put_job_relaxed`]): one batch still, kept by a killed process, possibly
+//! dropped by a power loss, which then only redoes those units.
 //! Values are opaque here; their types belong to the orchestrator's job queue. Nothing
 //! here retries or is cancellable: each call is one RocksDB operation.
 
@@ -106,6 +109,27 @@ impl StateDb {
         record: &[u8],
         items: &[ItemWrite<'_>],
     ) -> Result<(), StateError> {
+        self.write(self.job_batch(id, record, items)?)
+    }
+
+    /// [`StateDb::put_job`] without the fsync, for progress whose loss in a power failure
+    /// only means redoing that work (see [`StateDb`]'s relaxed writes): a killed process
+    /// keeps it.
+    pub fn put_job_relaxed(
+        &self,
+        id: JobId,
+        record: &[u8],
+        items: &[ItemWrite<'_>],
+    ) -> Result<(), StateError> {
+        self.write_relaxed(self.job_batch(id, record, items)?)
+    }
+
+    fn job_batch(
+        &self,
+        id: JobId,
+        record: &[u8],
+        items: &[ItemWrite<'_>],
+    ) -> Result<WriteBatch, StateError> {
         let cf = self.cf("jobs")?;
         let mut b = WriteBatch::default();
         b.put_cf(cf, job_key(id), record);
@@ -117,7 +141,7 @@ impl StateDb {
                 None => b.delete_cf(cf, key),
             }
         }
-        self.write(b)
+        Ok(b)
     }
 
     /// A job record.

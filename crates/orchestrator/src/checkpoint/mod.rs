@@ -108,6 +108,11 @@ pub struct CheckpointOptions {
     /// For a segment directory, the LSN range `[start, end)` of each file by name, for an
     /// engine whose LSNs are not byte offsets. `None`: byte offsets in name order.
     pub segment_lsns: Option<BTreeMap<String, (Lsn, Lsn)>>,
+    /// For a SQLite source, the snapshot to checkpoint, opened by the caller (who set its
+    /// changed pages): with `lsn`, the caller knows that the snapshot is the state at that
+    /// LSN. It lives only in this process: a job resumed without it that was given an LSN
+    /// fails ([`CairnError::SourceChanged`]) rather than publish another state under it.
+    pub snapshot: Option<Arc<cairn_executor::SqliteSnapshot>>,
 }
 
 /// What a checkpoint did.
@@ -204,6 +209,9 @@ impl<'a> CheckpointRun<'a> {
             }),
             Err(e) => Err(e),
         };
+        // A lent snapshot not taken by a plan (the job failed first) ends its read
+        // transaction here.
+        self.cp.lent.remove(&id);
         if let (Ok(_), Some(id)) = (&result, self.trust) {
             self.cp.trackers.insert(self.db.clone(), id);
         }
@@ -307,6 +315,12 @@ impl Checkpointer {
                     .into(),
             });
         }
+        if opts.snapshot.is_some() && source.kind() != SourceKind::Sqlite {
+            return Err(CairnError::Config {
+                what: format!("checkpoint of {db}"),
+                reason: "a SQLite snapshot is given to SQLite sources only".into(),
+            });
+        }
         if opts.segment_lsns.is_some() && source.kind() != SourceKind::Segments {
             return Err(CairnError::Config {
                 what: format!("checkpoint of {db}"),
@@ -331,7 +345,11 @@ impl Checkpointer {
         if let Some(ranges) = &opts.segment_lsns {
             items.push(Item::Ranges(ranges));
         }
-        self.enqueue_with(spec, &items)
+        let id = self.enqueue_with(spec, &items)?;
+        if let Some(snap) = &opts.snapshot {
+            self.lent.insert(id, Arc::clone(snap));
+        }
+        Ok(id)
     }
 
     /// Whether generation `g` of `db` was published by garbage collection.

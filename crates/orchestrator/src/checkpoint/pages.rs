@@ -1,6 +1,6 @@
 //! The run over a page source: every chunk the job has not recorded is analysed (in
 //! parallel, on blocking threads), its blob stored through the sink, and the chunk
-//! recorded with its page digests in one synced batch.
+//! recorded with its page digests in one batch (relaxed: see `Job::progress`).
 //!
 //! Crash: a chunk is recorded after its blob is staged (or found stored), before its upload
 //! finishes; a resumed run checks each recorded blob ([`super::sink::BlobSink::ensure_stored`])
@@ -220,7 +220,7 @@ impl PagesRun<'_, '_, '_> {
             if let Some(d) = &digests {
                 writes.push(Item::Digests(c.index, d));
             }
-            self.job.update(
+            self.job.progress(
                 |r| {
                     r.progress.done += 1;
                     r.progress.bytes_done += c.len;

@@ -179,14 +179,29 @@ impl Checkpointer {
                     .wal_position(&tenant, db)?
                     .filter(|(g, _)| prev_pages.map(|p| p.generation.0) == Some(*g))
                     .map(|(_, pos)| pos);
-                let path = p.clone();
-                let snap = tokio::task::spawn_blocking(move || SqliteSnapshot::open(&path, since))
-                    .await
-                    .map_err(|source| CairnError::Join {
-                        job: job.id().to_string(),
-                        what: "SQLite snapshot",
-                        source,
-                    })??;
+                let lent = self.lent.get(&job.id()).map(|e| Arc::clone(e.value()));
+                let snap = match lent {
+                    Some(s) => s,
+                    None if lsn.is_some() => {
+                        return Err(CairnError::SourceChanged {
+                            db: db.clone(),
+                            path: p.display().to_string(),
+                            lsn: lsn.map_or(0, |l| l.0),
+                            job: job.id().to_string(),
+                        })
+                    }
+                    None => {
+                        let path = p.clone();
+                        let open = move || SqliteSnapshot::open(&path, since);
+                        Arc::new(tokio::task::spawn_blocking(open).await.map_err(|source| {
+                            CairnError::Join {
+                                job: job.id().to_string(),
+                                what: "SQLite snapshot",
+                                source,
+                            }
+                        })??)
+                    }
+                };
                 let info = SqlitePlan {
                     position: snap.position(),
                     full_scan_reason: snap.changed().err(),
@@ -194,7 +209,7 @@ impl Checkpointer {
                 };
                 changed = snap.changed().ok().map(<[u64]>::to_vec);
                 let out = page_body(p, snap.len(), snap.page_size(), Some(info))?;
-                snapshot = Some(Arc::new(snap));
+                snapshot = Some(snap);
                 out
             }
             Source::Pages { path, page_size } => {

@@ -1,5 +1,5 @@
 //! The run over a segment directory: each new segment is stored through the sink and
-//! recorded in one synced batch; the published stream carries the older ones.
+//! recorded in one batch (relaxed: see `Job::progress`); the published stream carries the older ones.
 //!
 //! Crash: a segment is recorded once its blob is staged (local store) or its upload started
 //! from the file (remote store); a resumed run checks each recorded blob and stores again
@@ -47,7 +47,7 @@ impl SegmentsRun<'_, '_, '_> {
             let item = SegItem {
                 entry: entry.clone(),
             };
-            self.job.update(
+            self.job.progress(
                 |r| {
                     r.progress.done += 1;
                     r.progress.bytes_done += n.len;

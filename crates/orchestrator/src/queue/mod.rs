@@ -56,6 +56,27 @@ impl<'a> Job<'a> {
         change: impl FnOnce(&mut JobRecord),
         items: &[Item<'_>],
     ) -> Result<(), CairnError> {
+        self.write(change, items, true)
+    }
+
+    /// [`Job::update`] for one unit of progress (a chunk or segment staged or restored):
+    /// one batch, not fsynced. A killed process keeps it; a power loss may drop it, and
+    /// the next attempt then does that unit again. The next synced update (every phase
+    /// change is one) makes it durable, so nothing after a phase depends on it.
+    pub(crate) fn progress(
+        &mut self,
+        change: impl FnOnce(&mut JobRecord),
+        items: &[Item<'_>],
+    ) -> Result<(), CairnError> {
+        self.write(change, items, false)
+    }
+
+    fn write(
+        &mut self,
+        change: impl FnOnce(&mut JobRecord),
+        items: &[Item<'_>],
+        sync: bool,
+    ) -> Result<(), CairnError> {
         let mut next = self.rec.clone();
         change(&mut next);
         next.updated_ms = self.cp.env.now_ms();
@@ -65,7 +86,13 @@ impl<'a> Job<'a> {
             .collect::<Result<_, _>>()?;
         let writes: Vec<cairn_state::ItemWrite<'_>> =
             encoded.iter().map(|(k, v)| (*k, v.as_deref())).collect();
-        self.cp.state.put_job(next.id, &next.encode()?, &writes)?;
+        if sync {
+            self.cp.state.put_job(next.id, &next.encode()?, &writes)?;
+        } else {
+            self.cp
+                .state
+                .put_job_relaxed(next.id, &next.encode()?, &writes)?;
+        }
         self.rec = next;
         self.cp.cancels.publish(event(&self.rec));
         Ok(())

@@ -15,6 +15,7 @@
 
 mod chunk;
 mod memory;
+mod sqlite;
 mod write;
 
 pub(crate) use chunk::fetch_blob_decoded;
@@ -38,6 +39,7 @@ fn occupied(path: &Path) -> bool {
     }
 }
 use crate::{CairnError, Checkpointer, GenerationState, JobOutcome};
+pub use sqlite::{SqlitePoint, SqliteRestoreReport};
 
 /// What a restore did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -325,6 +327,18 @@ impl Checkpointer {
             path: to.display().to_string(),
             ..Default::default()
         };
+        let was_written = job
+            .as_deref()
+            .is_some_and(|j| j.rec().phase == Phase::Written);
+        if was_written && cairn_executor::assemble::committed(to) {
+            // Killed after renaming the assembly into place, before recording it.
+            report.bytes_written = parts.pages.map_or(0, |p| p.len)
+                + parts.segments.iter().map(|s| s.len).sum::<u64>();
+            if let Some(j) = job {
+                j.update(|r| r.phase = Phase::Committed, &[])?;
+            }
+            return Ok(report);
+        }
         let mut w = write::Writer::start(self, &m.tenant, &m.db, parts, job.as_deref_mut())?;
         let outcome = async {
             match parts.layout {

@@ -92,7 +92,7 @@ impl<'w, 'j> Writer<'w, 'j> {
     fn record(&mut self, item: Item<'_>, bytes: u64) -> Result<(), CairnError> {
         if let Some(j) = self.job.as_deref_mut() {
             self.cp.check_cancel(j.id())?;
-            j.update(
+            j.progress(
                 |r| {
                     r.progress.done += 1;
                     r.progress.bytes_done += bytes;

@@ -1,0 +1,119 @@
+//! `cairn replicate` (continuous SQLite replication until SIGINT or SIGTERM) and the
+//! restore of a replicated SQLite database to a transaction.
+
+use std::path::Path;
+
+use cairn_orchestrator::{
+    CairnError, Checkpointer, DbId, Generation, Lsn, ReplicateOptions, ReplicateReport,
+    SqlitePoint, SqliteRestoreReport,
+};
+
+/// Parses `--time`: RFC 3339 in UTC (`2026-12-02T18:00:00Z`, fractions allowed), to unix ms.
+pub fn parse_time(s: &str) -> Result<u64, CairnError> {
+    let t = humantime::parse_rfc3339_weak(s).map_err(|e| CairnError::Config {
+        what: format!("--time {s}"),
+        reason: format!("{e}; give RFC 3339 in UTC, e.g. 2026-12-02T18:00:00Z"),
+    })?;
+    let d = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| CairnError::Config {
+            what: format!("--time {s}"),
+            reason: "before 1970".into(),
+        })?;
+    Ok(d.as_millis() as u64)
+}
+
+/// Runs the replication of `source` as `db` until a signal asks it to stop.
+pub async fn run(
+    cp: &Checkpointer,
+    db: &DbId,
+    source: &Path,
+    opts: &ReplicateOptions,
+    json: bool,
+) -> Result<(), CairnError> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| CairnError::Config {
+            what: "SIGTERM handler".into(),
+            reason: e.to_string(),
+        })?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("stopping: shipping what is committed, then exiting");
+        let _ = tx.send(true);
+    });
+    if !json {
+        eprintln!(
+            "replicating {} as {db} every {:?} (Ctrl-C or SIGTERM stops)",
+            source.display(),
+            opts.interval
+        );
+    }
+    let r = cp.replicate(db, source, opts, rx).await?;
+    print_report(json, &r);
+    Ok(())
+}
+
+fn print_report(json: bool, r: &ReplicateReport) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
+        return;
+    }
+    println!(
+        "replicated {} from {}: {} steps, {} segments ({} frames, {}), {} page generations, {} gaps, {} WAL resets; generation {}",
+        r.db,
+        r.source,
+        r.steps,
+        r.segments,
+        r.frames,
+        crate::output::bytes(r.bytes_shipped),
+        r.page_generations,
+        r.gaps,
+        r.wal_truncations,
+        r.generation.map_or("-".into(), |g| g.to_string()),
+    );
+}
+
+/// The restore of a replicated SQLite database: `lsn` or `time` (unix ms) or the newest
+/// shipped commit of `generation`.
+pub async fn restore(
+    cp: &Checkpointer,
+    db: &DbId,
+    generation: Option<u64>,
+    point: (Option<u64>, Option<u64>),
+    to: &Path,
+    force: bool,
+    json: bool,
+) -> Result<(), CairnError> {
+    let p = match point {
+        (Some(l), _) => SqlitePoint::Lsn(Lsn(l)),
+        (None, Some(t)) => SqlitePoint::Time(t),
+        (None, None) => SqlitePoint::Latest,
+    };
+    let r = cp
+        .restore_sqlite(db, generation.map(Generation), to, p, force)
+        .await?;
+    print_restore(json, &r);
+    Ok(())
+}
+
+fn print_restore(json: bool, r: &SqliteRestoreReport) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
+        return;
+    }
+    println!(
+        "restored {} to {} at LSN {} (page generation {} at LSN {}, then {} transactions, {} frames) in {} ms",
+        r.db,
+        r.path,
+        r.lsn,
+        r.page_generation.map_or("-".into(), |g| g.to_string()),
+        r.page_lsn.map_or("-".into(), |l| l.to_string()),
+        r.transactions,
+        r.frames,
+        r.duration_ms
+    );
+}

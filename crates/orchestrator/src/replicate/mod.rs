@@ -1,0 +1,490 @@
+//! Continuous replication of a live SQLite database: its committed WAL frames become the
+//! database's WAL stream, at least once per interval, and its pages become page
+//! generations when enough WAL was shipped since the last one.
+//!
+//! Contract: each step opens a snapshot (a read transaction, [`SqliteSnapshot`]) before it
+//! lets the previous one go, so SQLite never copies an unshipped frame into the main file
+//! and then overwrites it in the WAL (see [`cairn_executor::sqlite_control`] for the rule).
+//! The frames committed after the position last shipped are written to the local spool
+//! (fsynced: from then on a crash cannot lose them) and published as one segment; the
+//! spool's newest segment header is where shipping continues after a restart. When that
+//! position is lost (SQLite reset the WAL while no Cairn process held it, e.g. the
+//! application's `wal_checkpoint(TRUNCATE)` between two runs), the step ships a *gap*
+//! segment and then a page generation at the end of the stream, taken from the same
+//! snapshot, so every LSN outside the gap restores exactly. A page generation at an LSN
+//! is always taken from the snapshot the frames up to that LSN came from. The WAL is
+//! checkpointed by us: PASSIVE every step (it copies only frames our snapshot already
+//! shipped), and a TRUNCATE reset when the WAL file passes [`ReplicateOptions::wal_limit`]
+//! and the watermark says everything in it is published.
+//!
+//! Crash: at any point, the spool holds every frame that may have left the WAL; the next
+//! run publishes what it holds, and continues from its newest header. Uncommitted frames
+//! are never read (a snapshot stops at its last commit frame). Retries: a step that fails
+//! with a transient error (store unreachable, database busy) is logged and tried again
+//! at the next interval; a permanent one ends the run. Cancellation: the stop signal is
+//! honoured between steps; the step in hand finishes (or its jobs persist their progress),
+//! and a last step ships what was committed up to then.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cairn_core::sqlite_segment::{segment_name, SegmentHeader, SegmentKind};
+use cairn_core::sqlite_wal::FRAME_HEADER_LEN;
+use cairn_core::{DbId, Lsn};
+use cairn_executor::{
+    frames_to_ship, FullScanReason, Shipped, Spool, SqliteControl, SqliteSnapshot,
+};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::{CairnError, CheckpointOptions, Checkpointer, Source};
+
+/// How `cairn replicate` runs.
+#[derive(Clone, Debug)]
+pub struct ReplicateOptions {
+    /// Time between steps: the loss window for a store that keeps up.
+    pub interval: Duration,
+    /// A page generation is written once this much WAL was shipped since the last one.
+    pub page_every_bytes: u64,
+    /// ... or once this long has passed since the last one (and something was shipped).
+    pub page_every: Duration,
+    /// The WAL is reset (TRUNCATE) once its file is larger than this.
+    pub wal_limit: u64,
+}
+
+impl Default for ReplicateOptions {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(1),
+            page_every_bytes: 256 << 20,
+            page_every: Duration::from_secs(600),
+            wal_limit: 64 << 20,
+        }
+    }
+}
+
+/// What a replication run did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ReplicateReport {
+    /// Database.
+    pub db: String,
+    /// The SQLite file.
+    pub source: String,
+    /// Steps run.
+    pub steps: u64,
+    /// Steps that failed with a transient error and were retried.
+    pub steps_failed: u64,
+    /// Segments of frames published.
+    pub segments: u64,
+    /// Frames shipped.
+    pub frames: u64,
+    /// Bytes of segments shipped.
+    pub bytes_shipped: u64,
+    /// Page generations written.
+    pub page_generations: u64,
+    /// Gap segments written (a lost WAL position; see the module docs).
+    pub gaps: u64,
+    /// Why the last gap was written (`no_position`, `wal_reset`, `wal_rewritten`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_gap_reason: Option<&'static str>,
+    /// WAL resets (TRUNCATE checkpoints that went through).
+    pub wal_truncations: u64,
+    /// The newest generation published.
+    pub generation: Option<u64>,
+    /// The end of the published WAL stream.
+    pub stream_end: Option<u64>,
+}
+
+/// One replication run's state between steps.
+struct Run<'c> {
+    cp: &'c Checkpointer,
+    db: DbId,
+    src: PathBuf,
+    opts: ReplicateOptions,
+    spool: Spool,
+    control: SqliteControl,
+    /// The snapshot held since the last step, and where shipping stands.
+    held: Option<(Arc<SqliteSnapshot>, Shipped)>,
+    /// Pages changed since the last page generation (`None`: unknown).
+    changed: Option<BTreeSet<u64>>,
+    /// Bytes shipped since the last page generation.
+    since_page: u64,
+    last_page: Instant,
+    /// A page generation must be written (after a gap, or one that failed).
+    page_due: Option<FullScanReason>,
+    /// The spool holds segments not yet published.
+    unpublished: bool,
+    report: ReplicateReport,
+}
+
+/// The header of a segment of `snap`'s frames from `first` (`None` without a WAL).
+fn header_of(
+    snap: &SqliteSnapshot,
+    kind: SegmentKind,
+    first: u32,
+    captured_ms: u64,
+) -> Option<SegmentHeader> {
+    let (position, h) = (snap.position()?, snap.wal_header()?);
+    Some(SegmentHeader {
+        kind,
+        page_size: snap.page_size(),
+        checkpoint_seq: h.checkpoint_seq,
+        position,
+        first_frame: first,
+        backfilled: snap.backfilled(),
+        captured_ms,
+    })
+}
+
+fn frame_pages(frames: &[u8], page_size: u32) -> impl Iterator<Item = u64> + '_ {
+    frames
+        .chunks_exact(FRAME_HEADER_LEN + page_size as usize)
+        .map(|f| u64::from(u32::from_be_bytes([f[0], f[1], f[2], f[3]]).saturating_sub(1)))
+}
+
+impl Checkpointer {
+    /// Replicates the SQLite database at `src` as `db` until `stop` turns true (see the
+    /// module docs), and returns what it did.
+    pub async fn replicate(
+        &self,
+        db: &DbId,
+        src: &Path,
+        opts: &ReplicateOptions,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<ReplicateReport, CairnError> {
+        let src = std::path::absolute(src).map_err(|e| CairnError::Config {
+            what: format!("replication source {}", src.display()),
+            reason: e.to_string(),
+        })?;
+        let control = SqliteControl::open(&src)?;
+        let spool = Spool::open(
+            &self
+                .cfg
+                .state_dir
+                .join("spool")
+                .join(self.cfg.tenant.as_str())
+                .join(db.as_str()),
+        )?;
+        let mut run = Run {
+            cp: self,
+            db: db.clone(),
+            report: ReplicateReport {
+                db: db.to_string(),
+                source: src.display().to_string(),
+                ..Default::default()
+            },
+            src,
+            opts: opts.clone(),
+            unpublished: spool.newest()?.is_some(),
+            spool,
+            control,
+            held: None,
+            changed: None,
+            since_page: 0,
+            last_page: Instant::now(),
+            page_due: None,
+        };
+        loop {
+            let stopping = *stop.borrow();
+            match run.step(!stopping).await {
+                Ok(()) => {}
+                Err(e) if e.is_retryable() && !stopping => {
+                    run.report.steps_failed += 1;
+                    tracing::warn!(db = %run.db, error = %e, "replication step failed; retrying at the next interval");
+                }
+                Err(e) => return Err(e),
+            }
+            run.report.steps += 1;
+            if stopping {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(run.opts.interval) => {}
+                _ = stop.changed() => {}
+            }
+        }
+        Ok(run.report)
+    }
+}
+
+impl Run<'_> {
+    /// Where shipping stands when no snapshot is held: the spool's newest header, which
+    /// is trusted only for the same WAL (this process held nothing in between).
+    async fn resume_point(&self) -> Result<Option<Shipped>, CairnError> {
+        // A gap whose page generation was never written (a crash between the two): that
+        // snapshot is gone, so the position counts as lost and a new gap follows.
+        if let Some(s) = self.cp.latest_state(&self.db).await? {
+            if let (Some(w), p) = (&s.state.wal, &s.state.pages) {
+                let page_lsn = p.as_ref().and_then(|p| p.lsn).map_or(0, |l| l.0);
+                let open_gap = w.segments.last().is_some_and(|g| {
+                    g.name.ends_with(cairn_core::sqlite_segment::GAP_SUFFIX)
+                        && page_lsn < g.lsn_end.0
+                });
+                if open_gap {
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(self.spool.newest()?.map(|s| Shipped {
+            position: s.header.position,
+            checkpoint_seq: s.header.checkpoint_seq,
+            backfilled: false,
+            no_wal: false,
+        }))
+    }
+
+    /// The LSN the next spooled segment starts at.
+    async fn next_lsn(&self) -> Result<u64, CairnError> {
+        if let Some(s) = self.spool.newest()? {
+            if let Some(start) = s.name.split('-').next().and_then(|n| n.parse::<u64>().ok()) {
+                return Ok(start + s.len);
+            }
+        }
+        let state = self.cp.latest_state(&self.db).await?;
+        Ok(state
+            .and_then(|s| s.state.wal.map(|w| w.end.0))
+            .unwrap_or(0))
+    }
+
+    async fn spool_segment(
+        &mut self,
+        snap: &SqliteSnapshot,
+        kind: SegmentKind,
+        first: u32,
+        frames: &[u8],
+    ) -> Result<(), CairnError> {
+        let Some(header) = header_of(snap, kind, first, self.cp.env.now_ms()) else {
+            // No WAL at all (never written in WAL mode): a gap still needs a header.
+            return self.spool_bare(snap, kind).await;
+        };
+        let name = segment_name(self.next_lsn().await?, header.captured_ms, kind);
+        let n = self.spool.write(&name, &header, frames)?;
+        self.report.bytes_shipped += n;
+        self.since_page += n;
+        self.unpublished = true;
+        Ok(())
+    }
+
+    /// A gap segment for a database whose WAL has no header: position frame 0 of no WAL.
+    async fn spool_bare(
+        &mut self,
+        snap: &SqliteSnapshot,
+        kind: SegmentKind,
+    ) -> Result<(), CairnError> {
+        let header = SegmentHeader {
+            kind,
+            page_size: snap.page_size(),
+            checkpoint_seq: 0,
+            position: cairn_core::WalPosition {
+                salts: (0, 0),
+                frame: 0,
+                checksum: (0, 0),
+            },
+            first_frame: 0,
+            backfilled: true,
+            captured_ms: self.cp.env.now_ms(),
+        };
+        let name = segment_name(self.next_lsn().await?, header.captured_ms, kind);
+        let n = self.spool.write(&name, &header, &[])?;
+        self.report.bytes_shipped += n;
+        self.unpublished = true;
+        Ok(())
+    }
+
+    /// Ships the frames of `snap` after `shipped`, or a gap if they are unknown.
+    async fn ship(
+        &mut self,
+        snap: &SqliteSnapshot,
+        shipped: Option<&Shipped>,
+    ) -> Result<(), CairnError> {
+        let to_ship = match shipped {
+            Some(s) => frames_to_ship(s, snap),
+            None => Err(FullScanReason::NoPosition),
+        };
+        match to_ship {
+            Ok((first, last)) if first <= last => {
+                let frames = snap.read_frames(first, last)?;
+                if let Some(c) = &mut self.changed {
+                    c.extend(frame_pages(&frames, snap.page_size()));
+                }
+                self.spool_segment(snap, SegmentKind::Frames, first, &frames)
+                    .await?;
+                self.report.segments += 1;
+                self.report.frames += u64::from(last - first + 1);
+            }
+            Ok(_) => {}
+            Err(reason) => {
+                self.spool_segment(snap, SegmentKind::Gap, 0, &[]).await?;
+                self.report.gaps += 1;
+                self.report.last_gap_reason = Some(reason.as_str());
+                self.changed = None;
+                self.page_due = Some(reason);
+                let salts = snap.wal_header().map(|h| h.salts);
+                if reason == FullScanReason::NoPosition {
+                    tracing::info!(db = %self.db, "no shipped position yet: starting the stream with a page generation");
+                } else {
+                    tracing::warn!(
+                        db = %self.db,
+                        reason = reason.as_str(),
+                        shipped = ?shipped,
+                        wal_salts = ?salts,
+                        wal_frames = snap.frames(),
+                        "the WAL position was lost; shipping a gap and a page generation"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes what the spool holds as segments of the stream.
+    async fn publish(&mut self) -> Result<(), CairnError> {
+        if !self.unpublished {
+            return Ok(());
+        }
+        let r = self
+            .cp
+            .checkpoint(&self.db, &Source::Segments(self.spool.dir().to_path_buf()))
+            .await?;
+        self.unpublished = false;
+        self.report.generation = Some(r.generation);
+        let state = self.cp.latest_state(&self.db).await?;
+        self.report.stream_end = state.and_then(|s| s.state.wal.map(|w| w.end.0));
+        if let Some(s) = self.spool.newest()? {
+            self.spool.prune(&s.name)?;
+        }
+        Ok(())
+    }
+
+    /// One step: see the module docs. `maintain`: also page generations and WAL resets
+    /// (a last step before stopping only ships).
+    async fn step(&mut self, maintain: bool) -> Result<(), CairnError> {
+        // A segment spooled by an earlier step or run goes first.
+        self.publish().await?;
+        if self.page_due.is_some() {
+            // The page generation after a gap comes from the gap's own snapshot, before
+            // anything is shipped after it, so every point after the gap is restorable.
+            if let Some((snap, _)) = self.held.clone() {
+                return self.page_generation(&snap).await;
+            }
+        }
+        let src = self.src.clone();
+        let mut snap = tokio::task::spawn_blocking(move || SqliteSnapshot::open(&src, None))
+            .await
+            .map_err(|source| CairnError::Join {
+                job: "replicate".into(),
+                what: "SQLite snapshot",
+                source,
+            })??;
+        let before = match &self.held {
+            Some((_, s)) => Some(*s),
+            None => self.resume_point().await?,
+        };
+        self.ship(&snap, before.as_ref()).await?;
+        let now = Shipped::at(&snap, before.as_ref());
+        let page = maintain
+            && (self.page_due.is_some()
+                || self.since_page >= self.opts.page_every_bytes
+                || (self.since_page > 0 && self.last_page.elapsed() >= self.opts.page_every));
+        if page {
+            snap.set_changed(match (&self.changed, self.page_due) {
+                (_, Some(r)) => Err(r),
+                (Some(c), None) => Ok(c.iter().copied().collect()),
+                (None, None) => Err(FullScanReason::NoPosition),
+            });
+        }
+        let snap = Arc::new(snap);
+        // The new snapshot is held before the old one goes.
+        self.held = now.map(|s| (Arc::clone(&snap), s));
+        self.publish().await?;
+        if page {
+            self.page_generation(&snap).await?;
+        }
+        if maintain {
+            self.checkpoint_wal().await?;
+        }
+        Ok(())
+    }
+
+    /// A page generation from `snap`, at the end of the stream (which `snap`'s frames
+    /// reached).
+    async fn page_generation(&mut self, snap: &Arc<SqliteSnapshot>) -> Result<(), CairnError> {
+        let state = self.cp.latest_state(&self.db).await?;
+        let end = state
+            .and_then(|s| s.state.wal.map(|w| w.end.0))
+            .unwrap_or(0);
+        let opts = CheckpointOptions {
+            lsn: Some(Lsn(end)),
+            snapshot: Some(Arc::clone(snap)),
+            ..Default::default()
+        };
+        let r = self
+            .cp
+            .checkpoint_with(&self.db, &Source::Sqlite(self.src.clone()), &opts)
+            .await?;
+        self.report.page_generations += 1;
+        self.report.generation = Some(r.generation);
+        self.report.stream_end = Some(end);
+        self.page_due = None;
+        self.changed = Some(BTreeSet::new());
+        self.since_page = 0;
+        self.last_page = Instant::now();
+        Ok(())
+    }
+
+    /// PASSIVE every step; a TRUNCATE reset once the WAL passes its limit and the
+    /// watermark covers the whole stream we shipped.
+    async fn checkpoint_wal(&mut self) -> Result<(), CairnError> {
+        self.control.passive()?;
+        if self.control.wal_len() <= self.opts.wal_limit {
+            return Ok(());
+        }
+        let Some((held, shipped)) = self.held.take() else {
+            return Ok(());
+        };
+        // The engine contract's watermark decides: everything we spooled is published
+        // (and no lease holds the stream back).
+        let w = self.cp.watermark(&self.db).await?;
+        if self.unpublished || Some(w.watermark) != w.wal_end {
+            self.held = Some((held, shipped));
+            return Ok(());
+        }
+        let next = self.next_lsn().await?;
+        let spool = self.spool.clone();
+        let now_ms = self.cp.env.now_ms();
+        let mut written = None;
+        let t = self
+            .control
+            .truncate_wal(held, &shipped, |snap, (first, last)| {
+                if first > last {
+                    return Ok::<_, CairnError>(());
+                }
+                let frames = snap.read_frames(first, last)?;
+                let Some(header) = header_of(snap, SegmentKind::Frames, first, now_ms) else {
+                    return Ok(());
+                };
+                let name = segment_name(next, now_ms, SegmentKind::Frames);
+                let n = spool.write(&name, &header, &frames)?;
+                let pages: Vec<u64> = frame_pages(&frames, snap.page_size()).collect();
+                written = Some((n, u64::from(last - first + 1), pages));
+                Ok(())
+            })?;
+        if let Some((n, frames, pages)) = written {
+            self.report.bytes_shipped += n;
+            self.report.segments += 1;
+            self.report.frames += frames;
+            self.since_page += n;
+            if let Some(c) = &mut self.changed {
+                c.extend(pages);
+            }
+            self.unpublished = true;
+        }
+        if t.truncated {
+            self.report.wal_truncations += 1;
+        }
+        self.held = Some((Arc::new(t.snapshot), t.locked));
+        self.publish().await
+    }
+}
