@@ -1,6 +1,7 @@
-//! Content addresses. A blob is named by the CRC64-NVME of its payload plus the payload's
-//! length; a second, independent digest (XXH3-128) is kept beside it in the manifest so
-//! that a (crc, len) match is confirmed before two payloads are treated as one.
+//! Content addresses. A blob is named by the CRC64-NVME of its uncompressed payload plus the
+//! payload's length, whatever codec stores it; a second, independent digest (XXH3-128) is kept
+//! beside it in the manifest so that a (crc, len) match is confirmed before two payloads are
+//! treated as one.
 
 use std::fmt;
 
@@ -261,9 +262,12 @@ impl BlobRef {
         }
     }
 
-    /// Size of the stored object: header + payload + footer.
-    pub fn object_len(&self) -> u64 {
-        crate::blob::HEADER_LEN as u64 + self.len + crate::blob::FOOTER_LEN as u64
+    /// Whether an object of `size` bytes can hold this payload: a version 1 blob has
+    /// exactly `len + 48` bytes, a version 2 blob (possibly compressed) at most `len + 72`
+    /// (see [`crate::blob::plausible_object_len`]). The exact size is in the object's
+    /// header, which every read checks.
+    pub fn plausible_object_len(&self, size: u64) -> bool {
+        crate::blob::plausible_object_len(self, size)
     }
 
     /// Whether `other` names the same payload (all digests equal).

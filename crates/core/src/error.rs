@@ -64,6 +64,24 @@ pub enum CoreError {
         /// The version this build reads.
         supported: u32,
     },
+    /// zstd failed to compress a payload (a resource failure, not a property of the data).
+    #[error("compressing {what} with zstd at level {level}: {source}")]
+    Compress {
+        /// The blob (its name) being written.
+        what: String,
+        /// The zstd level asked for.
+        level: i32,
+        /// zstd's error.
+        source: std::io::Error,
+    },
+    /// A zstd decompression context could not be set up (a resource failure).
+    #[error("{name}: cannot set up a zstd decoder: {source}")]
+    DecoderSetup {
+        /// The object key or name being read.
+        name: String,
+        /// zstd's error.
+        source: std::io::Error,
+    },
 }
 
 impl CoreError {
@@ -75,9 +93,10 @@ impl CoreError {
             CoreError::CorruptBlob { .. } | CoreError::CorruptManifest { .. } => {
                 ErrorClass::Corrupt
             }
-            CoreError::InvalidName { .. } | CoreError::UnsupportedVersion { .. } => {
-                ErrorClass::Permanent
-            }
+            CoreError::InvalidName { .. }
+            | CoreError::UnsupportedVersion { .. }
+            | CoreError::Compress { .. }
+            | CoreError::DecoderSetup { .. } => ErrorClass::Permanent,
         }
     }
 }

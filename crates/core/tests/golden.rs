@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use cairn_core::blob::{decode_blob, encode_blob};
+use cairn_core::blob::{decode_blob, encode_blob, encode_blob_with, Codec};
 use cairn_core::delta::{encode_delta, DeltaHeader, DeltaView};
 use cairn_core::{
     BlobKind, BlobRef, ChunkState, Content, DbId, DbState, Digest128, Generation, Lsn, Manifest,
@@ -48,6 +48,40 @@ fn blob_v1() {
     assert_eq!(blob.name().len(), "base-9a9a15922194c6ca-3e8-".len() + 16);
     let legacy = cairn_core::BlobRef { scheme: 0, ..blob };
     assert_eq!(legacy.name(), "base-9a9a15922194c6ca-3e8");
+}
+
+/// Version 2: a compressible payload (zstd body) and an incompressible one (raw body).
+/// The zstd bytes are reproducible for the zstd version pinned in `Cargo.lock`.
+#[test]
+fn blob_v2() {
+    let text: Vec<u8> = (0..4000u32)
+        .map(|i| b"cairn checkpoints pages "[(i % 24) as usize])
+        .collect();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let noise: Vec<u8> = (0..600)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    for (name, payload, codec) in [
+        ("blob-v2-zstd.bin", &text, Codec::Zstd),
+        ("blob-v2-raw.bin", &noise, Codec::Raw),
+    ] {
+        let (obj, blob) = encode_blob_with(BlobKind::Delta, payload, Some(3)).unwrap();
+        let golden = fixture(name, &obj);
+        assert_eq!(
+            obj, golden,
+            "{name}: blob encoding changed: bump BLOB_VERSION and document it"
+        );
+        let (back, decoded) = decode_blob("golden", &golden, Some(blob)).unwrap();
+        assert_eq!(&back, payload);
+        assert_eq!((decoded.version, decoded.codec), (2, codec));
+        // The name is the uncompressed payload's, exactly as version 1 would name it.
+        assert_eq!(blob, encode_blob(BlobKind::Delta, payload).1);
+    }
 }
 
 #[test]

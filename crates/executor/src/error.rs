@@ -47,6 +47,15 @@ pub enum ExecError {
     /// A segment that does not decode (its error names it).
     #[error(transparent)]
     Format(#[from] cairn_core::CoreError),
+    /// A payload could not be encoded as a blob (zstd failed to compress it).
+    #[error("staging a blob in {dir}: {source}")]
+    Encode {
+        /// The job's scratch directory.
+        dir: String,
+        /// The encoder's error.
+        #[source]
+        source: cairn_core::CoreError,
+    },
 }
 
 impl ExecError {
@@ -73,6 +82,7 @@ impl ExecError {
             ExecError::Quota(q) => q.class(),
             ExecError::Format(e) => e.class(),
             ExecError::BadSource { .. } => ErrorClass::Permanent,
+            ExecError::Encode { source, .. } => source.class(),
         }
     }
 

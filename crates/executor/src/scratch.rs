@@ -3,7 +3,11 @@
 //! Contract: each job owns `<state>/scratch/<job>/`. A blob is staged by streaming its
 //! payload from the source through a fixed-size buffer into a `.partial` file with the blob
 //! header in front and the CRC64-NVME footer behind, hashing it (and, for page sources,
-//! digesting each page) on the way, so the source is read once; the file is then fsynced
+//! digesting each page) on the way, so the source is read once. With compression on
+//! ([`Scratch::with_compression`]) the payload is zstd-compressed on its way into the file
+//! (a version 2 blob); if that does not pay ([`cairn_core::blob::worthwhile`]) the source
+//! range is read a second time and stored raw, still as version 2, and a source whose
+//! digests differ on the second read fails as changed. The file is then fsynced
 //! and renamed to the blob's name (and the directory fsynced), so a file named after a blob
 //! is always complete and holds exactly the bytes its name and digests describe.
 //!
@@ -13,13 +17,16 @@
 //! [`Scratch::remove_job`] frees the space.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use cairn_core::blob::{encode_footer, encode_header};
-use cairn_core::{BlobKind, BlobRef, JobId, PayloadHasher};
+use cairn_core::blob::{
+    effective_level, encode_footer, encode_footer_v2, encode_header, encode_header_v2,
+    max_object_len, worthwhile, Codec, HEADER_LEN_V2,
+};
+use cairn_core::{BlobKind, BlobRef, ContentAddress, Digest128, JobId, PayloadHasher};
 use cairn_quota::{Budget, Reservation};
 
 use crate::error::ExecError;
@@ -31,6 +38,8 @@ use crate::source::{page_digest, read_range, ReadAt};
 pub struct Scratch {
     root: PathBuf,
     budget: Budget,
+    /// zstd level for staged blobs; `None` writes uncompressed version 1 blobs.
+    compression: Option<i32>,
 }
 
 /// One job's scratch directory (cheap to clone: a path and a budget handle).
@@ -38,6 +47,7 @@ pub struct Scratch {
 pub struct JobScratch {
     dir: PathBuf,
     budget: Budget,
+    compression: Option<i32>,
     /// Numbers the `.partial` files of stagings in progress.
     next_partial: Arc<AtomicU64>,
 }
@@ -91,7 +101,15 @@ impl Scratch {
         Ok(Self {
             root: root.to_path_buf(),
             budget,
+            compression: None,
         })
+    }
+
+    /// Stages blobs compressed with zstd at `level` (`None` or `Some(0)`: uncompressed,
+    /// the default).
+    pub fn with_compression(mut self, level: Option<i32>) -> Self {
+        self.compression = effective_level(level);
+        self
     }
 
     /// Opens (creating) the scratch directory of `job`, deleting half-written files.
@@ -110,6 +128,7 @@ impl Scratch {
         Ok(JobScratch {
             dir,
             budget,
+            compression: self.compression,
             next_partial: Arc::new(AtomicU64::new(0)),
         })
     }
@@ -146,6 +165,11 @@ impl JobScratch {
         &self.dir
     }
 
+    /// The zstd level staged blobs are compressed with, if compression is on.
+    pub fn compression(&self) -> Option<i32> {
+        self.compression
+    }
+
     /// Stages `len` bytes of `src` at `offset` as a blob of `kind`, in one read of the
     /// source that also computes its content address and, with `page_size`, one digest per
     /// page (returned; empty without it). The blob gets alias 0 ([`StagedBlob::rename_for`]).
@@ -158,9 +182,8 @@ impl JobScratch {
         len: u64,
         page_size: Option<u32>,
     ) -> Result<(StagedBlob, Vec<u128>), ExecError> {
-        let object_len =
-            cairn_core::blob::HEADER_LEN as u64 + len + cairn_core::blob::FOOTER_LEN as u64;
-        let reservation = self.budget.try_reserve(object_len)?;
+        // The largest the staged file can be, whatever the codec.
+        let reservation = self.budget.try_reserve(max_object_len(len))?;
         let n = self.next_partial.fetch_add(1, Ordering::Relaxed);
         let partial = self.dir.join(format!("staging-{n}.partial"));
         let mut out = OpenOptions::new()
@@ -169,27 +192,33 @@ impl JobScratch {
             .truncate(true)
             .open(&partial)
             .map_err(ExecError::io("create staged file", &partial))?;
-        let mut hasher = PayloadHasher::new();
         let mut digests = Vec::new();
-        out.write_all(&encode_header(kind, len))
-            .map_err(ExecError::io("write staged file", &partial))?;
-        let staged = read_range(src, src_path, offset, len, |piece| {
-            hasher.update(piece);
-            if let Some(ps) = page_size {
-                // IO_BUF is a multiple of every supported page size: pieces hold whole pages.
-                digests.extend(piece.chunks(ps as usize).map(page_digest));
+        let range = SourceRange {
+            src,
+            path: src_path,
+            offset,
+            len,
+        };
+        let written = match self.compression {
+            None => write_plain(&mut out, &partial, kind, &range, page_size, &mut digests),
+            Some(level) => write_compressed(
+                &mut out,
+                &partial,
+                kind,
+                &range,
+                page_size,
+                &mut digests,
+                level,
+            ),
+        };
+        let (addr, xxh3) = match written {
+            Ok(digests) => digests,
+            Err(e) => {
+                drop(out);
+                let _ = std::fs::remove_file(&partial);
+                return Err(e);
             }
-            out.write_all(piece)
-                .map_err(ExecError::io("write staged file", &partial))
-        });
-        if let Err(e) = staged {
-            drop(out);
-            let _ = std::fs::remove_file(&partial);
-            return Err(e);
-        }
-        let (addr, xxh3) = hasher.finish();
-        out.write_all(&encode_footer(addr.crc64))
-            .map_err(ExecError::io("write staged file", &partial))?;
+        };
         out.sync_all()
             .map_err(ExecError::io("fsync staged file", &partial))?;
         drop(out);
@@ -208,7 +237,11 @@ impl JobScratch {
     /// Stages an in-memory payload (small blobs such as deltas) under `name`'s name (a
     /// reference to this very payload).
     pub fn stage_bytes(&self, payload: &[u8], name: &BlobRef) -> Result<StagedBlob, ExecError> {
-        let (obj, fresh) = cairn_core::blob::encode_blob(name.kind, payload);
+        let (obj, fresh) = cairn_core::blob::encode_blob_with(name.kind, payload, self.compression)
+            .map_err(|source| ExecError::Encode {
+                dir: self.dir.display().to_string(),
+                source,
+            })?;
         if !fresh.same_payload(name) {
             return Err(ExecError::BadSource {
                 path: self.dir.display().to_string(),
@@ -236,10 +269,138 @@ impl JobScratch {
     }
 }
 
+/// The source bytes a blob is staged from.
+struct SourceRange<'a, R: ?Sized> {
+    src: &'a R,
+    path: &'a Path,
+    offset: u64,
+    len: u64,
+}
+
+impl<R: ReadAt + ?Sized> SourceRange<'_, R> {
+    /// Reads the range once, hashing it and, with `page_size`, digesting each page into
+    /// `digests`; each piece then goes to `out`.
+    fn read(
+        &self,
+        page_size: Option<u32>,
+        digests: &mut Vec<u128>,
+        mut out: impl FnMut(&[u8]) -> Result<(), ExecError>,
+    ) -> Result<(ContentAddress, Digest128), ExecError> {
+        let mut hasher = PayloadHasher::new();
+        read_range(self.src, self.path, self.offset, self.len, |piece| {
+            hasher.update(piece);
+            if let Some(ps) = page_size {
+                // IO_BUF is a multiple of every supported page size: pieces hold whole pages.
+                digests.extend(piece.chunks(ps as usize).map(page_digest));
+            }
+            out(piece)
+        })?;
+        Ok(hasher.finish())
+    }
+}
+
+/// Writes a version 1 blob: header, the payload as it is, footer.
+fn write_plain<R: ReadAt + ?Sized>(
+    out: &mut File,
+    partial: &Path,
+    kind: BlobKind,
+    range: &SourceRange<'_, R>,
+    page_size: Option<u32>,
+    digests: &mut Vec<u128>,
+) -> Result<(ContentAddress, Digest128), ExecError> {
+    let io = |op| ExecError::io(op, partial);
+    out.write_all(&encode_header(kind, range.len))
+        .map_err(io("write staged file"))?;
+    let (addr, xxh3) = range.read(page_size, digests, |piece| {
+        out.write_all(piece).map_err(io("write staged file"))
+    })?;
+    out.write_all(&encode_footer(addr.crc64))
+        .map_err(io("write staged file"))?;
+    Ok((addr, xxh3))
+}
+
+/// Counts and checksums the bytes written through it (the stored body of a blob).
+struct BodyWriter<W> {
+    inner: W,
+    crc: crc64fast_nvme::Digest,
+    len: u64,
+}
+
+impl<W: Write> Write for BodyWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.crc.write(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Writes a version 2 blob: the body zstd-compressed at `level` while the source is read,
+/// or, if that does not pay, the source read again and stored raw; the header (which holds
+/// the body's length) last.
+fn write_compressed<R: ReadAt + ?Sized>(
+    out: &mut File,
+    partial: &Path,
+    kind: BlobKind,
+    range: &SourceRange<'_, R>,
+    page_size: Option<u32>,
+    digests: &mut Vec<u128>,
+    level: i32,
+) -> Result<(ContentAddress, Digest128), ExecError> {
+    let io = |op| ExecError::io(op, partial);
+    out.write_all(&[0u8; HEADER_LEN_V2])
+        .map_err(io("write staged file"))?;
+    let body = BodyWriter {
+        inner: BufWriter::with_capacity(1 << 20, &mut *out),
+        crc: crc64fast_nvme::Digest::new(),
+        len: 0,
+    };
+    let mut z = zstd::stream::write::Encoder::new(body, level).map_err(io("start zstd for"))?;
+    z.set_pledged_src_size(Some(range.len))
+        .and_then(|()| z.include_contentsize(true))
+        .and_then(|()| z.include_checksum(false))
+        .map_err(io("set up zstd for"))?;
+    let (addr, xxh3) = range.read(page_size, digests, |piece| {
+        z.write_all(piece).map_err(io("compress into staged file"))
+    })?;
+    let mut body = z.finish().map_err(io("compress into staged file"))?;
+    body.inner.flush().map_err(io("write staged file"))?;
+    let (mut codec, mut stored, mut body_crc) = (Codec::Zstd, body.len, body.crc.sum64());
+    drop(body);
+    if !worthwhile(range.len, stored) {
+        out.set_len(HEADER_LEN_V2 as u64)
+            .and_then(|()| out.seek(SeekFrom::Start(HEADER_LEN_V2 as u64)).map(|_| ()))
+            .map_err(io("rewind staged file"))?;
+        let again = range.read(None, &mut Vec::new(), |piece| {
+            out.write_all(piece).map_err(io("write staged file"))
+        })?;
+        if again != (addr, xxh3) {
+            return Err(ExecError::SourceChanged {
+                path: range.path.display().to_string(),
+                detail: format!(
+                    "bytes {}..{} differ between two reads",
+                    range.offset,
+                    range.offset + range.len
+                ),
+            });
+        }
+        (codec, stored, body_crc) = (Codec::Raw, range.len, addr.crc64);
+    }
+    out.write_all(&encode_footer_v2(body_crc, addr.crc64))
+        .and_then(|()| out.seek(SeekFrom::Start(0)).map(|_| ()))
+        .and_then(|()| out.write_all(&encode_header_v2(kind, codec, range.len, stored)))
+        .map_err(io("write staged file"))?;
+    Ok((addr, xxh3))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cairn_core::blob::decode_blob;
+    use cairn_core::blob::{decode_blob, Codec};
 
     #[test]
     fn staged_blob_is_complete_and_verifiable() {
@@ -308,5 +469,80 @@ mod tests {
             .stage_range(BlobKind::Base, &src, &src_path, 0, 8192, None)
             .unwrap_err();
         assert!(matches!(err, ExecError::Quota(_)), "{err}");
+    }
+
+    /// A source whose bytes change after `reads` reads (each a fresh noise stream).
+    struct Shifting {
+        reads: std::sync::atomic::AtomicU32,
+        after: u32,
+    }
+
+    impl ReadAt for Shifting {
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            let n = self.reads.fetch_add(1, Ordering::Relaxed);
+            let salt = u64::from(n >= self.after);
+            for (i, b) in buf.iter_mut().enumerate() {
+                let mut x = (offset + i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ salt;
+                x ^= x >> 29;
+                *b = x.wrapping_mul(0xbf58_476d_1ce4_e5b9).to_le_bytes()[7];
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn compressed_staging_compresses_what_pays_and_stores_the_rest_raw() {
+        let dir = tempfile::tempdir().unwrap();
+        let scratch = Scratch::open(&dir.path().join("s"), Budget::root("global", 1 << 30))
+            .unwrap()
+            .with_compression(Some(3));
+        let job = scratch.job(JobId(3)).unwrap();
+        assert_eq!(job.compression(), Some(3));
+        // Pages of text compress: version 2, zstd, the same name as uncompressed.
+        let src_path = dir.path().join("pages");
+        let data: Vec<u8> = (0..1_000_000u32)
+            .map(|i| b"select * from orders where id = ?; "[(i % 35) as usize])
+            .collect();
+        std::fs::write(&src_path, &data).unwrap();
+        let src = File::open(&src_path).unwrap();
+        let (staged, digests) = job
+            .stage_range(BlobKind::Base, &src, &src_path, 0, 819_200, Some(4096))
+            .unwrap();
+        let obj = std::fs::read(&staged.path).unwrap();
+        let (payload, dec) = decode_blob("t", &obj, Some(staged.blob)).unwrap();
+        assert!(payload == data[..819_200]);
+        assert_eq!((dec.version, dec.codec), (2, Codec::Zstd));
+        assert!(obj.len() < 819_200 / 20, "{} bytes", obj.len());
+        assert_eq!(digests.len(), 200);
+        let plain = cairn_core::blob::encode_blob(BlobKind::Base, &data[..819_200]).1;
+        assert_eq!(staged.blob, plain);
+        // Noise does not: read again and stored raw, still version 2.
+        let noise = Shifting {
+            reads: 0.into(),
+            after: u32::MAX,
+        };
+        let (staged, _) = job
+            .stage_range(BlobKind::Segment, &noise, &src_path, 7, 300_000, None)
+            .unwrap();
+        let obj = std::fs::read(&staged.path).unwrap();
+        let (_, dec) = decode_blob("t", &obj, Some(staged.blob)).unwrap();
+        assert_eq!((dec.version, dec.codec), (2, Codec::Raw));
+        assert_eq!(obj.len(), 300_000 + 72);
+        // A source that changes between those two reads is refused.
+        let reads = 300_000usize.div_ceil(crate::source::IO_BUF) as u32;
+        let changing = Shifting {
+            reads: 0.into(),
+            after: reads,
+        };
+        let err = job
+            .stage_range(BlobKind::Segment, &changing, &src_path, 7, 300_000, None)
+            .unwrap_err();
+        assert!(matches!(err, ExecError::SourceChanged { .. }), "{err}");
+        // In-memory payloads (deltas) are compressed too.
+        let blob = cairn_core::blob::encode_blob(BlobKind::Delta, &data[..50_000]).1;
+        let staged = job.stage_bytes(&data[..50_000], &blob).unwrap();
+        let obj = std::fs::read(&staged.path).unwrap();
+        let (back, dec) = decode_blob("t", &obj, Some(blob)).unwrap();
+        assert_eq!((back.len(), dec.codec), (50_000, Codec::Zstd));
     }
 }

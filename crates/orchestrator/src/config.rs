@@ -12,6 +12,11 @@ use crate::CairnError;
 
 /// Default chunk size of page sources: 64 MiB.
 pub const DEFAULT_CHUNK_SIZE: u64 = 64 * 1024 * 1024;
+/// Lowest accepted [`Config::compression_level`] (zstd's fast modes are negative).
+pub const MIN_COMPRESSION_LEVEL: i32 = -7;
+/// Highest accepted [`Config::compression_level`]: above 19 zstd's windows (and a
+/// reader's memory) grow past 8 MiB.
+pub const MAX_COMPRESSION_LEVEL: i32 = 19;
 
 /// Default bound on the delta payloads a restore holds in memory: 128 MiB.
 pub(crate) const DEFAULT_RESTORE_MEMORY: u64 = 128 * 1024 * 1024;
@@ -115,6 +120,14 @@ pub struct Config {
     /// [`crate::Checkpointer::open_shared`]. Otherwise resuming is explicit
     /// ([`crate::Checkpointer::resume`], [`crate::Checkpointer::resume_db`]).
     pub resume_at_open: bool,
+    /// zstd level for the payloads of new page (base), delta and segment blobs: `Some(3)`
+    /// by default; `None` or `Some(0)` turns compression off (blobs are then written in
+    /// the uncompressed version 1 format). Valid levels are -7..=19 (negative levels are
+    /// zstd's fast modes). A payload zstd does not shrink to at most 97% is stored as it
+    /// is. Names, dedup and manifests are the same whatever the level, and every build
+    /// that reads blob version 2 reads blobs of any level; changing it only affects blobs
+    /// written from then on (docs/decisions/0024-blob-compression.md).
+    pub compression_level: Option<i32>,
 }
 
 impl Config {
@@ -134,6 +147,7 @@ impl Config {
             scan_concurrency: 2,
             cost_model: CostModel::default(),
             resume_at_open: false,
+            compression_level: Some(cairn_core::blob::DEFAULT_LEVEL),
         })
     }
 
@@ -156,6 +170,16 @@ impl Config {
                 what: "concurrency".into(),
                 reason: "must be at least 1".into(),
             });
+        }
+        if let Some(level) = cairn_core::blob::effective_level(self.compression_level) {
+            if !(MIN_COMPRESSION_LEVEL..=MAX_COMPRESSION_LEVEL).contains(&level) {
+                return Err(CairnError::Config {
+                    what: "compression level".into(),
+                    reason: format!(
+                        "{level} is outside {MIN_COMPRESSION_LEVEL}..={MAX_COMPRESSION_LEVEL} (0 turns compression off)"
+                    ),
+                });
+            }
         }
         if self.restore_memory == 0 {
             return Err(CairnError::Config {

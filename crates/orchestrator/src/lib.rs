@@ -50,7 +50,10 @@ pub use cairn_planner::CostModel;
 pub use cairn_remote_store::{RemoteStore, StoreConfig};
 pub use cairn_state::Lease;
 pub use checkpoint::{CheckpointOptions, CheckpointReport, CheckpointRun, FileStamp, Source};
-pub use config::{Clock, Config, Env, SystemClock, DEFAULT_CHUNK_SIZE};
+pub use config::{
+    Clock, Config, Env, SystemClock, DEFAULT_CHUNK_SIZE, MAX_COMPRESSION_LEVEL,
+    MIN_COMPRESSION_LEVEL,
+};
 pub use error::CairnError;
 pub use gc::{Count, GcOptions, GcReport, KeptBlob, Pin};
 pub use history::{GenerationInfo, GenerationState};
@@ -148,7 +151,8 @@ impl Checkpointer {
         let state = Arc::new(StateDb::open(&cfg.state_dir)?);
         let writer = state.writer_id(|| env.next_u64())?;
         let budget = Budget::root("scratch", cfg.scratch_limit);
-        let scratch = Scratch::open(&cfg.state_dir.join("scratch"), budget)?;
+        let scratch = Scratch::open(&cfg.state_dir.join("scratch"), budget)?
+            .with_compression(cfg.compression_level);
         let cp = Self {
             cfg,
             env,

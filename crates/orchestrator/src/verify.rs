@@ -1,5 +1,7 @@
-//! Verifying a generation: every referenced blob exists with the right size; deep mode
-//! re-reads every blob and re-checks both digests, and for SQLite sources restores into
+//! Verifying a generation: every referenced blob exists with a size a blob of its payload
+//! can have (the exact size of a compressed blob is in its header); deep mode re-reads
+//! every blob and re-checks both layers (a compressed body's stored CRC64, then the
+//! payload's CRC64 and XXH3-128 after decompression), and for SQLite sources restores into
 //! scratch and runs `PRAGMA integrity_check`.
 //!
 //! Contract: problems are collected, not raised: each names the object key, and the report
@@ -30,7 +32,8 @@ pub struct VerifyReport {
     pub deep: bool,
     /// Distinct blobs checked.
     pub blobs_checked: u64,
-    /// Bytes re-read (deep mode).
+    /// Object bytes re-read (deep mode): as stored, so compressed blobs count their
+    /// compressed size.
     pub bytes_read: u64,
     /// One line per problem, each naming the blob's key.
     pub errors: Vec<String>,
@@ -135,28 +138,33 @@ impl Checkpointer {
                 if deep {
                     match delta {
                         None => match self.store.get_blob(&key, b, |_, _| Ok(())).await {
-                            Ok(_) => Ok(b.object_len()),
+                            Ok(d) => Ok(d.object_len),
                             Err(e) => Err(format!("{key}: {e}")),
                         },
-                        Some(ctx) => match crate::restore::fetch_blob(&self.store, &key, b).await {
-                            Ok(payload) => DeltaView::parse(
-                                &key,
-                                &payload,
-                                ctx.chunk,
-                                ctx.base_crc64,
-                                ctx.page_size,
-                            )
-                            .map(|_| b.object_len())
-                            .map_err(|e| format!("{key}: {e}")),
-                            Err(e) => Err(format!("{key}: {e}")),
-                        },
+                        Some(ctx) => {
+                            match crate::restore::fetch_blob_decoded(&self.store, &key, b).await {
+                                Ok((payload, decoded)) => DeltaView::parse(
+                                    &key,
+                                    &payload,
+                                    ctx.chunk,
+                                    ctx.base_crc64,
+                                    ctx.page_size,
+                                )
+                                .map(|_| decoded.object_len)
+                                .map_err(|e| format!("{key}: {e}")),
+                                Err(e) => Err(format!("{key}: {e}")),
+                            }
+                        }
                     }
                 } else {
                     match self.store.head(&key).await {
-                        Ok(Some(size)) if size == b.object_len() => Ok(0),
+                        Ok(Some(size)) if b.plausible_object_len(size) => Ok(0),
                         Ok(Some(size)) => Err(format!(
-                            "{key}: size {size} bytes, expected {}",
-                            b.object_len()
+                            "{key}: size {size} bytes, which no blob of a {}-byte payload has \
+                             ({} uncompressed, at most {} in format version 2)",
+                            b.len,
+                            cairn_core::blob::plain_object_len(b.len),
+                            cairn_core::blob::max_object_len(b.len)
                         )),
                         Ok(None) => Err(format!("{key}: missing")),
                         Err(e) => Err(format!("{key}: {e}")),

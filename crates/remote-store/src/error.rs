@@ -46,15 +46,15 @@ pub enum StoreError {
     /// The bytes read or about to be written do not match their checksums.
     #[error("{0}")]
     Corrupt(#[from] CoreError),
-    /// An object's size differs from what the manifest says.
-    #[error("object {key} in {store} has {actual} bytes, expected {expected}")]
+    /// An object's size is not one a blob of the manifest's payload length can have.
+    #[error("object {key} in {store} has {actual} bytes, which no blob of a {payload_len}-byte payload has")]
     WrongSize {
         /// The object key.
         key: String,
         /// The store's description.
         store: String,
-        /// Expected object size.
-        expected: u64,
+        /// The payload length the manifest records.
+        payload_len: u64,
         /// Actual object size.
         actual: u64,
     },

@@ -164,7 +164,7 @@ pub(crate) async fn publish_by_link(
     tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
         let f = std::fs::File::open(&src).map_err(io("open staged blob", &src))?;
         read_chunks(&f, &src, |piece| {
-            decoder.push(piece).map(|_| ()).map_err(StoreError::from)
+            decoder.check(piece).map_err(StoreError::from)
         })?;
         decoder.finish()?;
         let parent = dest.parent().unwrap_or(Path::new("/")).to_path_buf();

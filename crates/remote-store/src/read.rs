@@ -4,9 +4,14 @@
 //! than the object is read again. [`RemoteStore::get_blob`] streams a blob through a
 //! decoder that recomputes its CRC64-NVME and XXH3-128 and checks header, footer and
 //! length against the manifest's `BlobRef`, handing each verified payload piece with its
-//! offset to a sink. [`RemoteStore::get_blob_range`] reads part of a payload and checks
-//! what a range can be checked by: the header, the footer (which must carry the content
-//! address) and the exact length. [`RemoteStore::get_bytes_verified`] checks a whole object
+//! offset to a sink; a compressed (version 2) blob is decompressed on the way, and both its
+//! stored body's CRC64 and the payload's digests are checked. The object's size comes from
+//! the store, bounded by what a blob of the payload's length can be, and must equal what
+//! its header says. [`RemoteStore::get_blob_range`] reads part of a payload: of a version 1
+//! blob by ranged GETs, checking what a range can be checked by (the header, the footer,
+//! which must carry the content address, and the exact length); of a version 2 blob, whose
+//! body may be compressed, by streaming the whole blob through the verifying decoder and
+//! keeping the range. [`RemoteStore::get_bytes_verified`] checks a whole object
 //! with the caller's own check (a manifest's checksum). Damage that survives every re-read
 //! is [`StoreError::Corrupt`] naming the key; a missing object is
 //! [`StoreError::NotFound`], a definite absence, never retried.
@@ -27,7 +32,9 @@
 use std::ops::Range;
 
 use bytes::Bytes;
-use cairn_core::blob::{encode_footer, BlobDecoder, DecodedBlob, FOOTER_LEN, HEADER_LEN};
+use cairn_core::blob::{
+    encode_footer, BlobDecoder, DecodedBlob, BLOB_VERSION_PLAIN, FOOTER_LEN, HEADER_LEN,
+};
 use cairn_core::BlobRef;
 use futures::StreamExt;
 use object_store::path::Path;
@@ -121,7 +128,10 @@ impl RemoteStore {
 
     /// Reads bytes `payload_range` of the payload of the blob at `key`.
     ///
-    /// What is verified: the blob header (magic, header checksum, kind and payload length
+    /// A first ranged GET reads the header's version. A version 2 blob (its body may be
+    /// compressed, so payload offsets are not object offsets) is streamed whole through the
+    /// verifying decoder, every layer checked, and only the range kept. For a version 1
+    /// blob, what is verified: the blob header (magic, header checksum, kind and payload length
     /// against `expected`), the footer (whose CRC64-NVME must be `expected`'s), and that
     /// exactly the requested number of bytes arrived. What cannot be: a range cannot
     /// recompute the whole payload's CRC64, so the bytes of the range themselves are the
@@ -145,6 +155,11 @@ impl RemoteStore {
         }
         if payload_range.is_empty() {
             return Ok(Bytes::new());
+        }
+        if self.blob_version(key, expected).await? != BLOB_VERSION_PLAIN {
+            return self
+                .get_blob_range_whole(key, expected, payload_range)
+                .await;
         }
         let h = HEADER_LEN as u64;
         let footer_at = h + expected.len;
@@ -174,6 +189,60 @@ impl RemoteStore {
         }
     }
 
+    /// The format version of the blob at `key`, from its first 32 header bytes (checked
+    /// like any header; a damaged one is read again).
+    async fn blob_version(&self, key: &str, expected: &BlobRef) -> Result<u16, StoreError> {
+        let path = &self.path(key);
+        let mut rereads = self.rereads(key, "header read");
+        loop {
+            let pass = async {
+                let got = self
+                    .stack
+                    .top
+                    .store
+                    .get_range(path, 0..HEADER_LEN as u64)
+                    .await
+                    .map_err(|e| self.err("range get", key, e))?;
+                let mut header = BlobDecoder::new(key, Some(*expected));
+                header.check(&got)?;
+                header.version().ok_or_else(|| {
+                    StoreError::Corrupt(cairn_core::CoreError::CorruptBlob {
+                        name: key.to_string(),
+                        reason: "truncated header".into(),
+                    })
+                })
+            };
+            match pass.await {
+                Err(StoreError::Corrupt(e)) => rereads.again(e)?,
+                other => return other,
+            }
+        }
+    }
+
+    /// A range of a version 2 blob: its body may be compressed, so no payload offset maps
+    /// to an object offset. The whole blob streams through the verifying decoder and only
+    /// the range is kept (memory: the range, plus the decoder's bounded buffers).
+    async fn get_blob_range_whole(
+        &self,
+        key: &str,
+        expected: &BlobRef,
+        range: Range<u64>,
+    ) -> Result<Bytes, StoreError> {
+        let mut buf = vec![0u8; usize::try_from(range.end - range.start).unwrap_or(0)];
+        self.get_blob(key, expected, |off, piece| {
+            let end = off + piece.len() as u64;
+            let (from, to) = (off.max(range.start), end.min(range.end));
+            if from < to {
+                let src = (from - off) as usize..(to - off) as usize;
+                let dst = (from - range.start) as usize..(to - range.start) as usize;
+                buf[dst].copy_from_slice(&piece[src]);
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(Bytes::from(buf))
+    }
+
     /// The one re-read rule for a read of `key`: see [`Rereads::again`].
     fn rereads<'a>(&'a self, key: &'a str, what: &'static str) -> Rereads<'a> {
         Rereads {
@@ -197,23 +266,24 @@ impl RemoteStore {
     {
         let mut st = ReadState {
             decoder: BlobDecoder::new(key, Some(*expected)),
+            expected: *expected,
             received: 0,
             offset: 0,
-            total: expected.object_len(),
+            total: None,
         };
         let path = self.path(key);
         let mut budget = self.stack.retry.budget();
         loop {
             let before = st.received;
             let e = match self.read_from(key, &path, &mut st, sink).await {
-                Ok(()) if st.received == st.total => return Ok(st.decoder.finish()?),
+                Ok(()) if Some(st.received) == st.total => return Ok(st.decoder.finish()?),
                 // The body ended early without an error: resume where it stopped.
                 Ok(()) => StoreError::ShortBody {
                     op: "get",
                     key: key.to_string(),
                     store: self.describe.clone(),
                     received: st.received,
-                    expected: st.total,
+                    expected: st.total.unwrap_or(0),
                 },
                 Err(e) if e.is_retryable() => e,
                 Err(e) => return Err(e),
@@ -239,7 +309,10 @@ impl RemoteStore {
         F: FnMut(u64, &[u8]) -> std::io::Result<()>,
     {
         let opts = GetOptions {
-            range: (st.received > 0).then_some(GetRange::Bounded(st.received..st.total)),
+            range: st
+                .total
+                .filter(|_| st.received > 0)
+                .map(|total| GetRange::Bounded(st.received..total)),
             ..Default::default()
         };
         let res = self
@@ -249,13 +322,30 @@ impl RemoteStore {
             .get_opts(path, opts)
             .await
             .map_err(|e| self.err("get", key, e))?;
-        if res.meta.size != st.total {
-            return Err(StoreError::WrongSize {
-                key: key.to_string(),
-                store: self.describe.clone(),
-                expected: st.total,
-                actual: res.meta.size,
-            });
+        match st.total {
+            // The object's size comes from the store, bounded by what a blob of this payload
+            // can be; its header says the exact size, which the decoder checks.
+            None if !st.expected.plausible_object_len(res.meta.size) => {
+                return Err(StoreError::WrongSize {
+                    key: key.to_string(),
+                    store: self.describe.clone(),
+                    payload_len: st.expected.len,
+                    actual: res.meta.size,
+                });
+            }
+            None => st.total = Some(res.meta.size),
+            // Resuming: a content-addressed object only changes size if another writer
+            // replaced it (with another codec or level); read it again from the start.
+            Some(total) if total != res.meta.size => {
+                return Err(StoreError::Corrupt(cairn_core::CoreError::CorruptBlob {
+                    name: key.to_string(),
+                    reason: format!(
+                        "object changed from {total} to {} bytes during the read",
+                        res.meta.size
+                    ),
+                }));
+            }
+            Some(_) => {}
         }
         let mut stream = res.into_stream();
         while let Some(piece) = stream.next().await {
@@ -269,11 +359,13 @@ impl RemoteStore {
 /// Progress of one verified pass over a blob.
 struct ReadState {
     decoder: BlobDecoder,
+    expected: BlobRef,
     /// Object bytes received and verified so far.
     received: u64,
     /// Payload bytes handed to the sink so far.
     offset: u64,
-    total: u64,
+    /// The object's size, from the first response.
+    total: Option<u64>,
 }
 
 impl ReadState {
@@ -281,23 +373,35 @@ impl ReadState {
     where
         F: FnMut(u64, &[u8]) -> std::io::Result<()>,
     {
-        if self.received + piece.len() as u64 > self.total {
-            return Err(StoreError::Corrupt(cairn_core::CoreError::CorruptBlob {
+        let corrupt = |reason: String| {
+            StoreError::Corrupt(cairn_core::CoreError::CorruptBlob {
                 name: key.to_string(),
-                reason: format!("more than the {} bytes the object has", self.total),
-            }));
+                reason,
+            })
+        };
+        let total = self.total.unwrap_or(0);
+        if self.received + piece.len() as u64 > total {
+            return Err(corrupt(format!(
+                "more than the {total} bytes the object has"
+            )));
         }
         self.received += piece.len() as u64;
-        let payload = self.decoder.push(piece)?;
-        if !payload.is_empty() {
-            sink(self.offset, payload).map_err(|e| StoreError::Io {
+        let offset = &mut self.offset;
+        self.decoder.push(piece, |payload| {
+            sink(*offset, payload).map_err(|e| StoreError::Io {
                 op: "write restored bytes of",
                 path: key.to_string(),
                 source: e,
             })?;
-            self.offset += payload.len() as u64;
+            *offset += payload.len() as u64;
+            Ok::<(), StoreError>(())
+        })?;
+        match self.decoder.object_len() {
+            Some(len) if len != total => Err(corrupt(format!(
+                "header says the object has {len} bytes, the store says {total}"
+            ))),
+            _ => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -328,7 +432,7 @@ fn verify_range(
         }
     }
     let mut header = BlobDecoder::new(key, Some(*expected));
-    header.push(&got[0])?;
+    header.check(&got[0])?;
     if got[2].as_ref() != encode_footer(expected.crc64) {
         return Err(corrupt(format!(
             "footer does not carry the content address CRC64 {:016x}",
@@ -411,6 +515,100 @@ mod tests {
                 err.contains("blobs/none") && err.contains("not found"),
                 "{err}"
             );
+        });
+    }
+
+    /// Half noise, half repetition: compresses to about half, so a multi-MiB payload
+    /// still needs a multipart upload.
+    fn half_compressible(n: usize) -> Vec<u8> {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        (0..n)
+            .map(|i| {
+                if (i / 4096) % 2 == 0 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                } else {
+                    (i % 7) as u8
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn compressed_blobs_resume_heal_serve_ranges_and_name_damage() {
+        let fault = crate::fault::FaultConfig {
+            seed: 5,
+            transient_errors: 0.2,
+            corrupted_bodies: 0.1,
+            truncated_bodies: 0.1,
+            ..Default::default()
+        };
+        let (store, _) =
+            RemoteStore::open_faulty("memory://zstd-faulty", fast_cfg(), fault).unwrap();
+        let payload = half_compressible((9 << 20) + 123);
+        let (obj, r) =
+            cairn_core::blob::encode_blob_with(BlobKind::Base, &payload, Some(3)).unwrap();
+        assert!(obj.len() < payload.len() * 6 / 10 && obj.len() > 2 << 20);
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("z");
+        std::fs::write(&f, &obj).unwrap();
+        rt().block_on(async {
+            store.put_blob_file("z", &f, &r).await.unwrap();
+            assert_eq!(store.head("z").await.unwrap(), Some(obj.len() as u64));
+            for _ in 0..4 {
+                let mut back = vec![0u8; payload.len()];
+                let d = store
+                    .get_blob("z", &r, |off, p| {
+                        back[off as usize..off as usize + p.len()].copy_from_slice(p);
+                        Ok(())
+                    })
+                    .await
+                    .unwrap();
+                assert_eq!(d.object_len, obj.len() as u64);
+                assert!(back == payload);
+                let piece = store
+                    .get_blob_range("z", &r, 5_000_000..5_100_000)
+                    .await
+                    .unwrap();
+                assert!(piece[..] == payload[5_000_000..5_100_000]);
+            }
+        });
+        let st = store.stats();
+        assert!(st.damaged_reads > 0 && st.retries > 0, "{st:?}");
+        // Damage at rest in the compressed body: every pass fails, the key is named.
+        let clean = RemoteStore::open_with("memory://zstd-damaged", fast_cfg()).unwrap();
+        let mut bad = obj.clone();
+        bad[obj.len() / 2] ^= 4;
+        rt().block_on(async {
+            clean
+                .put_bytes("blobs/bad", Bytes::from(bad))
+                .await
+                .unwrap();
+            let e = clean
+                .get_blob("blobs/bad", &r, |_, _| Ok(()))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(e, StoreError::Corrupt(_)) && e.to_string().contains("blobs/bad"),
+                "{e}"
+            );
+            let e = clean
+                .get_blob_range("blobs/bad", &r, 0..10)
+                .await
+                .unwrap_err();
+            assert!(matches!(e, StoreError::Corrupt(_)), "{e}");
+            // A size no blob of this payload can have is refused before decoding.
+            clean
+                .put_bytes("blobs/small", Bytes::from_static(b"tiny"))
+                .await
+                .unwrap();
+            let e = clean
+                .get_blob("blobs/small", &r, |_, _| Ok(()))
+                .await
+                .unwrap_err();
+            assert!(matches!(e, StoreError::WrongSize { .. }), "{e}");
         });
     }
 

@@ -1,10 +1,11 @@
 //! Blob uploads: one PUT, part by part, or as one `ObjectStore` multipart upload.
 //!
-//! Contract: [`RemoteStore::put_blob_file`] uploads a staged blob file and
-//! [`RemoteStore::put_blob_range`] the blob whose payload is a region of an immutable file
-//! (header and footer framed on the fly). Either way the bytes are re-verified (header,
-//! footer, CRC64-NVME and XXH3-128 against the expected `BlobRef`) while they are read for
-//! upload, and a mismatch aborts the upload before anything becomes visible. Blobs up to
+//! Contract: [`RemoteStore::put_blob_file`] uploads a staged blob file (either format
+//! version, compressed or not) and [`RemoteStore::put_blob_range`] the uncompressed
+//! (version 1) blob whose payload is a region of an immutable file (header and footer
+//! framed on the fly). Either way the bytes are re-verified (header, footer, the stored
+//! body's CRC64, the payload's CRC64-NVME and XXH3-128 against the expected `BlobRef`, a
+//! compressed body being decompressed to check them) while they are read for upload, and a mismatch aborts the upload before anything becomes visible. Blobs up to
 //! `multipart_threshold` go up in one PUT; larger ones through the part-level multipart API
 //! (S3, memory) with at most `part_concurrency` parts of `part_size` bytes in memory (grown
 //! if the blob would need more than 10,000 parts), or, for stores without that API, as one
@@ -63,12 +64,12 @@ impl RemoteStore {
                 source: e,
             })?
             .len();
-        if size != expected.object_len() {
+        if !expected.plausible_object_len(size) {
             return Err(StoreError::Corrupt(cairn_core::CoreError::CorruptBlob {
                 name: file.display().to_string(),
                 reason: format!(
-                    "staged file has {size} bytes, expected {}",
-                    expected.object_len()
+                    "staged file has {size} bytes, which no blob of a {}-byte payload has",
+                    expected.len
                 ),
             }));
         }
@@ -76,7 +77,7 @@ impl RemoteStore {
             let decoder = BlobDecoder::new(file.display().to_string(), Some(*expected));
             return crate::local::publish_by_link(root, key, file, decoder).await;
         }
-        self.put_blob(key, &BlobSource::Staged(file.to_path_buf()), expected)
+        self.put_blob(key, &BlobSource::Staged(file.to_path_buf()), expected, size)
             .await
     }
 
@@ -119,17 +120,19 @@ impl RemoteStore {
             file: source.to_path_buf(),
             offset,
         };
-        self.put_blob(key, &src, expected).await
+        let size = cairn_core::blob::plain_object_len(expected.len);
+        self.put_blob(key, &src, expected, size).await
     }
 
-    /// Uploads the object `src` yields (single PUT or multipart), verifying it on the way.
+    /// Uploads the object of `size` bytes `src` yields (single PUT or multipart), verifying
+    /// it on the way.
     async fn put_blob(
         &self,
         key: &str,
         src: &BlobSource,
         expected: &BlobRef,
+        size: u64,
     ) -> Result<(), StoreError> {
-        let size = expected.object_len();
         if size <= self.cfg.multipart_threshold {
             let (s, e) = (src.clone(), *expected);
             let buf = blocking(src, move || {
@@ -141,14 +144,14 @@ impl RemoteStore {
             })
             .await?;
             let mut decoder = BlobDecoder::new(src.shown(), Some(*expected));
-            decoder.push(&buf)?;
+            decoder.check(&buf)?;
             decoder.finish()?;
             return self.put_bytes(key, Bytes::from(buf)).await;
         }
         let (top, once) = (&self.stack.top.multipart, &self.stack.once.multipart);
         match (top, once) {
             (Some(mp), Some(once)) => {
-                self.upload_parts(key, src, expected, Arc::clone(mp), once)
+                self.upload_parts(key, src, expected, size, Arc::clone(mp), once)
                     .await
             }
             _ => {
@@ -177,10 +180,10 @@ impl RemoteStore {
         key: &str,
         src: &BlobSource,
         expected: &BlobRef,
+        size: u64,
         mp: Arc<dyn MultipartStore>,
         once: &Arc<dyn MultipartStore>,
     ) -> Result<(), StoreError> {
-        let size = expected.object_len();
         let path = self.path(key);
         let id: MultipartId = mp
             .create_multipart(&path)
@@ -208,7 +211,7 @@ impl RemoteStore {
                 if buf.is_empty() {
                     break;
                 }
-                decoder.push(&buf)?;
+                decoder.check(&buf)?;
                 while tasks.len() >= concurrency {
                     collect_part(&mut tasks, &mut parts, key).await?;
                 }
@@ -325,7 +328,7 @@ impl RemoteStore {
                 if buf.is_empty() {
                     break;
                 }
-                decoder.push(&buf)?;
+                decoder.check(&buf)?;
                 writer
                     .wait_for_capacity(self.cfg.part_concurrency)
                     .await

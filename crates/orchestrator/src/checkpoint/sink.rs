@@ -4,7 +4,7 @@
 //! Contract: [`BlobSink::put_staged`], [`BlobSink::put_bytes`] and
 //! [`BlobSink::put_segment`] return the blob's reference once it is either known to be
 //! stored (a catalog hit confirmed by XXH3-128, a blob this job already produced, or an
-//! object the store has with the right size) or staged and being uploaded; at most
+//! object the store has with a size a blob of that payload can have, compressed or not) or staged and being uploaded; at most
 //! `upload_concurrency` uploads are in flight. [`BlobSink::finish`] waits for them all.
 //!
 //! Crash: a staged file stays in the job's scratch until its upload finished, so a resumed
@@ -159,7 +159,7 @@ impl<'a> BlobSink<'a> {
     /// staged and is now being uploaded; false if neither (it must be produced again).
     pub(super) async fn ensure_stored(&mut self, blob: &BlobRef) -> Result<bool, CairnError> {
         let key = keys::blob_key(&self.cp.cfg.tenant, self.db, blob);
-        if self.cp.store.head(&key).await? == Some(blob.object_len()) {
+        if self.stored(&key, blob).await? {
             self.stats.blobs_reused += 1;
             return Ok(true);
         }
@@ -184,6 +184,14 @@ impl<'a> BlobSink<'a> {
         )
         .await?;
         Ok(true)
+    }
+
+    /// Whether the store has an object at `key` of a size a blob of `blob`'s payload can
+    /// have (any format version, any compression level: the key names the uncompressed
+    /// payload, and every read checks the rest).
+    async fn stored(&self, key: &str, blob: &BlobRef) -> Result<bool, CairnError> {
+        let size = self.cp.store.head(key).await?;
+        Ok(size.is_some_and(|s| blob.plausible_object_len(s)))
     }
 
     /// Finds a payload among stored blobs: the catalog (confirmed by XXH3-128), this job's
@@ -220,7 +228,7 @@ impl<'a> BlobSink<'a> {
         }
         self.this_job.insert(name, blob);
         let key = keys::blob_key(tenant, self.db, &blob);
-        if self.cp.store.head(&key).await? == Some(blob.object_len()) {
+        if self.stored(&key, &blob).await? {
             self.stats.blobs_reused += 1;
             return Ok(Resolved::Stored(blob));
         }
@@ -233,15 +241,20 @@ impl<'a> BlobSink<'a> {
             .await?;
         let store = self.cp.store.clone();
         self.in_flight.push(tokio::spawn(async move {
-            match from {
+            let bytes = match from {
                 Upload::Staged { path, hold } => {
+                    let size = std::fs::metadata(&path).map_or(0, |m| m.len());
                     store.put_blob_file(&key, &path, &blob).await?;
                     let _ = std::fs::remove_file(&path);
                     drop(hold);
+                    size
                 }
-                Upload::File { path } => store.put_blob_range(&key, &path, 0, &blob).await?,
-            }
-            Ok(blob.object_len())
+                Upload::File { path } => {
+                    store.put_blob_range(&key, &path, 0, &blob).await?;
+                    cairn_core::blob::plain_object_len(blob.len)
+                }
+            };
+            Ok(bytes)
         }));
         Ok(())
     }
@@ -300,10 +313,11 @@ impl<'a> BlobSink<'a> {
         Ok(blob)
     }
 
-    /// Stores a sealed segment file of `len` bytes. To a local store it is staged in one
-    /// read (and published by hard link); a remote store gets it straight from its file,
-    /// which is immutable by contract and re-verified while it streams
-    /// (docs/decisions/0016).
+    /// Stores a sealed segment file of `len` bytes. With compression on, or to a local
+    /// store, it is staged in one read (compressed on the way; a local store publishes it
+    /// by hard link). Uncompressed, a remote store gets it straight from its file, which
+    /// is immutable by contract and re-verified while it streams (docs/decisions/0016,
+    /// 0024).
     pub(super) async fn put_segment(
         &mut self,
         path: &Path,
@@ -315,7 +329,7 @@ impl<'a> BlobSink<'a> {
             source: e,
         })?);
         let p = path.to_path_buf();
-        if self.cp.store.is_local() {
+        if self.cp.store.is_local() || self.scratch.compression().is_some() {
             let job = self.scratch.clone();
             let (staged, _) = tokio::task::spawn_blocking(move || {
                 job.stage_range(BlobKind::Segment, &file, &p, 0, len, None)

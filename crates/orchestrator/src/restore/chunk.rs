@@ -45,14 +45,23 @@ pub(crate) const DELTA_PREFETCH: usize = 4;
 /// Deltas of one held chain fetched at once (their memory is reserved already).
 const HELD_PREFETCH: usize = 16;
 
-/// Fetches a whole blob into memory, verified.
+/// Fetches a whole blob into memory, verified (decompressed if it is stored compressed).
 pub(crate) async fn fetch_blob(
     store: &RemoteStore,
     key: &str,
     blob: &BlobRef,
 ) -> Result<Vec<u8>, CairnError> {
+    Ok(fetch_blob_decoded(store, key, blob).await?.0)
+}
+
+/// [`fetch_blob`], with what the decoder found (the stored object's size, its codec).
+pub(crate) async fn fetch_blob_decoded(
+    store: &RemoteStore,
+    key: &str,
+    blob: &BlobRef,
+) -> Result<(Vec<u8>, cairn_core::blob::DecodedBlob), CairnError> {
     let mut buf = Vec::with_capacity(usize::try_from(blob.len).unwrap_or(0));
-    store
+    let decoded = store
         .get_blob(key, blob, |off, bytes| {
             // A re-read after a damaged transfer starts again from offset 0.
             buf.truncate(usize::try_from(off).unwrap_or(usize::MAX));
@@ -60,7 +69,7 @@ pub(crate) async fn fetch_blob(
             Ok(())
         })
         .await?;
-    Ok(buf)
+    Ok((buf, decoded))
 }
 
 /// Reserves `bytes` (if any) for delta `i`.

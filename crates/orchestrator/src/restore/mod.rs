@@ -18,7 +18,7 @@ mod memory;
 mod sqlite;
 mod write;
 
-pub(crate) use chunk::fetch_blob;
+pub(crate) use chunk::fetch_blob_decoded;
 
 use std::path::Path;
 use std::time::Instant;
