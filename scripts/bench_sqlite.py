@@ -642,15 +642,25 @@ class Litestream:
     def lag_points(self, watcher: Watcher, scratch: str) -> list[tuple[float, int]]:
         files = []
         for k, t in watcher.first_seen.items():
-            parts = k.split("/")
-            if len(parts) >= 3 and parts[-3] == "ltx" and parts[-2] == "0" and parts[-1].endswith(".ltx"):
-                files.append((parts[-1][:-4].split("-")[1], t))
+            if ltx_level(k) == 0:
+                files.append((k.split("/")[-1][:-4].split("-")[1], t))
         pts = []
         for txid, t in sorted(files):
             out = os.path.join(scratch, "lag-restore.db")
             self.restore(out, txid=txid)
             pts.append((t, lag_max_seq(out), f"txid {txid}", out))
         return pts
+
+
+def ltx_level(key: str):
+    """The compaction level of a Litestream LTX object: ltx/<L>/MIN-MAX.ltx in a directory,
+    <LLLL>/MIN-MAX.ltx in S3; None for anything else."""
+    parts = key.split("/")
+    if len(parts) < 2 or not parts[-1].endswith(".ltx") or not parts[-2].isdigit():
+        return None
+    if len(parts[-2]) == 4 or (len(parts) >= 3 and parts[-3] == "ltx"):
+        return int(parts[-2])
+    return None
 
 
 def lag_max_seq(path: str) -> int:
@@ -737,7 +747,7 @@ def side_run(tool_cls, target, base: str, run: int, work: str, res: dict, proble
         # what the tool shipped for the change: every new object for Cairn (segments and their
         # manifests); Litestream's new L0 files (its compactions into L1+, timed every 30 s
         # whatever changed, are store housekeeping and reported apart as the total growth)
-        shipped = sum(v for k, v in new.items() if name == "cairn" or k.startswith("ltx/0/"))
+        shipped = sum(v for k, v in new.items() if name == "cairn" or ltx_level(k) == 0)
         log(f"  {name}: 1% update ({n} rows) shipped {fmt_bytes(shipped)} in {len(new)} new objects; "
             f"store grew {fmt_bytes(growth)}")
     finally:
