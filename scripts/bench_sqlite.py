@@ -78,6 +78,7 @@ RUNS = env_int("CAIRN_BENCH_RUNS", 3)
 LAG_SECS = env_int("CAIRN_BENCH_LAG_SECS", 60)
 LAG_RATE = env_int("CAIRN_BENCH_LAG_RATE", 1000)
 LAG_MIB = env_int("CAIRN_BENCH_LAG_MIB", 32)
+LAG_RUNS = env_int("CAIRN_BENCH_LAG_RUNS", RUNS)  # the lag test runs in the first LAG_RUNS runs
 TARGETS = [t for t in os.environ.get("CAIRN_BENCH_TARGETS", "file,s3").split(",") if t]
 LAG_TARGETS = [t for t in os.environ.get("CAIRN_BENCH_LAG_TARGETS", ",".join(TARGETS)).split(",") if t]
 BENCH_DIR = os.path.abspath(os.environ.get("CAIRN_BENCH_DIR", os.path.expanduser("~/.cache/cairn/bench-sqlite")))
@@ -960,7 +961,7 @@ def main() -> int:
         print(__doc__)
         print("Environment: CAIRN_BIN (required here), LITESTREAM_BIN (empty: skip Litestream), MOTO_SERVER,\n"
               "CAIRN_BENCH_SQLITE_MIB=512 CAIRN_BENCH_RUNS=3 CAIRN_BENCH_LAG_SECS=60 CAIRN_BENCH_LAG_RATE=1000\n"
-              "CAIRN_BENCH_LAG_MIB=32 CAIRN_BENCH_TARGETS=file,s3 CAIRN_BENCH_LAG_TARGETS=<targets>\n"
+              "CAIRN_BENCH_LAG_MIB=32 CAIRN_BENCH_LAG_RUNS=<runs> CAIRN_BENCH_TARGETS=file,s3 CAIRN_BENCH_LAG_TARGETS=<targets>\n"
               "CAIRN_BENCH_DIR=~/.cache/cairn/bench-sqlite")
         return 0
     if not CAIRN or not os.access(CAIRN, os.X_OK):
@@ -1016,7 +1017,7 @@ def main() -> int:
                     except Exception as e:  # noqa: BLE001
                         problems.append(f"checkpoint run {run}: {e}")
                         log(f"  checkpoint FAILED: {e}")
-                if target.kind in LAG_TARGETS:
+                if target.kind in LAG_TARGETS and run <= LAG_RUNS:
                     for t in order:
                         log(f"  lag: {t.name}, {LAG_RATE} commits/s for {LAG_SECS} s")
                         try:
