@@ -371,35 +371,44 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret",
 # --- helpers -----------------------------------------------------------------
 
 
+SCRATCH_LOG: list[tuple] = []  # (phase, peak of scratch+spool, peak of scratch, peak of spool)
+
+
 class Sampler(threading.Thread):
     """Max apparent size of a state directory's scratch/ and spool/ every 100 ms."""
 
-    def __init__(self, state: str):
+    def __init__(self, state: str, phase: str):
         super().__init__(daemon=True)
+        self.phase = phase
         self.dirs = [os.path.join(state, "scratch"), os.path.join(state, "spool")]
         self.peak = 0
+        self.peaks = [0, 0]  # scratch, spool, each on its own
         self.stop_ev = threading.Event()
 
-    def size(self) -> int:
-        total = 0
+    def sample(self) -> None:
+        sizes = []
         for base in self.dirs:
+            n = 0
             for d, _, files in os.walk(base):
                 for f in files:
                     try:
-                        total += os.lstat(os.path.join(d, f)).st_size
+                        n += os.lstat(os.path.join(d, f)).st_size
                     except FileNotFoundError:
                         pass
-        return total
+            sizes.append(n)
+        self.peak = max(self.peak, sum(sizes))
+        self.peaks = [max(a, b) for a, b in zip(self.peaks, sizes)]
 
     def run(self):
         while not self.stop_ev.is_set():
-            self.peak = max(self.peak, self.size())
+            self.sample()
             self.stop_ev.wait(0.1)
 
     def stop(self) -> int:
         self.stop_ev.set()
         self.join()
-        self.peak = max(self.peak, self.size())
+        self.sample()
+        SCRATCH_LOG.append((self.phase, self.peak, *self.peaks))
         return self.peak
 
 
@@ -513,7 +522,7 @@ class Cairn:
 
     def start(self, db: str, extra=()):
         rm(self.state)
-        self.sampler = Sampler(self.state)
+        self.sampler = Sampler(self.state, f"{self.target.kind} {self.prefix}")
         self.sampler.start()
         self.out = open(os.path.join(self.work, "cairn-replicate.log"), "w")
         self.proc = subprocess.Popen([CAIRN, "--state", self.state, "--store", self.url, "replicate", "--db", DBNAME,
@@ -849,7 +858,7 @@ def checkpoint_run(base: str, run: int, work: str, res: dict) -> None:
     hold.execute("PRAGMA wal_autocheckpoint=0")
     hold.execute("UPDATE orders SET status=status WHERE id=1")  # the WAL exists and has salts
     hold.commit()
-    s = Sampler(st)
+    s = Sampler(st, f"file checkpoint-r{run}")
     s.start()
     cmd = [CAIRN, "--json", "--state", st, "checkpoint", "--db", DBNAME, "--kind", "sqlite", "--source", db]
     full, full_wall = run_json(cmd)
@@ -944,6 +953,8 @@ def report(results: dict, notes: list, problems: list) -> None:
     print()
     for n in notes:
         print(f"- note: {n}")
+    for phase, peak, sc, sp in SCRATCH_LOG:
+        print(f"- Cairn scratch peak, {phase}: {fmt_bytes(peak)} (scratch/ {fmt_bytes(sc)}, spool/ {fmt_bytes(sp)})")
     for p in problems:
         print(f"- PROBLEM: {p}")
     for p in LAG_PROBLEMS:
@@ -1032,7 +1043,7 @@ def main() -> int:
     out = os.path.join(BENCH_DIR, f"results-{time.strftime('%Y%m%dT%H%M%S')}.json")
     with open(out, "w") as f:
         json.dump({"db_mib": DB_MIB, "runs": RUNS, "results": results, "notes": notes, "problems": problems,
-                   "lag_problems": LAG_PROBLEMS}, f, indent=1)
+                   "lag_problems": LAG_PROBLEMS, "scratch": SCRATCH_LOG}, f, indent=1)
     notes.append(f"raw figures: {out}; total time {time.time() - T0:.0f} s")
     report(results, notes, problems)
     return 1 if problems or LAG_PROBLEMS else 0
