@@ -970,7 +970,8 @@ def main() -> int:
         return 0
     if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
         print(__doc__)
-        print("Environment: CAIRN_BIN (required here), LITESTREAM_BIN (empty: skip Litestream), MOTO_SERVER,\n"
+        print("Environment: CAIRN_BIN (required here), LITESTREAM_BIN (set by scripts/bench-sqlite; empty\n"
+              "when Litestream could not be installed: that side is skipped), MOTO_SERVER,\n"
               "CAIRN_BENCH_SQLITE_MIB=512 CAIRN_BENCH_RUNS=3 CAIRN_BENCH_LAG_SECS=60 CAIRN_BENCH_LAG_RATE=1000\n"
               "CAIRN_BENCH_LAG_MIB=32 CAIRN_BENCH_LAG_RUNS=<runs> CAIRN_BENCH_TARGETS=file,s3 CAIRN_BENCH_LAG_TARGETS=<targets>\n"
               "CAIRN_BENCH_DIR=~/.cache/cairn/bench-sqlite")
