@@ -186,6 +186,11 @@ impl Checkpointer {
             last_page: Instant::now(),
             page_due: None,
         };
+        // Steps start at a fixed rate (a step that overruns delays the next one, with no
+        // burst after it), so the loss window is the interval, not interval + step.
+        let mut tick = tokio::time::interval(run.opts.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
         loop {
             let stopping = *stop.borrow();
             match run.step(!stopping).await {
@@ -201,7 +206,7 @@ impl Checkpointer {
                 break;
             }
             tokio::select! {
-                _ = tokio::time::sleep(run.opts.interval) => {}
+                _ = tick.tick() => {}
                 _ = stop.changed() => {}
             }
         }
