@@ -44,6 +44,14 @@ struct Cli {
     /// line (`json`). The level comes from `CAIRN_LOG` (default `warn`).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// zstd level for the blobs a checkpoint writes (0: store them uncompressed).
+    #[arg(
+        long,
+        global = true,
+        default_value_t = 3,
+        allow_negative_numbers = true
+    )]
+    compression_level: i32,
     /// Print one JSON document on stdout instead of a human report.
     #[arg(long, global = true)]
     json: bool,
@@ -321,6 +329,7 @@ fn config(cli: &Cli) -> Result<Config, CairnError> {
     cfg.store_url = cli.store.clone();
     cfg.store_config = cli.store_config.clone();
     cfg.single_writer = cli.single_writer;
+    cfg.compression_level = (cli.compression_level != 0).then_some(cli.compression_level);
     Ok(cfg)
 }
 

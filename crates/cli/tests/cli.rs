@@ -482,3 +482,40 @@ fn what_cairn_creates_is_the_operators_alone() {
         "the walk saw the state directory, its store and the restore"
     );
 }
+
+#[test]
+fn compression_is_on_by_default_and_level_zero_turns_it_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("zeros.pages");
+    std::fs::write(&src, vec![0u8; 1 << 20]).unwrap();
+    let uploaded = |state: &str, extra: &[&str]| {
+        let v = run_ok(
+            cairn(&dir.path().join(state))
+                .args(extra)
+                .args([
+                    "--json",
+                    "checkpoint",
+                    "--db",
+                    "z",
+                    "--kind",
+                    "pages",
+                    "--source",
+                ])
+                .arg(&src),
+        );
+        v["bytes_uploaded"].as_u64().unwrap()
+    };
+    assert!(uploaded("on", &[]) < 64 * 1024);
+    assert!(uploaded("off", &["--compression-level", "0"]) > 1 << 20);
+    let out = run_err(
+        cairn(&dir.path().join("bad"))
+            .args(["--compression-level", "99", "checkpoint", "--db", "z"])
+            .args(["--kind", "pages", "--source"])
+            .arg(&src),
+    );
+    assert!(
+        stderr(&out).contains("compression level"),
+        "{}",
+        stderr(&out)
+    );
+}
