@@ -8,7 +8,8 @@ use cairn_orchestrator::{
 };
 use serde::Serialize;
 
-fn print_json<T: Serialize>(v: &T) {
+/// Prints `v` as pretty JSON on stdout.
+pub fn print_json<T: Serialize>(v: &T) {
     match serde_json::to_string_pretty(v) {
         Ok(s) => println!("{s}"),
         Err(e) => eprintln!("error: cannot render JSON: {e}"),

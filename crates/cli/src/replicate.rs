@@ -59,7 +59,7 @@ pub async fn run(
 
 fn print_report(json: bool, r: &ReplicateReport) {
     if json {
-        println!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
+        crate::output::print_json(r);
         return;
     }
     println!(
@@ -102,7 +102,7 @@ pub async fn restore(
 
 fn print_restore(json: bool, r: &SqliteRestoreReport) {
     if json {
-        println!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
+        crate::output::print_json(r);
         return;
     }
     println!(

@@ -165,6 +165,20 @@ pub fn captured_ms_of(name: &str) -> Option<u64> {
     stem.split_once('-')?.1.parse().ok()
 }
 
+/// The gap segment that ends `state`'s stream if no page generation covers it yet (a
+/// replicator stopped between the two): no point at or after its start restores.
+pub fn uncovered_gap(state: &crate::DbState) -> Option<&crate::SegmentEntry> {
+    let wal = state.wal.as_ref()?;
+    let page_lsn = state
+        .pages
+        .as_ref()
+        .and_then(|p| p.lsn)
+        .unwrap_or(crate::Lsn(0));
+    wal.segments
+        .last()
+        .filter(|g| g.name.ends_with(GAP_SUFFIX) && page_lsn < g.lsn_end)
+}
+
 /// One transaction of a segment.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transaction<'a> {

@@ -43,8 +43,6 @@ const TRUNCATE_WAIT: Duration = Duration::from_millis(200);
 pub struct Shipped {
     /// Salts, last frame shipped and its checksum.
     pub position: WalPosition,
-    /// That WAL's checkpoint sequence number.
-    pub checkpoint_seq: u32,
     /// The read transaction held since began with every frame backfilled (so the WAL may
     /// have restarted once). Only true within the process that holds it.
     pub backfilled: bool,
@@ -54,16 +52,15 @@ pub struct Shipped {
 
 impl Shipped {
     /// Where `snap` stands, once its frames are shipped (`before`: where shipping stood).
-    pub fn at(snap: &SqliteSnapshot, before: Option<&Shipped>) -> Option<Shipped> {
-        match (snap.wal_header(), snap.position()) {
-            (Some(h), Some(p)) => Some(Shipped {
+    pub fn at(snap: &SqliteSnapshot, before: Option<&Shipped>) -> Shipped {
+        match snap.position() {
+            Some(p) => Shipped {
                 position: p,
-                checkpoint_seq: h.checkpoint_seq,
                 backfilled: snap.backfilled(),
                 no_wal: false,
-            }),
+            },
             // No WAL: the position stays where it was, now with every frame backfilled.
-            _ => Some(match before {
+            None => match before {
                 Some(b) => Shipped {
                     backfilled: true,
                     ..*b
@@ -74,11 +71,10 @@ impl Shipped {
                         frame: 0,
                         checksum: (0, 0),
                     },
-                    checkpoint_seq: 0,
                     backfilled: true,
                     no_wal: true,
                 },
-            }),
+            },
         }
     }
 }
@@ -269,7 +265,7 @@ impl SqliteControl {
                 ),
             })?;
             durable(&snap, frames)?;
-            let locked = Shipped::at(&snap, Some(shipped)).unwrap_or(*shipped);
+            let locked = Shipped::at(&snap, Some(shipped));
             drop(snap);
             drop(held);
             self.passive()?;

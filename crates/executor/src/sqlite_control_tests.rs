@@ -43,7 +43,7 @@ fn a_held_snapshot_keeps_later_frames_and_blocks_the_applications_reset() {
     let a = app(&db);
     commit(&a, 1);
     let held = snap(&db);
-    let shipped = Shipped::at(&held, None).unwrap();
+    let shipped = Shipped::at(&held, None);
     assert!(!shipped.backfilled);
     commit(&a, 2);
     commit(&a, 3);
@@ -71,7 +71,7 @@ fn a_backfilled_snapshot_allows_one_restart_and_no_frame_is_lost() {
     // Everything is in the main file: the next snapshot reads it alone (read mark 0).
     let held = snap(&db);
     assert!(held.backfilled());
-    let shipped = Shipped::at(&held, Some(&Shipped::at(&first, None).unwrap())).unwrap();
+    let shipped = Shipped::at(&held, Some(&Shipped::at(&first, None)));
     drop(first);
     // The application's next write restarts the WAL; nothing can copy its frames into
     // the main file while we hold our snapshot, so no second restart happens.
@@ -91,7 +91,7 @@ fn a_reset_nobody_held_through_is_a_lost_position() {
     let a = app(&db);
     commit(&a, 1);
     let s = snap(&db);
-    let shipped = Shipped::at(&s, None).unwrap();
+    let shipped = Shipped::at(&s, None);
     drop(s);
     commit(&a, 2);
     app_checkpoint(&a, "TRUNCATE");
@@ -113,7 +113,7 @@ fn truncate_wal_makes_the_frames_durable_first_then_resets_the_wal() {
     let a = app(&db);
     commit(&a, 1);
     let held = std::sync::Arc::new(snap(&db));
-    let shipped = Shipped::at(&held, None).unwrap();
+    let shipped = Shipped::at(&held, None);
     for n in 2..50 {
         commit(&a, n);
     }
@@ -145,7 +145,7 @@ fn a_wal_deleted_while_nobody_held_it_is_a_lost_position() {
     let s = snap(&db);
     let shipped = Shipped {
         backfilled: false,
-        ..Shipped::at(&s, None).unwrap()
+        ..Shipped::at(&s, None)
     };
     drop(s);
     commit(&a, 2);

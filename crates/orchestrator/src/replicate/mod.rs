@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cairn_core::sqlite_segment::{segment_name, SegmentHeader, SegmentKind};
+use cairn_core::sqlite_segment::{segment_name, uncovered_gap, SegmentHeader, SegmentKind};
 use cairn_core::sqlite_wal::FRAME_HEADER_LEN;
 use cairn_core::{DbId, Lsn};
 use cairn_executor::{
@@ -119,23 +119,32 @@ struct Run<'c> {
     report: ReplicateReport,
 }
 
-/// The header of a segment of `snap`'s frames from `first` (`None` without a WAL).
+/// The header of a segment of `snap`'s frames from `first`; for a database without a WAL
+/// (never written in WAL mode since its last connection closed), position frame 0 of no WAL.
 fn header_of(
     snap: &SqliteSnapshot,
     kind: SegmentKind,
     first: u32,
     captured_ms: u64,
-) -> Option<SegmentHeader> {
-    let (position, h) = (snap.position()?, snap.wal_header()?);
-    Some(SegmentHeader {
+) -> SegmentHeader {
+    let no_wal = cairn_core::WalPosition {
+        salts: (0, 0),
+        frame: 0,
+        checksum: (0, 0),
+    };
+    let (position, seq) = match (snap.position(), snap.wal_header()) {
+        (Some(p), Some(h)) => (p, h.checkpoint_seq),
+        _ => (no_wal, 0),
+    };
+    SegmentHeader {
         kind,
         page_size: snap.page_size(),
-        checkpoint_seq: h.checkpoint_seq,
+        checkpoint_seq: seq,
         position,
         first_frame: first,
         backfilled: snap.backfilled(),
         captured_ms,
-    })
+    }
 }
 
 fn frame_pages(frames: &[u8], page_size: u32) -> impl Iterator<Item = u64> + '_ {
@@ -220,21 +229,12 @@ impl Run<'_> {
     async fn resume_point(&self) -> Result<Option<Shipped>, CairnError> {
         // A gap whose page generation was never written (a crash between the two): that
         // snapshot is gone, so the position counts as lost and a new gap follows.
-        if let Some(s) = self.cp.latest_state(&self.db).await? {
-            if let (Some(w), p) = (&s.state.wal, &s.state.pages) {
-                let page_lsn = p.as_ref().and_then(|p| p.lsn).map_or(0, |l| l.0);
-                let open_gap = w.segments.last().is_some_and(|g| {
-                    g.name.ends_with(cairn_core::sqlite_segment::GAP_SUFFIX)
-                        && page_lsn < g.lsn_end.0
-                });
-                if open_gap {
-                    return Ok(None);
-                }
-            }
+        let state = self.cp.latest_state(&self.db).await?;
+        if state.is_some_and(|s| uncovered_gap(&s.state).is_some()) {
+            return Ok(None);
         }
         Ok(self.spool.newest()?.map(|s| Shipped {
             position: s.header.position,
-            checkpoint_seq: s.header.checkpoint_seq,
             backfilled: false,
             no_wal: false,
         }))
@@ -260,40 +260,11 @@ impl Run<'_> {
         first: u32,
         frames: &[u8],
     ) -> Result<(), CairnError> {
-        let Some(header) = header_of(snap, kind, first, self.cp.env.now_ms()) else {
-            // No WAL at all (never written in WAL mode): a gap still needs a header.
-            return self.spool_bare(snap, kind).await;
-        };
+        let header = header_of(snap, kind, first, self.cp.env.now_ms());
         let name = segment_name(self.next_lsn().await?, header.captured_ms, kind);
         let n = self.spool.write(&name, &header, frames)?;
         self.report.bytes_shipped += n;
         self.since_page += n;
-        self.unpublished = true;
-        Ok(())
-    }
-
-    /// A gap segment for a database whose WAL has no header: position frame 0 of no WAL.
-    async fn spool_bare(
-        &mut self,
-        snap: &SqliteSnapshot,
-        kind: SegmentKind,
-    ) -> Result<(), CairnError> {
-        let header = SegmentHeader {
-            kind,
-            page_size: snap.page_size(),
-            checkpoint_seq: 0,
-            position: cairn_core::WalPosition {
-                salts: (0, 0),
-                frame: 0,
-                checksum: (0, 0),
-            },
-            first_frame: 0,
-            backfilled: true,
-            captured_ms: self.cp.env.now_ms(),
-        };
-        let name = segment_name(self.next_lsn().await?, header.captured_ms, kind);
-        let n = self.spool.write(&name, &header, &[])?;
-        self.report.bytes_shipped += n;
         self.unpublished = true;
         Ok(())
     }
@@ -402,7 +373,7 @@ impl Run<'_> {
         }
         let snap = Arc::new(snap);
         // The new snapshot is held before the old one goes.
-        self.held = now.map(|s| (Arc::clone(&snap), s));
+        self.held = Some((Arc::clone(&snap), now));
         self.publish().await?;
         if page {
             self.page_generation(&snap).await?;
@@ -467,9 +438,7 @@ impl Run<'_> {
                     return Ok::<_, CairnError>(());
                 }
                 let frames = snap.read_frames(first, last)?;
-                let Some(header) = header_of(snap, SegmentKind::Frames, first, now_ms) else {
-                    return Ok(());
-                };
+                let header = header_of(snap, SegmentKind::Frames, first, now_ms);
                 let name = segment_name(next, now_ms, SegmentKind::Frames);
                 let n = spool.write(&name, &header, &frames)?;
                 let pages: Vec<u64> = frame_pages(&frames, snap.page_size()).collect();

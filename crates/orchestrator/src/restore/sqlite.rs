@@ -13,8 +13,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use cairn_core::sqlite_segment::{captured_ms_of, GAP_SUFFIX};
-use cairn_core::{DbId, Generation, Lsn, PagesState, SourceKind, WalState};
+use cairn_core::sqlite_segment::{captured_ms_of, uncovered_gap};
+use cairn_core::{DbId, Generation, Lsn, SourceKind};
 use cairn_executor::sqlite_apply::{install, target_occupied, SegmentFile};
 use serde::Serialize;
 
@@ -61,16 +61,6 @@ pub struct SqliteRestoreReport {
     pub blobs_read: u64,
     /// Wall time in milliseconds.
     pub duration_ms: u64,
-}
-
-/// The stream's end, or the start of a gap at its end that no page generation covers yet
-/// (a replicator stopped between the two).
-fn newest_restorable(wal: &WalState, pages: Option<&PagesState>) -> Lsn {
-    let page_lsn = pages.and_then(|p| p.lsn).unwrap_or(Lsn(0));
-    match wal.segments.last() {
-        Some(g) if g.name.ends_with(GAP_SUFFIX) && page_lsn < g.lsn_end => g.lsn_start,
-        _ => wal.end,
-    }
 }
 
 fn staging(to: &Path) -> PathBuf {
@@ -133,7 +123,8 @@ impl Checkpointer {
             _ => return Err(not_replicated("it has no WAL stream")),
         };
         let lsn = match point {
-            SqlitePoint::Latest => newest_restorable(wal, gs.state.pages.as_ref()),
+            // The newest restorable commit: before a gap no page generation covers yet.
+            SqlitePoint::Latest => uncovered_gap(&gs.state).map_or(wal.end, |g| g.lsn_start),
             SqlitePoint::Lsn(l) => l,
             SqlitePoint::Time(t) => {
                 let shipped = wal
