@@ -4,11 +4,14 @@
 //! Contract: [`BlobSink::put_staged`], [`BlobSink::put_bytes`] and
 //! [`BlobSink::put_segment`] return the blob's reference once it is either known to be
 //! stored (a catalog hit confirmed by XXH3-128, a blob this job already produced, or an
-//! object the store has with a size a blob of that payload can have, compressed or not) or staged and being uploaded; at most
-//! `upload_concurrency` uploads are in flight. [`BlobSink::finish`] waits for them all.
+//! object the store has with a size a blob of that payload can have, compressed or
+//! not) or handed to an upload task; at most `upload_concurrency` uploads are in flight. [`BlobSink::finish`] waits for them all.
+//!
+//! An in-memory payload (a delta) is staged by its upload task, in the background.
 //!
 //! Crash: a staged file stays in the job's scratch until its upload finished, so a resumed
-//! job finds it ([`BlobSink::ensure_stored`]); an upload cut short never becomes visible
+//! job finds it ([`BlobSink::ensure_stored`]); a delta recorded before its staging finished
+//! has neither a staged file nor an object, so a resumed job analyses its chunk again; an upload cut short never becomes visible
 //! (see the remote store). Retries: the store retries requests. Cancellation: uploads
 //! still in flight when the sink is dropped (an error, a cancel) are aborted.
 
@@ -46,6 +49,12 @@ enum Upload {
     },
     /// The whole of an immutable source file, framed on the fly.
     File { path: PathBuf },
+    /// An in-memory payload (a delta), staged by the upload task itself, so that staging
+    /// (a compression attempt, a write and two fsyncs) overlaps the caller's next chunk.
+    Bytes {
+        payload: Vec<u8>,
+        scratch: JobScratch,
+    },
 }
 
 /// Whether a payload still has to be stored.
@@ -240,8 +249,20 @@ impl<'a> BlobSink<'a> {
         self.drain_to(self.cp.cfg.upload_concurrency.saturating_sub(1))
             .await?;
         let store = self.cp.store.clone();
+        let join_err = self.join_err("staging a delta");
         self.in_flight.push(tokio::spawn(async move {
             let bytes = match from {
+                Upload::Bytes { payload, scratch } => {
+                    let staged =
+                        tokio::task::spawn_blocking(move || scratch.stage_bytes(&payload, &blob))
+                            .await
+                            .map_err(join_err)??;
+                    let size = std::fs::metadata(&staged.path).map_or(0, |m| m.len());
+                    store.put_blob_file(&key, &staged.path, &blob).await?;
+                    let _ = std::fs::remove_file(&staged.path);
+                    drop(staged);
+                    size
+                }
                 Upload::Staged { path, hold } => {
                     let size = std::fs::metadata(&path).map_or(0, |m| m.len());
                     store.put_blob_file(&key, &path, &blob).await?;
@@ -301,13 +322,9 @@ impl<'a> BlobSink<'a> {
             Resolved::Stored(blob) => return Ok(blob),
             Resolved::New(blob, key) => (blob, key),
         };
-        let job = self.scratch.clone();
-        let staged = tokio::task::spawn_blocking(move || job.stage_bytes(&payload, &blob))
-            .await
-            .map_err(self.join_err("staging a delta"))??;
-        let from = Upload::Staged {
-            path: staged.path.clone(),
-            hold: Some(staged),
+        let from = Upload::Bytes {
+            payload,
+            scratch: self.scratch.clone(),
         };
         self.upload(key, blob, from).await?;
         Ok(blob)
