@@ -108,6 +108,12 @@ enum Cmd {
         /// Reset the WAL (checkpoint TRUNCATE) once its file passes this many bytes.
         #[arg(long, default_value_t = 64 << 20)]
         wal_limit: u64,
+        /// How often the janitor removes the scratch of jobs that will not run again.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
+        janitor_every: std::time::Duration,
+        /// ... once nothing in it changed for this long.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+        janitor_min_age: std::time::Duration,
     },
     /// Restore a generation (the latest by default), or a point of the WAL, to a path.
     /// A database shipped by `cairn replicate` restores to one SQLite file: its newest
@@ -415,6 +421,8 @@ async fn run(cli: Cli) -> Result<ExitCode, CairnError> {
             page_every_bytes,
             page_every,
             wal_limit,
+            janitor_every,
+            janitor_min_age,
         } => {
             let cp = open(config(&cli)?).await?;
             let opts = ReplicateOptions {
@@ -423,7 +431,11 @@ async fn run(cli: Cli) -> Result<ExitCode, CairnError> {
                 page_every: *page_every,
                 wal_limit: *wal_limit,
             };
-            replicate::run(&cp, &DbId::new(db.clone())?, source, &opts, json).await?;
+            let janitor = replicate::Janitor {
+                every: *janitor_every,
+                min_age: *janitor_min_age,
+            };
+            replicate::run(&cp, &DbId::new(db.clone())?, source, &opts, janitor, json).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Watermark { db } => {

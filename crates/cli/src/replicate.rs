@@ -2,6 +2,7 @@
 //! restore of a replicated SQLite database to a transaction.
 
 use std::path::Path;
+use std::time::Duration;
 
 use cairn_orchestrator::{
     CairnError, Checkpointer, DbId, Generation, Lsn, ReplicateOptions, ReplicateReport,
@@ -23,12 +24,23 @@ pub fn parse_time(s: &str) -> Result<u64, CairnError> {
     Ok(d.as_millis() as u64)
 }
 
-/// Runs the replication of `source` as `db` until a signal asks it to stop.
+/// When the service's janitor sweeps scratch ([`Checkpointer::run_janitor`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Janitor {
+    /// Time between sweeps.
+    pub every: Duration,
+    /// A job's scratch is removed once nothing in it changed for this long.
+    pub min_age: Duration,
+}
+
+/// Runs the replication of `source` as `db`, with the janitor beside it, until a signal
+/// asks it to stop.
 pub async fn run(
     cp: &Checkpointer,
     db: &DbId,
     source: &Path,
     opts: &ReplicateOptions,
+    janitor: Janitor,
     json: bool,
 ) -> Result<(), CairnError> {
     let (tx, rx) = tokio::sync::watch::channel(false);
@@ -52,7 +64,18 @@ pub async fn run(
             opts.interval
         );
     }
-    let r = cp.replicate(db, source, opts, rx).await?;
+    let replicating = cp.replicate(db, source, opts, rx.clone());
+    let sweeping = cp.run_janitor(janitor.every, janitor.min_age, rx);
+    tokio::pin!(replicating, sweeping);
+    let mut swept = false;
+    // The janitor ends at the stop signal, replication once it shipped what is committed
+    // (or on an error, which ends the command).
+    let r = loop {
+        tokio::select! {
+            r = &mut replicating => break r?,
+            () = &mut sweeping, if !swept => swept = true,
+        }
+    };
     print_report(json, &r);
     Ok(())
 }

@@ -19,7 +19,7 @@ pub use assemble::{AssemblyWriter, DirAssembler, FileAssembler};
 pub use compose::{held_from, BaseWrite, Composer, DeltaPiece, HeldPiece, Part};
 pub use error::ExecError;
 pub use point::PointAssembler;
-pub use scratch::{JobScratch, Scratch, StagedBlob};
+pub use scratch::{JobScratch, Scratch, ScratchUsage, StagedBlob};
 pub use source::{
     hash_range, list_segments, page_digest, read_pages, scan_pages, sqlite_integrity_check,
     PageFile, PageScan, ReadAt, SegmentFile,

@@ -15,12 +15,19 @@
 //! job's scratch is reopened, and complete staged blobs, which a resumed job reuses after
 //! re-verifying them. Nothing here retries; the caller does. Cancellation: stop calling;
 //! [`Scratch::remove_job`] frees the space.
+//!
+//! In use: every [`JobScratch`] handle (and its clones) marks its job's directory as in use
+//! by this process until the last one is dropped ([`Scratch::in_use`]), so a periodic
+//! janitor never removes the scratch of a job running here, whether or not it has a job
+//! record (verify's scratch has none).
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
 
 use cairn_core::blob::{
     effective_level, encode_footer, encode_footer_v2, encode_header, encode_header_v2,
@@ -40,6 +47,53 @@ pub struct Scratch {
     budget: Budget,
     /// zstd level for staged blobs; `None` writes uncompressed version 1 blobs.
     compression: Option<i32>,
+    /// Jobs with a live [`JobScratch`] handle in this process, with their handle count.
+    live: Arc<Mutex<HashMap<JobId, usize>>>,
+}
+
+/// Locks the in-use map; a panic while it was held cannot leave it inconsistent (every
+/// update is a single insert or remove), so a poisoned lock is used as it is.
+fn lock(live: &Mutex<HashMap<JobId, usize>>) -> MutexGuard<'_, HashMap<JobId, usize>> {
+    live.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Marks a job's scratch as in use until dropped (shared by a [`JobScratch`]'s clones).
+#[derive(Debug)]
+struct InUse {
+    job: JobId,
+    live: Arc<Mutex<HashMap<JobId, usize>>>,
+}
+
+impl InUse {
+    fn new(job: JobId, live: &Arc<Mutex<HashMap<JobId, usize>>>) -> Self {
+        *lock(live).entry(job).or_insert(0) += 1;
+        Self {
+            job,
+            live: Arc::clone(live),
+        }
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        let mut live = lock(&self.live);
+        if let Some(n) = live.get_mut(&self.job) {
+            *n -= 1;
+            if *n == 0 {
+                live.remove(&self.job);
+            }
+        }
+    }
+}
+
+/// What a job's scratch directory holds, for the janitor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScratchUsage {
+    /// Bytes of the files in it.
+    pub bytes: u64,
+    /// The newest modification time of the directory and its files (`None` if the file
+    /// system does not keep them).
+    pub modified: Option<SystemTime>,
 }
 
 /// One job's scratch directory (cheap to clone: a path and a budget handle).
@@ -50,6 +104,7 @@ pub struct JobScratch {
     compression: Option<i32>,
     /// Numbers the `.partial` files of stagings in progress.
     next_partial: Arc<AtomicU64>,
+    _in_use: Arc<InUse>,
 }
 
 /// A complete, fsynced staged blob. Holds its share of the scratch budget until dropped.
@@ -102,7 +157,36 @@ impl Scratch {
             root: root.to_path_buf(),
             budget,
             compression: None,
+            live: Arc::default(),
         })
+    }
+
+    /// Whether a [`JobScratch`] handle of `job` is alive in this process.
+    pub fn in_use(&self, job: JobId) -> bool {
+        lock(&self.live).contains_key(&job)
+    }
+
+    /// The bytes in `job`'s scratch directory and when it last changed (`None` if there
+    /// is no such directory).
+    pub fn usage(&self, job: JobId) -> Result<Option<ScratchUsage>, ExecError> {
+        let dir = self.root.join(job.to_string());
+        let meta = match std::fs::metadata(&dir) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(ExecError::io("stat job scratch", &dir)(e)),
+        };
+        let mut usage = ScratchUsage {
+            bytes: 0,
+            modified: meta.modified().ok(),
+        };
+        for entry in std::fs::read_dir(&dir).map_err(ExecError::io("list job scratch", &dir))? {
+            let entry = entry.map_err(ExecError::io("list job scratch", &dir))?;
+            // A file removed meanwhile (an upload finished) counts for nothing.
+            let Ok(m) = entry.metadata() else { continue };
+            usage.bytes += m.len();
+            usage.modified = usage.modified.max(m.modified().ok());
+        }
+        Ok(Some(usage))
     }
 
     /// Stages blobs compressed with zstd at `level` (`None` or `Some(0)`: uncompressed,
@@ -114,6 +198,8 @@ impl Scratch {
 
     /// Opens (creating) the scratch directory of `job`, deleting half-written files.
     pub fn job(&self, job: JobId) -> Result<JobScratch, ExecError> {
+        // In use from before the directory exists, so no janitor sees it unclaimed.
+        let in_use = Arc::new(InUse::new(job, &self.live));
         let dir = self.root.join(job.to_string());
         std::fs::create_dir_all(&dir).map_err(ExecError::io("create job scratch", &dir))?;
         for entry in std::fs::read_dir(&dir).map_err(ExecError::io("list job scratch", &dir))? {
@@ -130,6 +216,7 @@ impl Scratch {
             budget,
             compression: self.compression,
             next_partial: Arc::new(AtomicU64::new(0)),
+            _in_use: in_use,
         })
     }
 

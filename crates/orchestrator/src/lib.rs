@@ -57,6 +57,7 @@ pub use config::{
 pub use error::CairnError;
 pub use gc::{Count, GcOptions, GcReport, KeptBlob, Pin};
 pub use history::{GenerationInfo, GenerationState};
+pub use janitor::SweepReport;
 pub use publication::MAX_DIFF_CHAIN;
 pub use queue::{CancelHandle, JobEvent, JobRecord, JobSpec, JobState, JobStatus, Phase, Progress};
 pub use replicate::{ReplicateOptions, ReplicateReport};
@@ -86,6 +87,8 @@ pub struct Checkpointer {
     /// [`CheckpointOptions::snapshot`]), taken by the job's plan.
     lent: dashmap::DashMap<JobId, Arc<cairn_executor::SqliteSnapshot>>,
     store_checked: tokio::sync::OnceCell<()>,
+    /// What the janitor's sweeps removed.
+    janitor: janitor::JanitorTotals,
 }
 
 impl std::fmt::Debug for Checkpointer {
@@ -166,6 +169,7 @@ impl Checkpointer {
             trackers: dashmap::DashMap::new(),
             lent: dashmap::DashMap::new(),
             store_checked: tokio::sync::OnceCell::new(),
+            janitor: janitor::JanitorTotals::default(),
         };
         cp.sweep_finished_jobs()?;
         Ok(cp)
