@@ -49,6 +49,8 @@ pub struct Scratch {
     compression: Option<i32>,
     /// Jobs with a live [`JobScratch`] handle in this process, with their handle count.
     live: Arc<Mutex<HashMap<JobId, usize>>>,
+    /// The limit of each job's own budget (a child of `budget`).
+    job_limit: u64,
 }
 
 /// Locks the in-use map; a panic while it was held cannot leave it inconsistent (every
@@ -104,6 +106,9 @@ pub struct JobScratch {
     compression: Option<i32>,
     /// Numbers the `.partial` files of stagings in progress.
     next_partial: Arc<AtomicU64>,
+    /// The reservations of staged files an earlier attempt left (by file name), taken by
+    /// whoever uploads or discards them ([`JobScratch::take_existing`]).
+    existing: Arc<Mutex<HashMap<String, Reservation>>>,
     _in_use: Arc<InUse>,
 }
 
@@ -158,7 +163,19 @@ impl Scratch {
             budget,
             compression: None,
             live: Arc::default(),
+            job_limit: u64::MAX,
         })
+    }
+
+    /// Caps each job's own scratch budget at `limit` bytes (below the root's).
+    pub fn with_job_limit(mut self, limit: u64) -> Self {
+        self.job_limit = limit;
+        self
+    }
+
+    /// The budget staging draws from (the root of the job budgets).
+    pub fn budget(&self) -> &Budget {
+        &self.budget
     }
 
     /// Whether a [`JobScratch`] handle of `job` is alive in this process.
@@ -202,20 +219,34 @@ impl Scratch {
         let in_use = Arc::new(InUse::new(job, &self.live));
         let dir = self.root.join(job.to_string());
         std::fs::create_dir_all(&dir).map_err(ExecError::io("create job scratch", &dir))?;
+        let budget = self.budget.child(
+            format!("job:{job}"),
+            self.job_limit.min(self.budget.limit()),
+        );
+        // Staged files an earlier attempt left are charged again: a resumed job's re-uploads
+        // hold their space like fresh stagings do, so the budget covers them too.
+        let mut existing = HashMap::new();
         for entry in std::fs::read_dir(&dir).map_err(ExecError::io("list job scratch", &dir))? {
             let entry = entry.map_err(ExecError::io("list job scratch", &dir))?;
-            if entry.file_name().to_string_lossy().ends_with(".partial") {
-                let p = entry.path();
+            let p = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".partial") {
                 std::fs::remove_file(&p)
                     .map_err(ExecError::io("remove partial staged file", &p))?;
+                continue;
             }
+            let len = entry
+                .metadata()
+                .map_err(ExecError::io("stat staged file", &p))?
+                .len();
+            existing.insert(name, budget.try_reserve(len)?);
         }
-        let budget = self.budget.child(format!("job:{job}"), self.budget.limit());
         Ok(JobScratch {
             dir,
             budget,
             compression: self.compression,
             next_partial: Arc::new(AtomicU64::new(0)),
+            existing: Arc::new(Mutex::new(existing)),
             _in_use: in_use,
         })
     }
@@ -247,6 +278,21 @@ impl Scratch {
 }
 
 impl JobScratch {
+    /// The reservation of a staged file named `name` left by an earlier attempt (once:
+    /// the caller holds it until the file is uploaded or removed).
+    pub fn take_existing(&self, name: &str) -> Option<Reservation> {
+        self.existing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name)
+    }
+
+    /// Reserves `bytes` of this job's budget for a file the caller writes into the
+    /// directory itself (verify's restore); fails naming the budget that cannot take it.
+    pub fn reserve(&self, bytes: u64) -> Result<Reservation, ExecError> {
+        Ok(self.budget.try_reserve(bytes)?)
+    }
+
     /// The job's scratch directory.
     pub fn dir(&self) -> &Path {
         &self.dir

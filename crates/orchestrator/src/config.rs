@@ -102,8 +102,13 @@ pub struct Config {
     pub tenant: TenantId,
     /// Chunk size of page sources.
     pub chunk_size: u64,
-    /// Bytes of scratch space staging may use at once.
+    /// Bytes of scratch space all jobs of this process may use at once (the global budget).
     pub scratch_limit: u64,
+    /// ... of which the tenant's jobs may use this much (`None`: the global limit). The
+    /// budgets nest global, then tenant, then job: a reservation must fit all three.
+    pub tenant_scratch_limit: Option<u64>,
+    /// ... and each job this much (`None`: the tenant's limit).
+    pub job_scratch_limit: Option<u64>,
     /// Blob uploads in flight at once.
     pub upload_concurrency: usize,
     /// Blob downloads in flight at once during restore and verify; a restore composes up
@@ -141,6 +146,8 @@ impl Config {
             tenant: TenantId::new("default")?,
             chunk_size: DEFAULT_CHUNK_SIZE,
             scratch_limit: 8 * 1024 * 1024 * 1024,
+            tenant_scratch_limit: None,
+            job_scratch_limit: None,
             upload_concurrency: 4,
             download_concurrency: 8,
             restore_memory: DEFAULT_RESTORE_MEMORY,

@@ -153,8 +153,14 @@ impl Checkpointer {
         })?;
         let state = Arc::new(StateDb::open(&cfg.state_dir)?);
         let writer = state.writer_id(|| env.next_u64())?;
-        let budget = Budget::root("scratch", cfg.scratch_limit);
-        let scratch = Scratch::open(&cfg.state_dir.join("scratch"), budget)?
+        let global = Budget::root("scratch", cfg.scratch_limit);
+        let tenant = global.child(
+            format!("tenant:{}", cfg.tenant),
+            cfg.tenant_scratch_limit.unwrap_or(cfg.scratch_limit),
+        );
+        let job_limit = cfg.job_scratch_limit.unwrap_or(tenant.limit());
+        let scratch = Scratch::open(&cfg.state_dir.join("scratch"), tenant)?
+            .with_job_limit(job_limit)
             .with_compression(cfg.compression_level);
         let cp = Self {
             cfg,
@@ -173,6 +179,14 @@ impl Checkpointer {
         };
         cp.sweep_finished_jobs()?;
         Ok(cp)
+    }
+
+    /// The scratch budgets above the jobs', outermost first (global, then tenant), for
+    /// metrics and tests: each one's path, bytes reserved now, and limit.
+    pub fn scratch_budgets(&self) -> Vec<(String, u64, u64)> {
+        let mut out = self.scratch.budget().levels();
+        out.reverse();
+        out
     }
 
     /// Refuses a store that does not honour conditional create (publication depends on

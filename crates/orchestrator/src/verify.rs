@@ -197,7 +197,9 @@ impl Checkpointer {
             let job = cairn_core::JobId(self.env.next_u64());
             let scratch = self.scratch.job(job)?;
             let target = scratch.dir().join("verify.sqlite");
+            // The restored copy is scratch like any staged blob: it must fit the budgets.
             let outcome = async {
+                let _space = scratch.reserve(pages.len)?;
                 let parts = crate::restore::Parts {
                     pages: Some(pages),
                     segments: &[],

@@ -160,6 +160,15 @@ impl Budget {
         self.node.used.load(Ordering::Relaxed)
     }
 
+    /// This node and each ancestor up to the root, innermost first: its path, bytes
+    /// reserved now, and limit (for metrics).
+    pub fn levels(&self) -> Vec<(String, u64, u64)> {
+        self.node
+            .chain()
+            .map(|n| (n.path.clone(), n.used.load(Ordering::Relaxed), n.limit))
+            .collect()
+    }
+
     /// Bytes a new reservation at this node could take now, taking ancestors into account.
     pub fn available(&self) -> u64 {
         let _guard = self.node.tree.lock();

@@ -43,10 +43,7 @@ pub(super) struct UploadStats {
 /// Where an upload reads its blob from.
 enum Upload {
     /// A staged file, deleted once uploaded; `hold` keeps its scratch reservation till then.
-    Staged {
-        path: PathBuf,
-        hold: Option<StagedBlob>,
-    },
+    Staged { path: PathBuf, hold: Hold },
     /// The whole of an immutable source file, framed on the fly.
     File { path: PathBuf },
     /// An in-memory payload (a delta), staged by the upload task itself, so that staging
@@ -54,6 +51,17 @@ enum Upload {
     Bytes {
         payload: Vec<u8>,
         scratch: JobScratch,
+    },
+}
+
+/// What keeps a staged file's scratch space reserved while it uploads.
+enum Hold {
+    /// Staged by this attempt.
+    Staged { _blob: StagedBlob },
+    /// Left by an earlier attempt, charged again when the job's scratch was reopened
+    /// (`None` if it appeared since).
+    Existing {
+        _space: Option<cairn_quota::Reservation>,
     },
 }
 
@@ -188,7 +196,9 @@ impl<'a> BlobSink<'a> {
             *blob,
             Upload::Staged {
                 path: staged,
-                hold: None,
+                hold: Hold::Existing {
+                    _space: self.scratch.take_existing(&blob.name()),
+                },
             },
         )
         .await?;
@@ -301,7 +311,7 @@ impl<'a> BlobSink<'a> {
                 staged.rename_for(blob)?;
                 let from = Upload::Staged {
                     path: staged.path.clone(),
-                    hold: Some(staged),
+                    hold: Hold::Staged { _blob: staged },
                 };
                 self.upload(key, blob, from).await?;
                 Ok(blob)
