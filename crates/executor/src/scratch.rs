@@ -105,6 +105,11 @@ impl Scratch {
         })
     }
 
+    /// The scratch budget every job's staging draws from (its used bytes and limit).
+    pub fn budget(&self) -> &Budget {
+        &self.budget
+    }
+
     /// Stages blobs compressed with zstd at `level` (`None` or `Some(0)`: uncompressed,
     /// the default).
     pub fn with_compression(mut self, level: Option<i32>) -> Self {

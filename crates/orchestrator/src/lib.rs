@@ -22,6 +22,7 @@
 mod checkpoint;
 mod config;
 mod error;
+mod gauges;
 mod gc;
 mod history;
 mod janitor;
@@ -55,11 +56,14 @@ pub use config::{
     MIN_COMPRESSION_LEVEL,
 };
 pub use error::CairnError;
+pub use gauges::QuotaLevel;
 pub use gc::{Count, GcOptions, GcReport, KeptBlob, Pin};
 pub use history::{GenerationInfo, GenerationState};
 pub use publication::MAX_DIFF_CHAIN;
 pub use queue::{CancelHandle, JobEvent, JobRecord, JobSpec, JobState, JobStatus, Phase, Progress};
-pub use replicate::{ReplicateOptions, ReplicateReport};
+pub use replicate::{
+    NoObserver, ReplicateObserver, ReplicateOptions, ReplicateReport, ReplicateStatus,
+};
 pub use restore::{RestoreOptions, RestoreReport, SqlitePoint, SqliteRestoreReport};
 pub use runner::JobOutcome;
 pub use truncate::{HeadOptions, LeaseHandle, LeaseInfo, TruncateReport, Watermark};
