@@ -335,14 +335,15 @@ impl std::fmt::Debug for Scraped {
     }
 }
 
-fn gauge<L: EncodeLabelSet, V: prometheus_client::encoding::EncodeGaugeValue>(
+fn gauge<L, V>(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
     series: &[(L, V)],
 ) -> Result<(), std::fmt::Error>
 where
-    V: Copy + std::fmt::Debug,
+    L: EncodeLabelSet,
+    V: prometheus_client::encoding::EncodeGaugeValue + Copy + std::fmt::Debug,
 {
     let mut m = enc.encode_descriptor(
         name,
