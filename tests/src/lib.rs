@@ -4,5 +4,6 @@
 pub mod bench;
 pub mod fixtures;
 pub mod gate;
+pub mod proxy;
 pub mod rclone;
 pub mod s3;

@@ -116,6 +116,11 @@ impl S3Server {
         &self.endpoint
     }
 
+    /// The server's socket address (for a proxy in front of it).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// The bucket created for this server.
     pub fn bucket(&self) -> &str {
         &self.bucket

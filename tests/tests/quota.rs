@@ -46,11 +46,11 @@ fn pages(path: &Path) -> Source {
 }
 
 fn assert_budgets_empty(cp: &Checkpointer) {
-    let levels = cp.scratch_budgets();
+    let levels = cp.quota_levels();
     assert_eq!(levels.len(), 2, "global and tenant: {levels:?}");
-    assert_eq!(levels[1].0, "scratch/tenant:default");
-    for (path, used, _) in &levels {
-        assert_eq!(*used, 0, "budget {path} still holds bytes");
+    assert_eq!(levels[1].name, "scratch/tenant:default");
+    for l in &levels {
+        assert_eq!(l.used, 0, "budget {} still holds bytes", l.name);
     }
 }
 

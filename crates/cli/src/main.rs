@@ -2,6 +2,7 @@
 //! shell around a `Checkpointer` call; all logic lives in the library crates.
 
 mod demo;
+mod http;
 mod output;
 mod replicate;
 mod wal;
@@ -114,6 +115,17 @@ enum Cmd {
         /// ... once nothing in it changed for this long.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
         janitor_min_age: std::time::Duration,
+        /// Serve /metrics (Prometheus), /health and /ready on this address, e.g.
+        /// 127.0.0.1:9090 (port 0: any free port; the address is printed on stderr).
+        #[arg(long)]
+        listen: Option<String>,
+        /// /ready fails once replication lags more than this [default: 10s, or three
+        /// intervals if longer].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        lag_bound: Option<std::time::Duration>,
+        /// The longest wait between retries of failed steps.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+        max_backoff: std::time::Duration,
     },
     /// Restore a generation (the latest by default), or a point of the WAL, to a path.
     /// A database shipped by `cairn replicate` restores to one SQLite file: its newest
@@ -423,19 +435,28 @@ async fn run(cli: Cli) -> Result<ExitCode, CairnError> {
             wal_limit,
             janitor_every,
             janitor_min_age,
+            listen,
+            lag_bound,
+            max_backoff,
         } => {
-            let cp = open(config(&cli)?).await?;
+            let cp = std::sync::Arc::new(open(config(&cli)?).await?);
             let opts = ReplicateOptions {
                 interval: *interval,
                 page_every_bytes: *page_every_bytes,
                 page_every: *page_every,
                 wal_limit: *wal_limit,
+                max_backoff: *max_backoff,
             };
+            let listen = listen.as_ref().map(|addr| replicate::Listen {
+                addr: addr.clone(),
+                lag_bound: lag_bound.unwrap_or_else(|| replicate::default_lag_bound(*interval)),
+            });
             let janitor = replicate::Janitor {
                 every: *janitor_every,
                 min_age: *janitor_min_age,
             };
-            replicate::run(&cp, &DbId::new(db.clone())?, source, &opts, janitor, json).await?;
+            let db = DbId::new(db.clone())?;
+            replicate::run(cp, &db, source, &opts, listen.as_ref(), janitor, json).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Watermark { db } => {

@@ -22,6 +22,7 @@
 mod checkpoint;
 mod config;
 mod error;
+mod gauges;
 mod gc;
 mod history;
 mod janitor;
@@ -55,12 +56,15 @@ pub use config::{
     MIN_COMPRESSION_LEVEL,
 };
 pub use error::CairnError;
+pub use gauges::QuotaLevel;
 pub use gc::{Count, GcOptions, GcReport, KeptBlob, Pin};
 pub use history::{GenerationInfo, GenerationState};
 pub use janitor::SweepReport;
 pub use publication::MAX_DIFF_CHAIN;
 pub use queue::{CancelHandle, JobEvent, JobRecord, JobSpec, JobState, JobStatus, Phase, Progress};
-pub use replicate::{ReplicateOptions, ReplicateReport};
+pub use replicate::{
+    NoObserver, ReplicateObserver, ReplicateOptions, ReplicateReport, ReplicateStatus,
+};
 pub use restore::{RestoreOptions, RestoreReport, SqlitePoint, SqliteRestoreReport};
 pub use runner::JobOutcome;
 pub use truncate::{HeadOptions, LeaseHandle, LeaseInfo, TruncateReport, Watermark};
@@ -179,14 +183,6 @@ impl Checkpointer {
         };
         cp.sweep_finished_jobs()?;
         Ok(cp)
-    }
-
-    /// The scratch budgets above the jobs', outermost first (global, then tenant), for
-    /// metrics and tests: each one's path, bytes reserved now, and limit.
-    pub fn scratch_budgets(&self) -> Vec<(String, u64, u64)> {
-        let mut out = self.scratch.budget().levels();
-        out.reverse();
-        out
     }
 
     /// Refuses a store that does not honour conditional create (publication depends on

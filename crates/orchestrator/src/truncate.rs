@@ -163,7 +163,16 @@ impl Checkpointer {
     /// How far the engine may delete its local WAL of `db` (see [`Watermark`]).
     pub async fn watermark(&self, db: &DbId) -> Result<Watermark, CairnError> {
         let latest = self.latest_state(db).await?;
-        let st = latest.as_ref().map(|l| &l.state);
+        self.watermark_of(db, latest.as_ref())
+    }
+
+    /// The watermark of `db` given its newest state `latest` (no store request).
+    pub(crate) fn watermark_of(
+        &self,
+        db: &DbId,
+        latest: Option<&GenerationState>,
+    ) -> Result<Watermark, CairnError> {
+        let st = latest.map(|l| &l.state);
         let wal = st.and_then(|s| s.wal.as_ref());
         let page_lsn = st.and_then(|s| s.pages.as_ref()).and_then(|p| p.lsn);
         let now = self.env.now_ms();

@@ -44,6 +44,17 @@ fn env_bool(k: &str) -> Option<bool> {
     env_var(k).map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
 }
 
+/// The S3 endpoint a store with `cfg` talks to: the config's, else the `AWS_*`
+/// environment's; `None` for the AWS default.
+pub(crate) fn s3_endpoint(cfg: &StoreConfig) -> Option<String> {
+    cfg.s3
+        .endpoint
+        .clone()
+        .or_else(|| env_var("AWS_ENDPOINT_URL_S3"))
+        .or_else(|| env_var("AWS_ENDPOINT_URL"))
+        .or_else(|| env_var("AWS_ENDPOINT"))
+}
+
 /// What a URL opens to.
 pub(crate) struct Backend {
     /// The store (and its part-level multipart side, if any).
@@ -54,6 +65,9 @@ pub(crate) struct Backend {
     pub(crate) describe: String,
     /// For `file://` stores: the directory, so staged blobs can be published by hard link.
     pub(crate) local_root: Option<std::path::PathBuf>,
+    /// For S3 stores: the endpoint URL the client talks to (credentials removed), if one
+    /// is configured (none: the AWS default for the region).
+    pub(crate) endpoint: Option<String>,
 }
 
 /// Opens what a (non-fault) URL names.
@@ -95,6 +109,7 @@ pub(crate) fn open_backend(url: &str, cfg: &StoreConfig) -> Result<Backend, Stor
                 root: String::new(),
                 describe,
                 local_root: Some(dir),
+                endpoint: None,
             })
         }
         "s3" => {
@@ -112,6 +127,7 @@ pub(crate) fn open_backend(url: &str, cfg: &StoreConfig) -> Result<Backend, Stor
                 root: prefix,
                 describe,
                 local_root: None,
+                endpoint: s3_endpoint(cfg).map(|e| redact(&e)),
             })
         }
         "memory" => {
@@ -128,6 +144,7 @@ pub(crate) fn open_backend(url: &str, cfg: &StoreConfig) -> Result<Backend, Stor
                 root: String::new(),
                 describe,
                 local_root: None,
+                endpoint: None,
             })
         }
         other => Err(bad(format!(
@@ -190,12 +207,7 @@ fn s3_builder(bucket: &str, cfg: &StoreConfig) -> Result<AmazonS3Builder, String
             format!("{ms}ms"),
         );
     }
-    let endpoint = s3
-        .endpoint
-        .clone()
-        .or_else(|| env_var("AWS_ENDPOINT_URL_S3"))
-        .or_else(|| env_var("AWS_ENDPOINT_URL"))
-        .or_else(|| env_var("AWS_ENDPOINT"));
+    let endpoint = s3_endpoint(cfg);
     let mut allow_http = s3
         .allow_http
         .or_else(|| env_bool("AWS_ALLOW_HTTP"))

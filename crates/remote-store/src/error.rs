@@ -157,6 +157,14 @@ pub enum StoreError {
         #[source]
         last: Box<StoreError>,
     },
+    /// The reachability probe ([`crate::RemoteStore::probe`]) got no good answer.
+    #[error("store {store} is unreachable: {reason}")]
+    Unreachable {
+        /// The store's description, with its endpoint when it has one.
+        store: String,
+        /// What the probe saw (an error, or no answer within its timeout).
+        reason: String,
+    },
     /// A local file could not be read or written.
     #[error("{op} {path}: {source}")]
     Io {
@@ -177,7 +185,7 @@ impl StoreError {
     pub fn class(&self) -> ErrorClass {
         match self {
             StoreError::Backend { class, .. } => *class,
-            StoreError::ShortBody { .. } => ErrorClass::Transient,
+            StoreError::ShortBody { .. } | StoreError::Unreachable { .. } => ErrorClass::Transient,
             StoreError::Corrupt(_) => ErrorClass::Corrupt,
             StoreError::Io { source, .. } => match source.kind() {
                 std::io::ErrorKind::Interrupted | std::io::ErrorKind::TimedOut => {

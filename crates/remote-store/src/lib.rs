@@ -49,6 +49,7 @@ mod error;
 pub mod fault;
 mod limits;
 mod local;
+mod probe;
 mod read;
 mod redact;
 mod retry;
@@ -70,6 +71,7 @@ use object_store::{ObjectStore, ObjectStoreExt};
 pub use classify::Cause;
 pub use config::{S3Settings, Secret, StoreConfig, TransportChecksum, CONFIG_ENV};
 pub use error::StoreError;
+pub use probe::READY_PROBE_KEY;
 pub use redact::redact;
 pub use stats::{ErrorCounts, RequestCounts, StoreStats};
 pub use write::PROBE_PREFIX;
@@ -114,6 +116,8 @@ pub struct RemoteStore {
     local_root: Option<std::path::PathBuf>,
     /// Credential values to scrub from every error (config and `AWS_*` environment).
     secrets: Arc<Secrets>,
+    /// For S3: the endpoint URL in use, if configured (see [`RemoteStore::endpoint`]).
+    endpoint: Option<String>,
 }
 
 impl std::fmt::Debug for RemoteStore {
@@ -158,13 +162,9 @@ impl RemoteStore {
             return Ok(store);
         }
         let b = open_backend(url, &cfg)?;
-        Ok(Self::assemble(
-            b.layer,
-            &b.root,
-            b.describe,
-            cfg,
-            b.local_root,
-        ))
+        let mut store = Self::assemble(b.layer, &b.root, b.describe, cfg, b.local_root);
+        store.endpoint = b.endpoint;
+        Ok(store)
     }
 
     /// Opens `url` behind a [`FaultStore`] configured by `fault` (the innermost layer, so
@@ -184,13 +184,14 @@ impl RemoteStore {
         let f = Arc::new(f);
         let has_multipart = f.has_multipart();
         let describe = format!("fault+{}", b.describe);
-        let store = Self::assemble(
+        let mut store = Self::assemble(
             Layer::of(Arc::clone(&f), has_multipart),
             &b.root,
             describe,
             cfg,
             None,
         );
+        store.endpoint = b.endpoint;
         Ok((store, f))
     }
 
@@ -220,6 +221,7 @@ impl RemoteStore {
             secrets: Arc::new(Secrets::known(&cfg)),
             cfg: Arc::new(cfg),
             local_root,
+            endpoint: None,
         }
     }
 

@@ -92,6 +92,9 @@ pub(crate) struct Stack {
     pub(crate) retry: Arc<Retry>,
     /// The counters every layer reports into.
     pub(crate) stats: Arc<Stats>,
+    /// The back end alone (no retry, limits or statistics): for the reachability probe
+    /// (`probe.rs`), which must answer at once and is not workload.
+    pub(crate) base: Layer,
 }
 
 impl Stack {
@@ -99,7 +102,7 @@ impl Stack {
     /// limits and retry bounds of `cfg`; `store` names the store in logs.
     pub(crate) fn build(base: Layer, cfg: &StoreConfig, store: &str) -> Self {
         let stats = Arc::new(Stats::default());
-        let counted = StatsStore::wrap(base, Arc::clone(&stats));
+        let counted = StatsStore::wrap(base.clone(), Arc::clone(&stats));
         let once = LimitStore::wrap(counted, Limits::new(cfg));
         let retry = Arc::new(Retry::new(cfg, store.to_string(), Arc::clone(&stats)));
         let top = RetryStore::wrap(once.clone(), Arc::clone(&retry));
@@ -108,6 +111,7 @@ impl Stack {
             once,
             retry,
             stats,
+            base,
         }
     }
 }

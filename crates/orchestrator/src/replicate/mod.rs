@@ -20,26 +20,37 @@
 //! Crash: at any point, the spool holds every frame that may have left the WAL; the next
 //! run publishes what it holds, and continues from its newest header. Uncommitted frames
 //! are never read (a snapshot stops at its last commit frame). Retries: a step that fails
-//! with a transient error (store unreachable, database busy) is logged and tried again
-//! at the next interval; a permanent one ends the run. Cancellation: the stop signal is
-//! honoured between steps; the step in hand finishes (or its jobs persist their progress),
-//! and a last step ships what was committed up to then.
+//! with a transient error (store unreachable, database busy) is logged, counted and tried
+//! again after a backoff (the interval, doubled per failure in a row, capped at
+//! [`ReplicateOptions::max_backoff`]); what it had spooled is published by the next step,
+//! so a dead store delays shipping but loses nothing and never ends the run. A permanent
+//! error (fenced by another writer, corrupt state, a bad source) ends the run.
+//! Cancellation: the stop signal is honoured between steps and during a backoff; the step
+//! in hand finishes (or its jobs persist their progress), and a last step ships what was
+//! committed up to then. An observer ([`ReplicateObserver`], see `observe.rs`) is told of
+//! every checkpoint and every step.
+
+mod observe;
 
 use std::collections::BTreeSet;
+use std::future::IntoFuture;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cairn_core::sqlite_segment::{segment_name, uncovered_gap, SegmentHeader, SegmentKind};
 use cairn_core::sqlite_wal::FRAME_HEADER_LEN;
-use cairn_core::{DbId, Lsn};
+use cairn_core::{DbId, Lsn, SourceKind};
 use cairn_executor::{
     frames_to_ship, FullScanReason, Shipped, Spool, SqliteControl, SqliteSnapshot,
 };
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::{CairnError, CheckpointOptions, Checkpointer, Source};
+use crate::{CairnError, CheckpointOptions, CheckpointReport, Checkpointer, Source};
+
+use observe::step_backoff;
+pub use observe::{NoObserver, ReplicateObserver, ReplicateStatus};
 
 /// How `cairn replicate` runs.
 #[derive(Clone, Debug)]
@@ -52,6 +63,9 @@ pub struct ReplicateOptions {
     pub page_every: Duration,
     /// The WAL is reset (TRUNCATE) once its file is larger than this.
     pub wal_limit: u64,
+    /// The longest wait after failed steps (the wait starts at `interval` and doubles per
+    /// failure in a row).
+    pub max_backoff: Duration,
 }
 
 impl Default for ReplicateOptions {
@@ -61,6 +75,7 @@ impl Default for ReplicateOptions {
             page_every_bytes: 256 << 20,
             page_every: Duration::from_secs(600),
             wal_limit: 64 << 20,
+            max_backoff: Duration::from_secs(30),
         }
     }
 }
@@ -117,6 +132,14 @@ struct Run<'c> {
     /// The spool holds segments not yet published.
     unpublished: bool,
     report: ReplicateReport,
+    observer: &'c dyn ReplicateObserver,
+    /// When the held snapshot was opened (unix ms).
+    held_ms: Option<u64>,
+    /// See [`ReplicateStatus::durable_ms`].
+    durable_ms: Option<u64>,
+    started_ms: u64,
+    /// Failed steps in a row.
+    failures: u32,
 }
 
 /// The header of a segment of `snap`'s frames from `first`; for a database without a WAL
@@ -161,7 +184,20 @@ impl Checkpointer {
         db: &DbId,
         src: &Path,
         opts: &ReplicateOptions,
+        stop: watch::Receiver<bool>,
+    ) -> Result<ReplicateReport, CairnError> {
+        self.replicate_observed(db, src, opts, stop, &NoObserver)
+            .await
+    }
+
+    /// [`Checkpointer::replicate`], telling `observer` of every checkpoint and step.
+    pub async fn replicate_observed(
+        &self,
+        db: &DbId,
+        src: &Path,
+        opts: &ReplicateOptions,
         mut stop: watch::Receiver<bool>,
+        observer: &dyn ReplicateObserver,
     ) -> Result<ReplicateReport, CairnError> {
         let src = std::path::absolute(src).map_err(|e| CairnError::Config {
             what: format!("replication source {}", src.display()),
@@ -194,6 +230,11 @@ impl Checkpointer {
             since_page: 0,
             last_page: Instant::now(),
             page_due: None,
+            observer,
+            held_ms: None,
+            durable_ms: None,
+            started_ms: self.env.now_ms(),
+            failures: 0,
         };
         // Steps start at a fixed rate (a step that overruns delays the next one, with no
         // burst after it), so the loss window is the interval, not interval + step.
@@ -202,15 +243,38 @@ impl Checkpointer {
         tick.tick().await;
         loop {
             let stopping = *stop.borrow();
-            match run.step(!stopping).await {
-                Ok(()) => {}
+            let result = run.step(!stopping).await;
+            run.report.steps += 1;
+            match result {
+                Ok(()) => {
+                    run.failures = 0;
+                    run.observe(None, None);
+                }
                 Err(e) if e.is_retryable() && !stopping => {
                     run.report.steps_failed += 1;
-                    tracing::warn!(db = %run.db, error = %e, "replication step failed; retrying at the next interval");
+                    run.failures = run.failures.saturating_add(1);
+                    let wait = step_backoff(run.opts.interval, run.opts.max_backoff, run.failures);
+                    tracing::warn!(
+                        db = %run.db,
+                        error = %e,
+                        failures = run.failures,
+                        retry_in = ?wait,
+                        "replication step failed; retrying after a backoff"
+                    );
+                    run.observe(Some(&e), Some(wait));
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = stop.changed() => {}
+                    }
+                    tick.reset();
+                    continue;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    run.failures = run.failures.saturating_add(1);
+                    run.observe(Some(&e), None);
+                    return Err(e);
+                }
             }
-            run.report.steps += 1;
             if stopping {
                 break;
             }
@@ -224,6 +288,50 @@ impl Checkpointer {
 }
 
 impl Run<'_> {
+    /// Tells the observer where the run stands after a step (`error`: it failed; `wait`:
+    /// the backoff before the next). Reads only what this process holds: no store request.
+    fn observe(&self, error: Option<&CairnError>, wait: Option<Duration>) {
+        let latest = self.cp.latest.get(&self.db);
+        let latest = latest.as_deref();
+        let watermark = match self.cp.watermark_of(&self.db, latest) {
+            Ok(w) => Some(w.watermark),
+            Err(e) => {
+                tracing::debug!(db = %self.db, error = %e, "no watermark for the status");
+                None
+            }
+        };
+        let status = ReplicateStatus {
+            tenant: self.cp.cfg.tenant.to_string(),
+            db: self.db.to_string(),
+            started_ms: self.started_ms,
+            at_ms: self.cp.env.now_ms(),
+            steps: self.report.steps,
+            steps_failed: self.report.steps_failed,
+            consecutive_failures: self.failures,
+            last_error: error.map(|e| e.to_string()),
+            retry_in_ms: wait.map(|w| w.as_millis() as u64),
+            durable_ms: self.durable_ms,
+            generation: latest.map(|l| l.manifest.generation.0),
+            generation_created_ms: latest.map(|l| l.manifest.created_unix_ms),
+            watermark: latest.and(watermark),
+            wal_end: latest.and_then(|l| l.state.wal.as_ref().map(|w| w.end.0)),
+        };
+        self.observer.step_finished(&status);
+    }
+
+    /// Runs one checkpoint, telling the observer of its start and end.
+    async fn observed<F>(&self, kind: SourceKind, run: F) -> Result<CheckpointReport, CairnError>
+    where
+        F: IntoFuture<Output = Result<CheckpointReport, CairnError>>,
+    {
+        self.observer.checkpoint_started(kind);
+        let t = Instant::now();
+        let r = run.into_future().await;
+        self.observer
+            .checkpoint_finished(kind, t.elapsed(), r.as_ref());
+        r
+    }
+
     /// Where shipping stands when no snapshot is held: the spool's newest header, which
     /// is trusted only for the same WAL (this process held nothing in between).
     async fn resume_point(&self) -> Result<Option<Shipped>, CairnError> {
@@ -320,9 +428,9 @@ impl Run<'_> {
         if !self.unpublished {
             return Ok(());
         }
+        let source = Source::Segments(self.spool.dir().to_path_buf());
         let r = self
-            .cp
-            .checkpoint(&self.db, &Source::Segments(self.spool.dir().to_path_buf()))
+            .observed(SourceKind::Segments, self.cp.checkpoint(&self.db, &source))
             .await?;
         self.unpublished = false;
         self.report.generation = Some(r.generation);
@@ -343,10 +451,13 @@ impl Run<'_> {
             // The page generation after a gap comes from the gap's own snapshot, before
             // anything is shipped after it, so every point after the gap is restorable.
             if let Some((snap, _)) = self.held.clone() {
-                return self.page_generation(&snap).await;
+                self.page_generation(&snap).await?;
+                self.mark_durable();
+                return Ok(());
             }
         }
         let src = self.src.clone();
+        let opened_ms = self.cp.env.now_ms();
         let mut snap = tokio::task::spawn_blocking(move || SqliteSnapshot::open(&src, None))
             .await
             .map_err(|source| CairnError::Join {
@@ -374,6 +485,7 @@ impl Run<'_> {
         let snap = Arc::new(snap);
         // The new snapshot is held before the old one goes.
         self.held = Some((Arc::clone(&snap), now));
+        self.held_ms = Some(opened_ms);
         self.publish().await?;
         if page {
             self.page_generation(&snap).await?;
@@ -381,7 +493,16 @@ impl Run<'_> {
         if maintain {
             self.checkpoint_wal().await?;
         }
+        self.mark_durable();
         Ok(())
+    }
+
+    /// Everything the held snapshot holds is published (and restorable: no page
+    /// generation is owed after a gap): its commits are durable.
+    fn mark_durable(&mut self) {
+        if !self.unpublished && self.page_due.is_none() {
+            self.durable_ms = self.held_ms.max(self.durable_ms);
+        }
     }
 
     /// A page generation from `snap`, at the end of the stream (which `snap`'s frames
@@ -396,9 +517,12 @@ impl Run<'_> {
             snapshot: Some(Arc::clone(snap)),
             ..Default::default()
         };
+        let source = Source::Sqlite(self.src.clone());
         let r = self
-            .cp
-            .checkpoint_with(&self.db, &Source::Sqlite(self.src.clone()), &opts)
+            .observed(
+                SourceKind::Sqlite,
+                self.cp.checkpoint_with(&self.db, &source, &opts),
+            )
             .await?;
         self.report.page_generations += 1;
         self.report.generation = Some(r.generation);

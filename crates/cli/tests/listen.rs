@@ -1,0 +1,327 @@
+//! `cairn replicate --listen`: `/metrics` scraped while a writer commits and replication
+//! runs, parsed with a Prometheus text parser; and `/ready` against a real S3 server
+//! (moto) behind a TCP proxy that the test takes down and brings back: not ready, with
+//! the store's endpoint named, while it is down; ready again once it is back. No timing is
+//! asserted: every wait polls until its condition holds, within a generous bound that only
+//! keeps a broken build from hanging.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use cairn_tests::proxy::TcpProxy;
+use cairn_tests::s3::S3Server;
+use prometheus_parse::{Scrape, Value};
+
+/// A bound on each wait, so a broken build fails instead of hanging.
+const PATIENCE: Duration = Duration::from_secs(120);
+
+/// Commits to `db` until `stop` is set.
+fn writer(db: PathBuf, stop: Arc<AtomicBool>) -> JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.busy_timeout(Duration::from_secs(5)).unwrap();
+        c.pragma_update(None, "journal_mode", "wal").unwrap();
+        c.execute_batch("create table if not exists t(n integer primary key, v text)")
+            .unwrap();
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            if c.execute(
+                "insert into t(v) values (?1)",
+                [format!("row {n} {}", "x".repeat(200))],
+            )
+            .is_ok()
+            {
+                n += 1;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        n
+    })
+}
+
+/// A running `cairn replicate --listen 127.0.0.1:0` and the address it printed.
+struct Replicator {
+    child: Child,
+    base: String,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Replicator {
+    fn start(mut cmd: Command) -> Self {
+        let mut child = cmd
+            .args(["--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        // Reads the address line, then keeps draining stderr (shown on failure).
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(a) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(a.trim().to_string());
+                }
+                eprintln!("[cairn] {line}");
+            }
+        });
+        let base = rx
+            .recv_timeout(PATIENCE)
+            .expect("cairn replicate printed no `listening on` line");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        Self { child, base, rt }
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        let url = format!("{}{path}", self.base);
+        self.rt.block_on(async {
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap();
+            let r = client.get(&url).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap())
+        })
+    }
+
+    fn scrape(&self) -> Scrape {
+        let (status, body) = self.get("/metrics");
+        assert_eq!(status, 200, "{body}");
+        Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap()
+    }
+
+    /// Polls `path` until `done` holds for its answer; the last answer.
+    fn wait_for(&self, path: &str, what: &str, done: impl Fn(u16, &str) -> bool) -> String {
+        let t = Instant::now();
+        loop {
+            let (status, body) = self.get(path);
+            if done(status, &body) {
+                return body;
+            }
+            assert!(t.elapsed() < PATIENCE, "{what}: still {status} {body}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// SIGINT; it must exit cleanly.
+    fn stop(mut self) {
+        Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        let t = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                t.elapsed() < PATIENCE,
+                "replicate did not stop after SIGINT"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "replicate exited with {status}");
+    }
+}
+
+impl Drop for Replicator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn value(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    s.samples
+        .iter()
+        .filter(|x| x.metric == name)
+        .find(|x| labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .map(|x| match &x.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+            Value::Histogram(h) => h.last().map_or(0.0, |c| c.count),
+            Value::Summary(_) => f64::NAN,
+        })
+}
+
+fn replicate_cmd(state: &Path, src: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_cairn"));
+    c.arg("--state")
+        .arg(state)
+        .args(["--json", "replicate", "--db", "app", "--source"])
+        .arg(src)
+        .args(["--interval", "200ms", "--max-backoff", "1s"]);
+    c
+}
+
+#[test]
+fn metrics_scraped_during_replication_parse_and_count_its_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("app.db");
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = writer(src.clone(), Arc::clone(&stop));
+    while !src.exists() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let rep = Replicator::start(replicate_cmd(&dir.path().join("state"), &src));
+    assert_eq!(rep.get("/health").0, 200);
+
+    let db = [("tenant", "default"), ("db", "app")];
+    let segs = [("tenant", "default"), ("db", "app"), ("kind", "segments")];
+    // Scrape while the writer commits, until replication has published a few times.
+    let t = Instant::now();
+    let s = loop {
+        let s = rep.scrape();
+        if value(&s, "cairn_checkpoints_succeeded_total", &segs).unwrap_or(0.0) >= 3.0 {
+            break s;
+        }
+        assert!(
+            t.elapsed() < PATIENCE,
+            "no checkpoint succeeded: {:?}",
+            s.samples
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    stop.store(true, Ordering::Relaxed);
+    let rows = w.join().unwrap();
+    assert!(rows > 0);
+
+    for name in [
+        "cairn_checkpoints_started_total",
+        "cairn_checkpoints_failed_total",
+        "cairn_checkpoint_duration_seconds",
+        "cairn_restores_started_total",
+        "cairn_restores_succeeded_total",
+        "cairn_restores_failed_total",
+        "cairn_restore_duration_seconds",
+        "cairn_downloaded_bytes_total",
+        "cairn_gc_deleted_bytes_total",
+        "cairn_gc_deleted_objects_total",
+        "cairn_store_retries_total",
+        "cairn_job_queue_depth",
+    ] {
+        assert!(
+            s.samples.iter().any(|x| x.metric == name),
+            "{name} is missing from /metrics"
+        );
+    }
+    let started = value(&s, "cairn_checkpoints_started_total", &segs).unwrap();
+    let ok = value(&s, "cairn_checkpoints_succeeded_total", &segs).unwrap();
+    assert!(
+        ok >= 3.0 && started >= ok,
+        "started {started}, succeeded {ok}"
+    );
+    assert!(value(&s, "cairn_checkpoint_duration_seconds", &segs).unwrap() >= ok);
+    assert!(value(&s, "cairn_uploaded_bytes_total", &db).unwrap() > 0.0);
+    assert!(value(&s, "cairn_blobs_reused_total", &db).is_some());
+    assert!(value(&s, "cairn_generation", &db).unwrap() >= 1.0);
+    let lag = value(&s, "cairn_replication_lag_seconds", &db).unwrap();
+    assert!(lag.is_finite() && lag >= 0.0, "lag {lag}");
+    let age = value(&s, "cairn_generation_age_seconds", &db).unwrap();
+    assert!(age.is_finite() && age >= 0.0, "generation age {age}");
+    assert!(value(&s, "cairn_watermark_lsn", &db).unwrap() > 0.0);
+    assert!(value(&s, "cairn_replicate_steps_total", &db).unwrap() >= ok);
+    assert!(value(&s, "cairn_store_requests_total", &[("op", "put")]).unwrap() > 0.0);
+    assert!(value(&s, "cairn_store_errors_total", &[("kind", "connect")]).is_some());
+    let limit = value(&s, "cairn_quota_limit_bytes", &[("level", "global")]).unwrap();
+    assert!(limit > 0.0);
+    assert!(value(&s, "cairn_quota_used_bytes", &[("level", "global")]).unwrap() <= limit);
+
+    let ready = rep.wait_for("/ready", "ready on a local store", |c, _| c == 200);
+    let v: serde_json::Value = serde_json::from_str(&ready).unwrap();
+    assert_eq!(v["ready"], true, "{ready}");
+    rep.stop();
+}
+
+#[test]
+fn ready_fails_naming_the_store_while_s3_is_down_and_recovers_when_it_is_back() {
+    let server = S3Server::start().unwrap();
+    let proxy = TcpProxy::start(server.addr()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Short retry budgets, so a step against the dead store fails (and is retried by the
+    // loop) in seconds rather than minutes.
+    let store_cfg = dir.path().join("store.toml");
+    std::fs::write(
+        &store_cfg,
+        "retry_max_attempts = 2\nretry_initial_backoff_ms = 50\nretry_max_backoff_ms = 200\n\
+         retry_total_ms = 1000\nconnect_timeout_ms = 1000\nrequest_timeout_ms = 5000\n",
+    )
+    .unwrap();
+    let src = dir.path().join("app.db");
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = writer(src.clone(), Arc::clone(&stop));
+    while !src.exists() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut cmd = replicate_cmd(&dir.path().join("state"), &src);
+    server.apply_env(&mut cmd);
+    cmd.env("AWS_ENDPOINT_URL", proxy.endpoint())
+        .arg("--store")
+        .arg(server.url("svc"))
+        .arg("--store-config")
+        .arg(&store_cfg)
+        .args(["--lag-bound", "30s"]);
+    let rep = Replicator::start(cmd);
+
+    rep.wait_for("/ready", "ready with the store up", |c, _| c == 200);
+
+    proxy.stop();
+    let body = rep.wait_for("/ready", "not ready with the store down", |c, b| {
+        c == 503 && b.contains("\"name\":\"store\",\"ok\":false")
+    });
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["ready"], false);
+    let store = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "store")
+        .unwrap();
+    let detail = store["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&proxy.endpoint()),
+        "the reason names the endpoint: {detail}"
+    );
+    // The process keeps running and answering while the store is down.
+    assert_eq!(rep.get("/health").0, 200);
+    // Replication steps fail and are retried rather than ending the command.
+    rep.wait_for("/metrics", "failed steps counted", |_, b| {
+        let s = Scrape::parse(b.lines().map(|l| Ok(l.to_string()))).unwrap();
+        value(&s, "cairn_replicate_step_failures_total", &[("db", "app")]).unwrap_or(0.0) > 0.0
+    });
+
+    proxy.resume(server.addr()).unwrap();
+    let body = rep.wait_for("/ready", "ready again with the store back", |c, _| c == 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["ready"], true, "{body}");
+    // And it ships again: a checkpoint succeeds after the outage.
+    let before = value(
+        &rep.scrape(),
+        "cairn_checkpoints_succeeded_total",
+        &[("kind", "segments")],
+    )
+    .unwrap();
+    rep.wait_for("/metrics", "a checkpoint after the outage", |_, b| {
+        let s = Scrape::parse(b.lines().map(|l| Ok(l.to_string()))).unwrap();
+        value(
+            &s,
+            "cairn_checkpoints_succeeded_total",
+            &[("kind", "segments")],
+        )
+        .unwrap_or(0.0)
+            > before
+    });
+    stop.store(true, Ordering::Relaxed);
+    w.join().unwrap();
+    rep.stop();
+}
