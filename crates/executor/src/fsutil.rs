@@ -23,7 +23,7 @@ pub(crate) fn fsync_parent(path: &Path) -> Result<(), ExecError> {
 /// Removes a file or a directory tree; one that is already gone is not an error.
 pub(crate) fn remove_if_exists(path: &Path, op: &'static str) -> Result<(), ExecError> {
     let result = if path.is_dir() {
-        std::fs::remove_dir_all(path)
+        remove_dir_settling(path)
     } else {
         std::fs::remove_file(path)
     };
@@ -34,5 +34,28 @@ pub(crate) fn remove_if_exists(path: &Path, op: &'static str) -> Result<(), Exec
             source: e,
         }),
         _ => Ok(()),
+    }
+}
+
+/// Attempts of [`remove_dir_settling`] while files keep appearing in the directory.
+const REMOVE_ATTEMPTS: u32 = 20;
+
+/// `remove_dir_all`, tried again while it fails because the directory is not empty: a
+/// job's staging thread that was told to stop (blocking work cannot be aborted) may still
+/// create a file in the directory being removed. Once the directory itself is gone, such
+/// a thread's next create fails, so this settles within a few attempts.
+fn remove_dir_settling(path: &Path) -> std::io::Result<()> {
+    let mut attempt = 1;
+    loop {
+        match std::fs::remove_dir_all(path) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::DirectoryNotEmpty
+                    && attempt < REMOVE_ATTEMPTS =>
+            {
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
     }
 }
