@@ -547,7 +547,7 @@ impl Scraped {
         Ok(())
     }
 
-    /// The job queue's depth and the quota levels.
+    /// The job queue's depth, the quota levels and what the janitor removed.
     fn encode_service(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let none: [(&str, &str); 0] = [];
         match self.cp.queue_depth() {
@@ -589,6 +589,19 @@ impl Scraped {
             "quota_limit_bytes",
             "The limit of each budget level",
             &limit,
+        )?;
+        let swept = self.cp.janitor_totals();
+        counter(
+            enc,
+            "janitor_removed_dirs",
+            "Job scratch directories the janitor removed",
+            &[(none, swept.scratch_dirs)],
+        )?;
+        counter(
+            enc,
+            "janitor_removed_bytes",
+            "Bytes of the job scratch directories the janitor removed",
+            &[(none, swept.scratch_bytes)],
         )
     }
 }
