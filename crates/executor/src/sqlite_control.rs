@@ -144,7 +144,9 @@ pub struct CheckpointResult {
 /// A connection of the shipper's own that runs WAL checkpoints and takes the write lock.
 pub struct SqliteControl {
     path: PathBuf,
-    conn: Connection,
+    /// Behind a mutex so the control can be shared by a task that moves between threads
+    /// (a connection is `Send`, not `Sync`); only one call uses it at a time anyway.
+    conn: std::sync::Mutex<Connection>,
 }
 
 impl std::fmt::Debug for SqliteControl {
@@ -195,8 +197,14 @@ impl SqliteControl {
             .map_err(sql)?;
         Ok(Self {
             path: src.to_path_buf(),
-            conn,
+            conn: std::sync::Mutex::new(conn),
         })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn sql(&self) -> impl Fn(rusqlite::Error) -> ExecError + '_ {
@@ -209,7 +217,7 @@ impl SqliteControl {
     /// Runs `PRAGMA wal_checkpoint(mode)` (`PASSIVE` or `TRUNCATE`).
     fn checkpoint(&self, mode: &str) -> Result<CheckpointResult, ExecError> {
         let (busy, log, checkpointed): (i64, i64, i64) = self
-            .conn
+            .conn()
             .query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
             })
@@ -282,9 +290,9 @@ impl SqliteControl {
         let (locked, snapshot) = out?;
         let mut truncated = false;
         if snapshot.backfilled() {
-            self.conn.busy_timeout(TRUNCATE_WAIT).map_err(&sql)?;
+            self.conn().busy_timeout(TRUNCATE_WAIT).map_err(&sql)?;
             let r = self.checkpoint("TRUNCATE");
-            self.conn.busy_timeout(WRITE_LOCK_WAIT).map_err(&sql)?;
+            self.conn().busy_timeout(WRITE_LOCK_WAIT).map_err(&sql)?;
             match r {
                 Ok(r) => truncated = !r.busy,
                 Err(ExecError::Sqlite { source, .. })
