@@ -39,7 +39,12 @@ impl Checkpointer {
     /// Frees what a job that will not run again holds: its scratch, items and leases.
     fn release_job(&self, job: &Job<'_>) -> Result<(), CairnError> {
         let id = job.id();
-        self.scratch.remove_job(id)?;
+        // Cleanup only: a scratch that cannot be removed now (read-only, say) must not
+        // fail a job that is done, nor keep its items and leases; the janitor removes it
+        // once it can (the job will not run again).
+        if let Err(e) = self.scratch.remove_job(id) {
+            tracing::warn!(job = %id, error = %e, "job scratch not removed; the janitor will");
+        }
         self.state.delete_job(id, false)?;
         let (tenant, db) = (&job.rec().tenant, job.rec().spec.db());
         for l in self.state.leases(tenant, db)? {
