@@ -31,10 +31,11 @@ mod queue;
 mod replicate;
 mod restore;
 mod runner;
+mod schedule;
 mod truncate;
 mod verify;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use cairn_executor::Scratch;
@@ -67,6 +68,7 @@ pub use replicate::{
 };
 pub use restore::{RestoreOptions, RestoreReport, SqlitePoint, SqliteRestoreReport};
 pub use runner::JobOutcome;
+pub use schedule::{ScheduleOptions, ScheduleReport, Trigger, SETTLE};
 pub use truncate::{HeadOptions, LeaseHandle, LeaseInfo, TruncateReport, Watermark};
 pub use verify::VerifyReport;
 
@@ -208,6 +210,11 @@ impl Checkpointer {
     /// The configuration in use.
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// The scratch directory (`<state>/scratch`): staged blobs and restores into scratch.
+    pub fn scratch_dir(&self) -> PathBuf {
+        self.cfg.state_dir.join("scratch")
     }
 
     /// This state directory's writer identity.

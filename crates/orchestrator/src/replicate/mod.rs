@@ -30,7 +30,7 @@
 //! committed up to then. An observer ([`ReplicateObserver`], see `observe.rs`) is told of
 //! every checkpoint and every step.
 
-mod observe;
+pub(crate) mod observe;
 
 use std::collections::BTreeSet;
 use std::future::IntoFuture;
@@ -291,15 +291,7 @@ impl Run<'_> {
     /// Tells the observer where the run stands after a step (`error`: it failed; `wait`:
     /// the backoff before the next). Reads only what this process holds: no store request.
     fn observe(&self, error: Option<&CairnError>, wait: Option<Duration>) {
-        let latest = self.cp.latest.get(&self.db);
-        let latest = latest.as_deref();
-        let watermark = match self.cp.watermark_of(&self.db, latest) {
-            Ok(w) => Some(w.watermark),
-            Err(e) => {
-                tracing::debug!(db = %self.db, error = %e, "no watermark for the status");
-                None
-            }
-        };
+        let p = observe::published_status(self.cp, &self.db);
         let status = ReplicateStatus {
             tenant: self.cp.cfg.tenant.to_string(),
             db: self.db.to_string(),
@@ -311,10 +303,10 @@ impl Run<'_> {
             last_error: error.map(|e| e.to_string()),
             retry_in_ms: wait.map(|w| w.as_millis() as u64),
             durable_ms: self.durable_ms,
-            generation: latest.map(|l| l.manifest.generation.0),
-            generation_created_ms: latest.map(|l| l.manifest.created_unix_ms),
-            watermark: latest.and(watermark),
-            wal_end: latest.and_then(|l| l.state.wal.as_ref().map(|w| w.end.0)),
+            generation: p.generation,
+            generation_created_ms: p.generation_created_ms,
+            watermark: p.watermark,
+            wal_end: p.wal_end,
         };
         self.observer.step_finished(&status);
     }

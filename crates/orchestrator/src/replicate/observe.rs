@@ -17,7 +17,7 @@ use std::time::Duration;
 use cairn_core::SourceKind;
 use serde::Serialize;
 
-use crate::{CairnError, CheckpointReport};
+use crate::{CairnError, CheckpointReport, Checkpointer};
 
 /// Hooks called by [`crate::Checkpointer::replicate_observed`]; every method has an empty
 /// default.
@@ -89,6 +89,36 @@ impl ReplicateStatus {
     /// (before any durable step, how long the run has been going: a lower bound).
     pub fn lag_ms(&self, now_ms: u64) -> u64 {
         now_ms.saturating_sub(self.durable_ms.unwrap_or(self.started_ms))
+    }
+}
+
+/// What this process knows of a database's newest publication (no store request).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Published {
+    pub generation: Option<u64>,
+    pub generation_created_ms: Option<u64>,
+    pub watermark: Option<u64>,
+    pub wal_end: Option<u64>,
+}
+
+/// The newest generation of `db` this process published or read, with its watermark.
+pub(crate) fn published_status(cp: &Checkpointer, db: &cairn_core::DbId) -> Published {
+    let latest = cp.latest.get(db);
+    let Some(latest) = latest.as_deref() else {
+        return Published::default();
+    };
+    let watermark = match cp.watermark_of(db, Some(latest)) {
+        Ok(w) => Some(w.watermark),
+        Err(e) => {
+            tracing::debug!(db = %db, error = %e, "no watermark for the status");
+            None
+        }
+    };
+    Published {
+        generation: Some(latest.manifest.generation.0),
+        generation_created_ms: Some(latest.manifest.created_unix_ms),
+        watermark,
+        wal_end: latest.state.wal.as_ref().map(|w| w.end.0),
     }
 }
 

@@ -1,0 +1,316 @@
+//! Scheduled checkpoints of a page file or a directory of sealed segments, for a
+//! long-running service (`cairn replicate --config`): what `replicate` is for SQLite, this
+//! is for the other engines' sources.
+//!
+//! Contract: a step runs every [`ScheduleOptions::interval`]. With [`Trigger::Change`], a
+//! step first looks at the source ([`Look`]: a page file's length, inode and modification
+//! time; a segment directory's segment names and lengths). If it looks as it did when the
+//! last successful checkpoint of this run read it, the step publishes nothing (no empty
+//! generation) and everything the source holds counts as durable. A look is trusted to
+//! stand for the bytes only once the modification time it saw is at least [`SETTLE`]
+//! older than the look, so a write in the same coarse timestamp tick as the look still
+//! makes the next step checkpoint. With [`Trigger::Interval`] every step checkpoints. The
+//! observer is told of every checkpoint and step, as replication tells it
+//! ([`ReplicateStatus::durable_ms`] is when the newest durable look was taken).
+//!
+//! Crash: a checkpoint is a durable job (resumed by the next open); the schedule itself
+//! keeps nothing, so a restarted schedule checkpoints at its first step. Retries: a step
+//! that fails with a transient error is logged, counted and tried again after a backoff
+//! (the interval, doubled per failure in a row, capped at [`ScheduleOptions::max_backoff`]);
+//! a permanent error ends the run. Cancellation: the stop signal is honoured between
+//! steps and during a backoff; a checkpoint in hand when it comes is cancelled (a job that
+//! entered publication finishes instead), so nothing half-done is published and the
+//! service exits promptly.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cairn_core::DbId;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::checkpoint::FileStamp;
+use crate::replicate::observe::{published_status, step_backoff};
+use crate::{CairnError, CheckpointReport, Checkpointer, ReplicateObserver, Source};
+use crate::{CheckpointOptions, ReplicateStatus};
+
+/// A look is trusted once the modification time it saw is this much older than the look.
+pub const SETTLE: Duration = Duration::from_secs(2);
+
+/// When a scheduled step checkpoints.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    /// Every step whose source changed since the last checkpoint (see the module docs).
+    #[default]
+    Change,
+    /// Every step.
+    Interval,
+}
+
+/// How a schedule runs.
+#[derive(Clone, Debug)]
+pub struct ScheduleOptions {
+    /// Time between steps.
+    pub interval: Duration,
+    /// When a step checkpoints.
+    pub trigger: Trigger,
+    /// The longest wait after failed steps.
+    pub max_backoff: Duration,
+}
+
+impl Default for ScheduleOptions {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(60),
+            trigger: Trigger::Change,
+            max_backoff: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What a schedule did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ScheduleReport {
+    /// Database.
+    pub db: String,
+    /// The source path.
+    pub source: String,
+    /// `pages` or `segments`.
+    pub kind: &'static str,
+    /// Steps run.
+    pub steps: u64,
+    /// Steps that failed with a transient error and were retried.
+    pub steps_failed: u64,
+    /// Checkpoints published.
+    pub checkpoints: u64,
+    /// Steps that found the source unchanged and published nothing.
+    pub unchanged: u64,
+    /// The newest generation published.
+    pub generation: Option<u64>,
+}
+
+/// How a source looked at one moment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Look {
+    /// A page file's stamp.
+    Pages(Option<FileStamp>),
+    /// A segment directory's segments (name, length), in name order.
+    Segments(Vec<(String, u64)>),
+}
+
+impl Look {
+    /// How `source` looks now, and the newest modification time seen (for [`SETTLE`]).
+    fn of(source: &Source) -> Result<(Self, Option<std::time::SystemTime>), CairnError> {
+        match source {
+            Source::Pages { path, .. } => {
+                let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+                Ok((Look::Pages(FileStamp::of(path)), mtime))
+            }
+            Source::Segments(dir) => {
+                let files = cairn_executor::list_segments(dir)?;
+                let mut newest = None;
+                for f in &files {
+                    let m = std::fs::metadata(&f.path).and_then(|m| m.modified()).ok();
+                    newest = newest.max(m);
+                }
+                let names = files.into_iter().map(|f| (f.name, f.len)).collect();
+                Ok((Look::Segments(names), newest))
+            }
+            Source::Sqlite(p) => Err(not_scheduled(p)),
+        }
+    }
+}
+
+struct Schedule<'c> {
+    cp: &'c Checkpointer,
+    db: DbId,
+    source: Source,
+    opts: ScheduleOptions,
+    observer: &'c dyn ReplicateObserver,
+    report: ScheduleReport,
+    /// The look the last successful checkpoint read, if trusted (settled).
+    durable_look: Option<Look>,
+    durable_ms: Option<u64>,
+    started_ms: u64,
+    failures: u32,
+}
+
+impl Checkpointer {
+    /// Checkpoints `source` (a page file or segment directory) as `db` on the schedule of
+    /// `opts` until `stop` turns true (see the module docs), telling `observer` of every
+    /// checkpoint and step.
+    pub async fn run_schedule(
+        &self,
+        db: &DbId,
+        source: &Source,
+        opts: &ScheduleOptions,
+        mut stop: watch::Receiver<bool>,
+        observer: &dyn ReplicateObserver,
+    ) -> Result<ScheduleReport, CairnError> {
+        let source = match source {
+            Source::Pages { path, page_size } => Source::Pages {
+                path: absolute(path)?,
+                page_size: *page_size,
+            },
+            Source::Segments(dir) => Source::Segments(absolute(dir)?),
+            Source::Sqlite(p) => return Err(not_scheduled(p)),
+        };
+        let mut s = Schedule {
+            cp: self,
+            db: db.clone(),
+            report: ScheduleReport {
+                db: db.to_string(),
+                source: match &source {
+                    Source::Pages { path, .. } | Source::Segments(path) | Source::Sqlite(path) => {
+                        path.display().to_string()
+                    }
+                },
+                kind: source.kind().as_str(),
+                ..Default::default()
+            },
+            source,
+            opts: opts.clone(),
+            observer,
+            durable_look: None,
+            durable_ms: None,
+            started_ms: self.env.now_ms(),
+            failures: 0,
+        };
+        let mut tick = tokio::time::interval(s.opts.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        while !*stop.borrow() {
+            let result = s.step(&mut stop).await;
+            s.report.steps += 1;
+            match result {
+                Ok(()) => {
+                    s.failures = 0;
+                    s.observe(None, None);
+                }
+                Err(e) if e.is_retryable() && !*stop.borrow() => {
+                    s.report.steps_failed += 1;
+                    s.failures = s.failures.saturating_add(1);
+                    let wait = step_backoff(s.opts.interval, s.opts.max_backoff, s.failures);
+                    tracing::warn!(
+                        db = %s.db,
+                        error = %e,
+                        failures = s.failures,
+                        retry_in = ?wait,
+                        "scheduled checkpoint failed; retrying after a backoff"
+                    );
+                    s.observe(Some(&e), Some(wait));
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = stop.changed() => {}
+                    }
+                    tick.reset();
+                    continue;
+                }
+                Err(e) if matches!(e, CairnError::Cancelled { .. }) && *stop.borrow() => break,
+                Err(e) => {
+                    s.failures = s.failures.saturating_add(1);
+                    s.observe(Some(&e), None);
+                    return Err(e);
+                }
+            }
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => {}
+            }
+        }
+        Ok(s.report)
+    }
+}
+
+fn not_scheduled(p: &Path) -> CairnError {
+    CairnError::Config {
+        what: format!("scheduled source {}", p.display()),
+        reason: "a SQLite database is replicated, not scheduled (cairn replicate)".into(),
+    }
+}
+
+fn absolute(p: &Path) -> Result<PathBuf, CairnError> {
+    std::path::absolute(p).map_err(|e| CairnError::Config {
+        what: format!("source {}", p.display()),
+        reason: e.to_string(),
+    })
+}
+
+impl Schedule<'_> {
+    /// One step: look, and checkpoint unless nothing changed.
+    async fn step(&mut self, stop: &mut watch::Receiver<bool>) -> Result<(), CairnError> {
+        let look_ms = self.cp.env.now_ms();
+        let src = self.source.clone();
+        let (look, mtime) = tokio::task::spawn_blocking(move || Look::of(&src))
+            .await
+            .map_err(|source| CairnError::Join {
+                job: "schedule".into(),
+                what: "source look",
+                source,
+            })??;
+        if self.opts.trigger == Trigger::Change && self.durable_look.as_ref() == Some(&look) {
+            self.report.unchanged += 1;
+            self.durable_ms = Some(look_ms);
+            return Ok(());
+        }
+        let settled = mtime.is_some_and(|m| {
+            let look_at = std::time::UNIX_EPOCH + Duration::from_millis(look_ms);
+            look_at.duration_since(m).is_ok_and(|age| age >= SETTLE)
+        });
+        self.checkpoint(stop).await?;
+        self.report.checkpoints += 1;
+        self.durable_ms = Some(look_ms);
+        // An unsettled look may hide a write in the same timestamp tick: the next step
+        // checkpoints again rather than trust it.
+        self.durable_look = settled.then_some(look);
+        Ok(())
+    }
+
+    async fn checkpoint(&mut self, stop: &mut watch::Receiver<bool>) -> Result<(), CairnError> {
+        let kind = self.source.kind();
+        let run = self
+            .cp
+            .checkpoint_with(&self.db, &self.source, &CheckpointOptions::default());
+        let cancel = run.cancel_handle();
+        self.observer.checkpoint_started(kind);
+        let t = Instant::now();
+        let fut = std::future::IntoFuture::into_future(run);
+        tokio::pin!(fut);
+        let r: Result<CheckpointReport, CairnError> = tokio::select! {
+            r = &mut fut => r,
+            _ = stop.changed() => {
+                if let Some(c) = &cancel {
+                    c.cancel();
+                }
+                fut.await
+            }
+        };
+        self.observer
+            .checkpoint_finished(kind, t.elapsed(), r.as_ref());
+        let r = r?;
+        self.report.generation = Some(r.generation);
+        Ok(())
+    }
+
+    fn observe(&self, error: Option<&CairnError>, wait: Option<Duration>) {
+        let p = published_status(self.cp, &self.db);
+        let status = ReplicateStatus {
+            tenant: self.cp.cfg.tenant.to_string(),
+            db: self.db.to_string(),
+            started_ms: self.started_ms,
+            at_ms: self.cp.env.now_ms(),
+            steps: self.report.steps,
+            steps_failed: self.report.steps_failed,
+            consecutive_failures: self.failures,
+            last_error: error.map(|e| e.to_string()),
+            retry_in_ms: wait.map(|w| w.as_millis() as u64),
+            durable_ms: self.durable_ms,
+            generation: p.generation,
+            generation_created_ms: p.generation_created_ms,
+            watermark: p.watermark,
+            wal_end: p.wal_end,
+        };
+        self.observer.step_finished(&status);
+    }
+}
