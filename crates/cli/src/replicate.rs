@@ -1,14 +1,13 @@
-//! `cairn replicate` (continuous SQLite replication until SIGINT or SIGTERM) and the
-//! restore of a replicated SQLite database to a transaction. With `--listen`, the
-//! command also serves `/metrics`, `/health` and `/ready` (see `http/`).
+//! The pieces of `cairn replicate` (continuous SQLite replication until SIGINT or
+//! SIGTERM; the service itself is `service/`) and the restore of a replicated SQLite
+//! database to a transaction.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_orchestrator::{
-    CairnError, Checkpointer, DbId, Generation, Lsn, NoObserver, ReplicateObserver,
-    ReplicateOptions, ReplicateReport, SqlitePoint, SqliteRestoreReport,
+    CairnError, Checkpointer, DbId, Generation, Lsn, ReplicateReport, SqlitePoint,
+    SqliteRestoreReport,
 };
 
 /// Parses `--time`: RFC 3339 in UTC (`2026-12-02T18:00:00Z`, fractions allowed), to unix ms.
@@ -35,98 +34,14 @@ pub struct Janitor {
     pub min_age: Duration,
 }
 
-/// Where `cairn replicate` serves HTTP, and the lag `/ready` allows.
-#[derive(Clone, Debug)]
-pub struct Listen {
-    /// `HOST:PORT` (port 0: any free port).
-    pub addr: String,
-    /// The lag bound of `/ready`.
-    pub lag_bound: Duration,
-}
-
 /// The default lag bound: 10 s, or three intervals if that is longer (see
 /// docs/decisions/0026-service-endpoints.md).
 pub fn default_lag_bound(interval: Duration) -> Duration {
     Duration::from_secs(10).max(interval.saturating_mul(3))
 }
 
-/// Runs the replication of `source` as `db`, with the janitor beside it, until a signal
-/// asks it to stop, serving `/metrics`, `/health` and `/ready` on `listen` if given.
-pub async fn run(
-    cp: Arc<Checkpointer>,
-    db: &DbId,
-    source: &Path,
-    opts: &ReplicateOptions,
-    listen: Option<&Listen>,
-    janitor: Janitor,
-    json: bool,
-) -> Result<(), CairnError> {
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| CairnError::Config {
-            what: "SIGTERM handler".into(),
-            reason: e.to_string(),
-        })?;
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        tracing::info!("stopping: shipping what is committed, then exiting");
-        let _ = tx.send(true);
-    });
-    // The server outlives the loop's last step, then stops.
-    let (http_stop, http_rx) = tokio::sync::watch::channel(false);
-    let mut server = None;
-    let observer: Arc<dyn ReplicateObserver> = match listen {
-        Some(l) => {
-            let service = crate::http::Service::new(Arc::clone(&cp));
-            let observer = service.add_db(cp.config().tenant.as_str(), db.as_str(), l.lag_bound);
-            let bound = service.bind(&l.addr).await?;
-            // Tests and operators read the bound address from this line.
-            eprintln!("listening on http://{}", bound.addr());
-            server = Some(bound.serve(http_rx));
-            observer
-        }
-        None => Arc::new(NoObserver),
-    };
-    if !json {
-        eprintln!(
-            "replicating {} as {db} every {:?} (Ctrl-C or SIGTERM stops)",
-            source.display(),
-            opts.interval
-        );
-    }
-    let replicating = cp.replicate_observed(db, source, opts, rx.clone(), observer.as_ref());
-    let sweeping = cp.run_janitor(janitor.every, janitor.min_age, rx);
-    tokio::pin!(replicating, sweeping);
-    let mut swept = false;
-    // The janitor ends at the stop signal, replication once it shipped what is committed
-    // (or on an error, which ends the command).
-    let r = loop {
-        tokio::select! {
-            r = &mut replicating => break r,
-            () = &mut sweeping, if !swept => swept = true,
-        }
-    };
-    let _ = http_stop.send(true);
-    if let Some(h) = server {
-        if tokio::time::timeout(Duration::from_secs(5), h)
-            .await
-            .is_err()
-        {
-            tracing::warn!("the HTTP server did not stop within 5 s");
-        }
-    }
-    print_report(json, &r?);
-    Ok(())
-}
-
-fn print_report(json: bool, r: &ReplicateReport) {
-    if json {
-        crate::output::print_json(r);
-        return;
-    }
+/// Prints the report of one replication run.
+pub fn print_report(r: &ReplicateReport) {
     println!(
         "replicated {} from {}: {} steps, {} segments ({} frames, {}), {} page generations, {} gaps, {} WAL resets; generation {}",
         r.db,

@@ -6,153 +6,18 @@
 //! keeps a broken build from hanging.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cairn_tests::proxy::TcpProxy;
 use cairn_tests::s3::S3Server;
-use prometheus_parse::{Scrape, Value};
-
-/// A bound on each wait, so a broken build fails instead of hanging.
-const PATIENCE: Duration = Duration::from_secs(120);
-
-/// Commits to `db` until `stop` is set.
-fn writer(db: PathBuf, stop: Arc<AtomicBool>) -> JoinHandle<u64> {
-    std::thread::spawn(move || {
-        let c = rusqlite::Connection::open(&db).unwrap();
-        c.busy_timeout(Duration::from_secs(5)).unwrap();
-        c.pragma_update(None, "journal_mode", "wal").unwrap();
-        c.execute_batch("create table if not exists t(n integer primary key, v text)")
-            .unwrap();
-        let mut n = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            if c.execute(
-                "insert into t(v) values (?1)",
-                [format!("row {n} {}", "x".repeat(200))],
-            )
-            .is_ok()
-            {
-                n += 1;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        n
-    })
-}
-
-/// A running `cairn replicate --listen 127.0.0.1:0` and the address it printed.
-struct Replicator {
-    child: Child,
-    base: String,
-    rt: tokio::runtime::Runtime,
-}
-
-impl Replicator {
-    fn start(mut cmd: Command) -> Self {
-        let mut child = cmd
-            .args(["--listen", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        // Reads the address line, then keeps draining stderr (shown on failure).
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if let Some(a) = line.strip_prefix("listening on ") {
-                    let _ = tx.send(a.trim().to_string());
-                }
-                eprintln!("[cairn] {line}");
-            }
-        });
-        let base = rx
-            .recv_timeout(PATIENCE)
-            .expect("cairn replicate printed no `listening on` line");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        Self { child, base, rt }
-    }
-
-    fn get(&self, path: &str) -> (u16, String) {
-        let url = format!("{}{path}", self.base);
-        self.rt.block_on(async {
-            let client = reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()
-                .unwrap();
-            let r = client.get(&url).send().await.unwrap();
-            let status = r.status().as_u16();
-            (status, r.text().await.unwrap())
-        })
-    }
-
-    fn scrape(&self) -> Scrape {
-        let (status, body) = self.get("/metrics");
-        assert_eq!(status, 200, "{body}");
-        Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).unwrap()
-    }
-
-    /// Polls `path` until `done` holds for its answer; the last answer.
-    fn wait_for(&self, path: &str, what: &str, done: impl Fn(u16, &str) -> bool) -> String {
-        let t = Instant::now();
-        loop {
-            let (status, body) = self.get(path);
-            if done(status, &body) {
-                return body;
-            }
-            assert!(t.elapsed() < PATIENCE, "{what}: still {status} {body}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    /// SIGINT; it must exit cleanly.
-    fn stop(mut self) {
-        Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        let t = Instant::now();
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            assert!(
-                t.elapsed() < PATIENCE,
-                "replicate did not stop after SIGINT"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        assert!(status.success(), "replicate exited with {status}");
-    }
-}
-
-impl Drop for Replicator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn value(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    s.samples
-        .iter()
-        .filter(|x| x.metric == name)
-        .find(|x| labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
-        .map(|x| match &x.value {
-            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
-            Value::Histogram(h) => h.last().map_or(0.0, |c| c.count),
-            Value::Summary(_) => f64::NAN,
-        })
-}
+use common::{value, writer, Replicator, PATIENCE};
+use prometheus_parse::Scrape;
 
 fn replicate_cmd(state: &Path, src: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_cairn"));

@@ -10,8 +10,9 @@
 //! counters that already exist: the store's [`cairn_orchestrator::RemoteStore::stats`]
 //! (requests by operation, retries, errors by cause and class, bytes), the job queue's
 //! depth and the quota levels; nothing is counted twice. Series that nothing in this
-//! process feeds yet (restores, bytes downloaded, GC) are registered with zero values so
-//! dashboards and alerts can rely on their names.
+//! process feeds yet (restores, bytes downloaded) are registered with zero values so
+//! dashboards and alerts can rely on their names. GC series are per database, fed by the
+//! service's collections ([`GcRecorder`]).
 //!
 //! Crash: counters live in memory and start from zero with the process (Prometheus'
 //! `rate()` handles resets). Retries: none; a scrape that cannot read the job queue
@@ -21,7 +22,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cairn_orchestrator::{
-    CairnError, CheckpointReport, Checkpointer, ReplicateObserver, ReplicateStatus, SourceKind,
+    CairnError, CheckpointReport, Checkpointer, GcReport, ReplicateObserver, ReplicateStatus,
+    SourceKind,
 };
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -91,6 +93,9 @@ struct Families {
     downloaded_bytes: Family<DbLabels, Counter>,
     blobs_uploaded: Family<DbLabels, Counter>,
     blobs_reused: Family<DbLabels, Counter>,
+    gc_deleted_bytes: Family<DbLabels, Counter>,
+    gc_deleted_objects: Family<DbLabels, Counter>,
+    gc_unreferenced_bytes: Family<DbLabels, Gauge>,
 }
 
 /// The registry of a service and the handles that feed it.
@@ -129,6 +134,9 @@ impl Metrics {
             downloaded_bytes: Family::default(),
             blobs_uploaded: Family::default(),
             blobs_reused: Family::default(),
+            gc_deleted_bytes: Family::default(),
+            gc_deleted_objects: Family::default(),
+            gc_unreferenced_bytes: Family::default(),
         };
         let mut r = Registry::with_prefix("cairn");
         let f = &families;
@@ -192,16 +200,20 @@ impl Metrics {
             "Blobs checkpoints referenced without uploading (already stored)",
             f.blobs_reused.clone(),
         );
-        // GC does not run in the single-database service: registered so the names exist.
-        let gc_bytes = Counter::<u64>::default();
-        let gc_objects = Counter::<u64>::default();
-        let gc_unreferenced = Gauge::<i64>::default();
-        r.register("gc_deleted_bytes", "Bytes of blobs GC deleted", gc_bytes);
-        r.register("gc_deleted_objects", "Objects GC deleted", gc_objects);
+        r.register(
+            "gc_deleted_bytes",
+            "Bytes of blobs GC deleted",
+            f.gc_deleted_bytes.clone(),
+        );
+        r.register(
+            "gc_deleted_objects",
+            "Objects GC deleted",
+            f.gc_deleted_objects.clone(),
+        );
         r.register(
             "gc_unreferenced_bytes",
-            "Bytes of stored blobs no retained generation references, as the last GC found",
-            gc_unreferenced,
+            "Bytes of stored blobs no retained generation references that the last GC kept (in their grace period)",
+            f.gc_unreferenced_bytes.clone(),
         );
         r.register_collector(Box::new(Scraped {
             cp,
@@ -214,12 +226,17 @@ impl Metrics {
         }
     }
 
-    /// Adds a database; the returned observer feeds its series (which exist from now on,
-    /// at zero).
-    pub fn add_db(&self, labels: DbLabels, lag_bound: Duration) -> Arc<DbObserver> {
+    /// Adds a database whose checkpoints are of `kinds`; the returned observer feeds its
+    /// series (which exist from now on, at zero).
+    pub fn add_db(
+        &self,
+        labels: DbLabels,
+        lag_bound: Duration,
+        kinds: &[SourceKind],
+    ) -> Arc<DbObserver> {
         let f = &self.families;
-        for kind in ["segments", "sqlite"] {
-            let k = kind_labels(&labels, kind);
+        for kind in kinds {
+            let k = kind_labels(&labels, kind_name(*kind));
             drop(f.checkpoints_started.get_or_create(&k));
             drop(f.checkpoints_succeeded.get_or_create(&k));
             drop(f.checkpoints_failed.get_or_create(&k));
@@ -233,9 +250,12 @@ impl Metrics {
             &f.downloaded_bytes,
             &f.blobs_uploaded,
             &f.blobs_reused,
+            &f.gc_deleted_bytes,
+            &f.gc_deleted_objects,
         ] {
             drop(fam.get_or_create(&labels));
         }
+        drop(f.gc_unreferenced_bytes.get_or_create(&labels));
         drop(f.restore_seconds.get_or_create(&labels));
         let entry = Arc::new(DbEntry {
             labels: labels.clone(),
@@ -250,6 +270,19 @@ impl Metrics {
             labels,
             entry,
         })
+    }
+
+    /// A handle that feeds the GC series of this registry's databases.
+    pub fn gc_recorder(&self) -> GcRecorder {
+        GcRecorder {
+            families: self.families.clone(),
+            tenant: self
+                .dbs
+                .read()
+                .ok()
+                .and_then(|d| d.first().map(|e| e.labels.tenant.clone()))
+                .unwrap_or_default(),
+        }
     }
 
     /// The text exposition of every metric, now.
@@ -273,6 +306,30 @@ fn kind_name(kind: SourceKind) -> &'static str {
         SourceKind::Sqlite => "sqlite",
         SourceKind::Pages => "pages",
         SourceKind::Segments => "segments",
+    }
+}
+
+/// Feeds the GC series from the service's collections.
+#[derive(Clone, Debug)]
+pub struct GcRecorder {
+    families: Families,
+    tenant: String,
+}
+
+impl GcRecorder {
+    /// Counts what one collection of `db` did.
+    pub fn record(&self, db: &str, r: &GcReport) {
+        let l = DbLabels {
+            tenant: self.tenant.clone(),
+            db: db.to_string(),
+        };
+        let f = &self.families;
+        f.gc_deleted_bytes.get_or_create(&l).inc_by(r.bytes_deleted);
+        f.gc_deleted_objects
+            .get_or_create(&l)
+            .inc_by(r.blobs_deleted);
+        let kept = i64::try_from(r.unreferenced_in_grace.bytes).unwrap_or(i64::MAX);
+        f.gc_unreferenced_bytes.get_or_create(&l).set(kept);
     }
 }
 

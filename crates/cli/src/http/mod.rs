@@ -1,4 +1,4 @@
-//! HTTP for a long-running `cairn replicate` (`--listen ADDR`): `/metrics` (Prometheus
+//! HTTP for a long-running `cairn replicate` (`--listen ADDR`, or `listen` in its config): `/metrics` (Prometheus
 //! text format, `metrics.rs`), `/health` and `/ready` (`ready.rs`), served by axum on
 //! the command's tokio runtime.
 //!
@@ -27,9 +27,10 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use cairn_orchestrator::{CairnError, Checkpointer};
+use cairn_orchestrator::{CairnError, Checkpointer, SourceKind};
 use tokio::sync::watch;
 
+pub use metrics::GcRecorder;
 use metrics::{DbLabels, DbObserver, DbTable, Metrics};
 use ready::Checks;
 
@@ -49,13 +50,25 @@ impl Service {
         }
     }
 
-    /// Adds a database with its lag bound; pass the observer to its replicate loop.
-    pub fn add_db(&self, tenant: &str, db: &str, lag_bound: Duration) -> Arc<DbObserver> {
+    /// Adds a database with its lag bound and the kinds of its checkpoints; pass the
+    /// observer to its loop.
+    pub fn add_db(
+        &self,
+        tenant: &str,
+        db: &str,
+        lag_bound: Duration,
+        kinds: &[SourceKind],
+    ) -> Arc<DbObserver> {
         let labels = DbLabels {
             tenant: tenant.to_string(),
             db: db.to_string(),
         };
-        self.metrics.add_db(labels, lag_bound)
+        self.metrics.add_db(labels, lag_bound, kinds)
+    }
+
+    /// Feeds the GC series (call after adding the databases).
+    pub fn gc_recorder(&self) -> GcRecorder {
+        self.metrics.gc_recorder()
     }
 
     /// Binds `addr` (`HOST:PORT`).

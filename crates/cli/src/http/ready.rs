@@ -6,7 +6,9 @@
 //!   request past the retry layer with a 2 s timeout), named with its endpoint when it
 //!   fails. The answer is kept for [`PROBE_TTL`], so scrapes in a burst send one request;
 //!   the probe runs in the request's task, never in the replicate loop's.
-//! - `state_dir`: a probe file can be created, written and removed in the state directory.
+//! - `state_dir`, `scratch`: a probe file can be created, written (and synced) and removed
+//!   in the state directory, and in the scratch directory (which may be a file system of
+//!   its own, full or read-only while the state is fine).
 //! - `db <tenant>/<db>`: its last replication step succeeded and its lag (see
 //!   [`cairn_orchestrator::ReplicateStatus::lag_ms`]) is within its lag bound.
 //!
@@ -68,7 +70,12 @@ impl Checks {
 
     /// Runs every check (the store's from cache when fresh).
     pub async fn run(&self) -> Readiness {
-        let mut checks = vec![self.store().await, self.state_dir().await];
+        let state = self.cp.config().state_dir.clone();
+        let mut checks = vec![
+            self.store().await,
+            writable("state_dir", "state directory", state).await,
+            writable("scratch", "scratch directory", self.cp.scratch_dir()).await,
+        ];
         let now = super::metrics::now_ms();
         let dbs = self.dbs.read().map(|d| d.clone()).unwrap_or_default();
         for d in dbs {
@@ -134,29 +141,22 @@ impl Checks {
         *cached = Some((Instant::now(), check.clone()));
         check
     }
+}
 
-    async fn state_dir(&self) -> Check {
-        let dir = self.cp.config().state_dir.clone();
-        let shown = dir.display().to_string();
-        let probe = dir.join(format!(".cairn-ready-{}", std::process::id()));
-        let r = tokio::task::spawn_blocking(move || write_and_remove(probe)).await;
-        match r {
-            Ok(Ok(())) => Check {
-                name: "state_dir".into(),
-                ok: true,
-                detail: format!("{shown} is writable"),
-            },
-            Ok(Err(e)) => Check {
-                name: "state_dir".into(),
-                ok: false,
-                detail: format!("state directory {shown} is not writable: {e}"),
-            },
-            Err(e) => Check {
-                name: "state_dir".into(),
-                ok: false,
-                detail: format!("state directory {shown}: the check did not run: {e}"),
-            },
-        }
+/// The check `name`: a probe file can be written in `dir` (the `what`).
+async fn writable(name: &str, what: &str, dir: PathBuf) -> Check {
+    let shown = dir.display().to_string();
+    let probe = dir.join(format!(".cairn-ready-{}", std::process::id()));
+    let r = tokio::task::spawn_blocking(move || write_and_remove(probe)).await;
+    let (ok, detail) = match r {
+        Ok(Ok(())) => (true, format!("{shown} is writable")),
+        Ok(Err(e)) => (false, format!("{what} {shown} is not writable: {e}")),
+        Err(e) => (false, format!("{what} {shown}: the check did not run: {e}")),
+    };
+    Check {
+        name: name.into(),
+        ok,
+        detail,
     }
 }
 
