@@ -519,3 +519,51 @@ fn compression_is_on_by_default_and_level_zero_turns_it_off() {
         stderr(&out)
     );
 }
+
+#[test]
+fn logs_follow_a_job_by_its_span_and_carry_no_colour_codes_off_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("p.pages");
+    std::fs::write(&src, vec![5u8; 1 << 16]).unwrap();
+    let checkpoint = |format: &str| {
+        let out = cairn(&dir.path().join("state"))
+            .env("CAIRN_LOG", "info")
+            .args(["--log-format", format, "checkpoint", "--db", "logged"])
+            .args(["--kind", "pages", "--source"])
+            .arg(&src)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        stderr(&out)
+    };
+    let text = checkpoint("text");
+    assert!(text.contains("job running"), "{text}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "colour codes off a terminal: {text:?}"
+    );
+    let json = checkpoint("json");
+    let lines: Vec<Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let done = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "job succeeded")
+        .unwrap_or_else(|| panic!("no `job succeeded` line: {json}"));
+    let span = &done["span"];
+    assert_eq!(span["name"], "job", "{done}");
+    assert_eq!(span["db"], "logged");
+    assert_eq!(span["kind"], "checkpoint");
+    assert_eq!(span["generation"], 2, "{done}");
+    assert_eq!(span["phase"], "Cleaned", "{done}");
+    assert_eq!(span["job"].as_str().unwrap().len(), 16, "{done}");
+    // Every line of the job carries its id.
+    let job = span["job"].clone();
+    for l in lines
+        .iter()
+        .filter(|l| l["target"] == "cairn_orchestrator::runner")
+    {
+        assert_eq!(l["span"]["job"], job, "{l}");
+    }
+}

@@ -91,10 +91,35 @@ impl Checkpointer {
     }
 
     /// Runs (or resumes) a job to its end, retrying transient failures with backoff.
+    /// Everything it logs is inside a `job` span with the job id, kind, tenant and
+    /// database, and the generation and phase as they become known.
     pub async fn run_job(&self, id: JobId) -> Result<JobOutcome, CairnError> {
+        use tracing::field::Empty;
+        use tracing::Instrument;
+        let span = tracing::info_span!(
+            "job",
+            job = %id,
+            kind = Empty,
+            tenant = Empty,
+            db = Empty,
+            generation = Empty,
+            phase = Empty
+        );
+        self.run_job_in_span(id).instrument(span).await
+    }
+
+    async fn run_job_in_span(&self, id: JobId) -> Result<JobOutcome, CairnError> {
         loop {
             let mut job = self.job_handle(id)?;
             let rec = job.rec();
+            let span = tracing::Span::current();
+            span.record("kind", rec.spec.kind());
+            span.record("tenant", rec.tenant.as_str());
+            span.record("db", rec.spec.db().as_str());
+            span.record("phase", tracing::field::debug(rec.phase));
+            if let Some(g) = rec.generation {
+                span.record("generation", g);
+            }
             if !rec.state.is_unfinished() {
                 self.cancels.forget(id);
                 return Err(CairnError::JobEnded {
@@ -136,6 +161,7 @@ impl Checkpointer {
                 },
                 &[],
             )?;
+            tracing::info!(attempt = job.rec().attempts, "job running");
             let spec = job.rec().spec.clone();
             let attempt = async {
                 match spec {
@@ -209,6 +235,7 @@ impl Checkpointer {
                     )?;
                     self.release_job(&job)?;
                     self.cancels.forget(id);
+                    tracing::info!("job succeeded");
                     return Ok(outcome);
                 }
                 Err(e @ CairnError::Cancelled { .. }) => {
@@ -217,8 +244,9 @@ impl Checkpointer {
                 }
                 Err(e) => {
                     if e.class().is_transient() && job.rec().attempts < MAX_ATTEMPTS {
-                        let not_before = self.env.now_ms()
-                            + backoff_ms(job.rec().attempts - 1, self.env.next_u64());
+                        let wait_ms = backoff_ms(job.rec().attempts - 1, self.env.next_u64());
+                        tracing::warn!(error = %e, retry_in_ms = wait_ms, "job attempt failed; retrying");
+                        let not_before = self.env.now_ms() + wait_ms;
                         job.update(
                             |r| {
                                 r.last_error = Some(e.to_string());
@@ -229,6 +257,7 @@ impl Checkpointer {
                         )?;
                         continue;
                     }
+                    tracing::warn!(error = %e, "job failed");
                     self.end_job(job, JobState::Failed, e.to_string())?;
                     return Err(e);
                 }

@@ -31,6 +31,7 @@ use cairn_orchestrator::{
 };
 use serde::Serialize;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::replicate::Janitor;
 use config::{DbPlan, Plan};
@@ -116,13 +117,21 @@ pub async fn run(
         let db = DbId::new(plan.name.clone())?;
         if let Some((gc, every)) = plan.gc.clone() {
             let (cp, db, stop, rec) = (Arc::clone(&cp), db.clone(), stop.clone(), http.clone());
-            side.spawn(async move { collect(&cp, &db, &gc, every, stop, rec).await });
+            let span = tracing::info_span!("gc", tenant = %tenant, db = %db);
+            side.spawn(
+                async move { collect(&cp, &db, &gc, every, stop, rec).await }.instrument(span),
+            );
         }
         let (cp, stop, supervise) = (Arc::clone(&cp), stop.clone(), opts.supervise);
-        dbs.spawn(async move {
-            let r = supervised(&cp, &db, &plan, stop, observer.as_ref(), supervise).await;
-            (i, r)
-        });
+        let span =
+            tracing::info_span!("database", tenant = %tenant, db = %db, kind = plan.kind.as_str());
+        dbs.spawn(
+            async move {
+                let r = supervised(&cp, &db, &plan, stop, observer.as_ref(), supervise).await;
+                (i, r)
+            }
+            .instrument(span),
+        );
     }
     {
         let (cp, stop, j) = (Arc::clone(&cp), stop.clone(), opts.janitor);

@@ -93,6 +93,13 @@ impl<'a> Job<'a> {
                 .state
                 .put_job_relaxed(next.id, &next.encode()?, &writes)?;
         }
+        // The job's span (see `Checkpointer::run_job`) carries where it is.
+        if self.rec.phase != next.phase {
+            tracing::Span::current().record("phase", tracing::field::debug(next.phase));
+        }
+        if let (Some(g), true) = (next.generation, self.rec.generation != next.generation) {
+            tracing::Span::current().record("generation", g);
+        }
         self.rec = next;
         self.cp.cancels.publish(event(&self.rec));
         Ok(())
