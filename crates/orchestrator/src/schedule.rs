@@ -182,6 +182,10 @@ impl Checkpointer {
         tick.tick().await;
         while !*stop.borrow() {
             let result = s.step(&mut stop).await;
+            if matches!(result, Err(CairnError::Cancelled { .. })) && *stop.borrow() {
+                // The stop cancelled the step's checkpoint: it published nothing.
+                break;
+            }
             s.report.steps += 1;
             match result {
                 Ok(()) => {
@@ -207,7 +211,6 @@ impl Checkpointer {
                     tick.reset();
                     continue;
                 }
-                Err(e) if matches!(e, CairnError::Cancelled { .. }) && *stop.borrow() => break,
                 Err(e) => {
                     s.failures = s.failures.saturating_add(1);
                     s.observe(Some(&e), None);
@@ -312,5 +315,115 @@ impl Schedule<'_> {
             wal_end: p.wal_end,
         };
         self.observer.step_finished(&status);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::{Config, Env};
+    use cairn_remote_store::{RemoteStore, StoreConfig};
+
+    /// Keeps the newest status.
+    #[derive(Default)]
+    struct Last(Mutex<Option<ReplicateStatus>>);
+
+    impl ReplicateObserver for Last {
+        fn step_finished(&self, status: &ReplicateStatus) {
+            *self.0.lock().unwrap() = Some(status.clone());
+        }
+    }
+
+    impl Last {
+        fn steps(&self) -> u64 {
+            self.0.lock().unwrap().as_ref().map_or(0, |s| s.steps)
+        }
+    }
+
+    /// A checkpointer whose clock is `ahead` of the system's, so files written now have
+    /// settled by its clock (or, with zero, have not).
+    fn open(state: &Path, ahead: Duration) -> Checkpointer {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap();
+        let store = RemoteStore::open_with("memory://schedule", StoreConfig::default()).unwrap();
+        let env = Env::fixed((now + ahead).as_millis() as u64, 3);
+        Checkpointer::open_with(Config::new(state).unwrap(), store, env).unwrap()
+    }
+
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        let t = Instant::now();
+        while !done() {
+            assert!(t.elapsed() < Duration::from_secs(60), "{what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Runs a schedule of `trigger` on a page file, changes it once after `before` steps,
+    /// and stops after `after` more; the report and the generations published.
+    async fn scheduled(trigger: Trigger, ahead: Duration, steps: (u64, u64)) -> ScheduleReport {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("heap.pages");
+        std::fs::write(&file, vec![1u8; 8 * 4096]).unwrap();
+        let cp = open(&dir.path().join("state"), ahead);
+        let db = DbId::new("heap").unwrap();
+        let source = Source::Pages {
+            path: file.clone(),
+            page_size: 4096,
+        };
+        let opts = ScheduleOptions {
+            interval: Duration::from_millis(10),
+            trigger,
+            max_backoff: Duration::from_millis(50),
+        };
+        let (tx, rx) = watch::channel(false);
+        let last = Last::default();
+        let run = cp.run_schedule(&db, &source, &opts, rx, &last);
+        let drive = async {
+            until("the first steps", || last.steps() >= steps.0).await;
+            std::fs::write(&file, vec![2u8; 8 * 4096]).unwrap();
+            let at = last.steps();
+            until("the steps after the change", || {
+                last.steps() >= at + steps.1
+            })
+            .await;
+            tx.send(true).unwrap();
+        };
+        let (report, ()) = tokio::join!(run, drive);
+        let report = report.unwrap();
+        let gens = cp.list(&db).await.unwrap();
+        assert_eq!(gens.len() as u64, report.checkpoints, "{report:?}");
+        assert_eq!(
+            report.steps,
+            report.checkpoints + report.unchanged,
+            "{report:?}"
+        );
+        report
+    }
+
+    #[tokio::test]
+    async fn an_unchanged_source_publishes_nothing_and_a_change_is_checkpointed() {
+        let r = scheduled(Trigger::Change, Duration::from_secs(60), (5, 5)).await;
+        // The first look, and the one after the change.
+        assert_eq!(r.checkpoints, 2, "{r:?}");
+        assert!(r.unchanged >= 8, "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn an_unsettled_look_is_not_trusted() {
+        // By this clock the file was written just now: every look may hide a write in the
+        // same timestamp tick, so every step checkpoints.
+        let r = scheduled(Trigger::Change, Duration::ZERO, (3, 3)).await;
+        assert_eq!(r.unchanged, 0, "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn the_interval_trigger_checkpoints_every_step() {
+        let r = scheduled(Trigger::Interval, Duration::from_secs(60), (3, 3)).await;
+        assert_eq!(r.unchanged, 0, "{r:?}");
+        assert!(r.checkpoints >= 6, "{r:?}");
     }
 }
