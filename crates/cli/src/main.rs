@@ -106,6 +106,10 @@ fn service_config(cli: &Cli, f: &service::config::ServiceFile) -> Result<Config,
     }
     cfg.tenant_scratch_limit = f.quota.tenant_scratch.map(|b| b.0);
     cfg.job_scratch_limit = f.quota.job_scratch.map(|b| b.0);
+    if let Some(b) = f.quota.cache {
+        cfg.cache_limit = b.0;
+    }
+    cfg.tenant_cache_limit = f.quota.tenant_cache.map(|b| b.0);
     Ok(cfg)
 }
 

@@ -109,6 +109,10 @@ fn metrics_scraped_during_replication_parse_and_count_its_work() {
     assert!(limit > 0.0);
     assert!(value(&s, "cairn_quota_used_bytes", &[("level", "global")]).unwrap() <= limit);
     assert!(value(&s, "cairn_quota_limit_bytes", &[("level", "tenant")]).unwrap() > 0.0);
+    // The local cache (the spool) is a budget of its own, and replication holds some of it.
+    let cache = [("level", "tenant"), ("name", "cache/tenant:default")];
+    assert!(value(&s, "cairn_quota_limit_bytes", &cache).unwrap() > 0.0);
+    assert!(value(&s, "cairn_quota_used_bytes", &cache).unwrap() > 0.0);
     assert_eq!(
         value(&s, "cairn_janitor_removed_dirs_total", &[]),
         Some(0.0)

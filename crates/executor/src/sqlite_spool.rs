@@ -6,12 +6,19 @@
 //! stream order, so the directory is an ordinary segment source. The newest segment is
 //! never pruned: its header is where shipping continues after a restart. Crash: a
 //! `.tmp` file is garbage and is removed at open; every named segment is complete.
+//! Budget: with [`Spool::with_budget`], every segment holds a reservation of its length
+//! from the local cache budget until it is pruned (segments found at open are charged,
+//! past the limit if need be: they exist); a write that does not fit fails with the
+//! budget named and writes nothing, so unshipped WAL then waits in SQLite's own WAL.
 //! Retries: none. Cancellation: none (each call is a few local writes).
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use cairn_core::sqlite_segment::{SegmentHeader, SEGMENT_HEADER_LEN};
+use cairn_quota::{Budget, Reservation};
 
 use crate::error::ExecError;
 use crate::fsutil::{fsync_dir, remove_if_exists};
@@ -20,6 +27,9 @@ use crate::fsutil::{fsync_dir, remove_if_exists};
 #[derive(Clone, Debug)]
 pub struct Spool {
     dir: PathBuf,
+    budget: Option<Budget>,
+    /// Each segment's reservation, by name.
+    held: Arc<Mutex<BTreeMap<String, Reservation>>>,
 }
 
 /// A spooled segment.
@@ -45,7 +55,28 @@ impl Spool {
         }
         Ok(Self {
             dir: dir.to_path_buf(),
+            budget: None,
+            held: Arc::default(),
         })
+    }
+
+    /// Charges the segments here to `budget`, and reserves every new one from it.
+    pub fn with_budget(mut self, budget: Budget) -> Result<Self, ExecError> {
+        let mut held = BTreeMap::new();
+        for name in self.names()? {
+            let path = self.dir.join(&name);
+            let len = std::fs::metadata(&path)
+                .map_err(ExecError::io("stat spool segment", &path))?
+                .len();
+            held.insert(name, budget.charge(len));
+        }
+        self.held = Arc::new(Mutex::new(held));
+        self.budget = Some(budget);
+        Ok(self)
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Reservation>> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The directory.
@@ -60,6 +91,12 @@ impl Spool {
         header: &SegmentHeader,
         frames: &[u8],
     ) -> Result<u64, ExecError> {
+        let len = (SEGMENT_HEADER_LEN + frames.len()) as u64;
+        let reservation = self
+            .budget
+            .as_ref()
+            .map(|b| b.try_reserve(len))
+            .transpose()?;
         let tmp = self.dir.join(format!("{name}.tmp"));
         let path = self.dir.join(name);
         let mut f =
@@ -70,7 +107,10 @@ impl Spool {
             .map_err(ExecError::io("write spool segment", &tmp))?;
         std::fs::rename(&tmp, &path).map_err(ExecError::io("rename spool segment", &path))?;
         fsync_dir(&self.dir)?;
-        Ok((SEGMENT_HEADER_LEN + frames.len()) as u64)
+        if let Some(r) = reservation {
+            self.held().insert(name.to_string(), r);
+        }
+        Ok(len)
     }
 
     fn names(&self) -> Result<Vec<String>, ExecError> {
@@ -112,6 +152,7 @@ impl Spool {
         let mut n = 0;
         for name in names.iter().filter(|n| n.as_str() <= published) {
             remove_if_exists(&self.dir.join(name), "remove shipped spool segment")?;
+            self.held().remove(name);
             n += 1;
         }
         Ok(n)
@@ -125,12 +166,8 @@ mod tests {
     use cairn_core::sqlite_segment::{segment_name, SegmentKind};
     use cairn_core::WalPosition;
 
-    #[test]
-    fn segments_are_whole_the_newest_survives_pruning_and_tmp_files_go() {
-        let d = tempfile::tempdir().unwrap();
-        let s = Spool::open(d.path()).unwrap();
-        assert_eq!(s.newest().unwrap(), None);
-        let h = |frame| SegmentHeader {
+    fn h(frame: u32) -> SegmentHeader {
+        SegmentHeader {
             kind: SegmentKind::Frames,
             page_size: 4096,
             checkpoint_seq: 1,
@@ -142,7 +179,46 @@ mod tests {
             first_frame: 1,
             backfilled: false,
             captured_ms: 5,
-        };
+        }
+    }
+
+    #[test]
+    fn segments_hold_the_cache_budget_until_pruned_and_a_full_budget_writes_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Budget::root("cache", 250);
+        let s = Spool::open(d.path())
+            .unwrap()
+            .with_budget(cache.clone())
+            .unwrap();
+        let a = segment_name(0, 5, SegmentKind::Frames);
+        let b = segment_name(100, 6, SegmentKind::Frames);
+        let c = segment_name(200, 7, SegmentKind::Frames);
+        assert_eq!(s.write(&a, &h(1), &[7; 36]).unwrap(), 100);
+        s.write(&b, &h(2), &[7; 36]).unwrap();
+        assert_eq!(cache.used(), 200);
+        let e = s.write(&c, &h(3), &[7; 36]).unwrap_err();
+        assert!(e.to_string().contains("cache"), "{e}");
+        assert!(!d.path().join(&c).exists() && !d.path().join(format!("{c}.tmp")).exists());
+        assert_eq!(cache.used(), 200);
+        // A restarted process charges what it finds, and pruning gives it back.
+        drop(s);
+        assert_eq!(cache.used(), 0);
+        let s = Spool::open(d.path())
+            .unwrap()
+            .with_budget(cache.clone())
+            .unwrap();
+        assert_eq!(cache.used(), 200);
+        assert_eq!(s.prune(&b).unwrap(), 1);
+        assert_eq!(cache.used(), 100);
+        s.write(&c, &h(3), &[7; 36]).unwrap();
+        assert_eq!(cache.used(), 200);
+    }
+
+    #[test]
+    fn segments_are_whole_the_newest_survives_pruning_and_tmp_files_go() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Spool::open(d.path()).unwrap();
+        assert_eq!(s.newest().unwrap(), None);
         let a = segment_name(0, 5, SegmentKind::Frames);
         let b = segment_name(100, 6, SegmentKind::Frames);
         assert_eq!(s.write(&a, &h(1), &[7; 36]).unwrap(), 100);

@@ -109,6 +109,13 @@ pub struct Config {
     pub tenant_scratch_limit: Option<u64>,
     /// ... and each job this much (`None`: the tenant's limit).
     pub job_scratch_limit: Option<u64>,
+    /// Bytes of local cache all databases of this process may hold at once: the spools
+    /// of replicated SQLite databases (committed WAL made durable locally before it is
+    /// shipped; it grows while the store is unreachable). When it is full, replication
+    /// steps fail naming the budget and are retried; the frames wait in SQLite's WAL.
+    pub cache_limit: u64,
+    /// ... of which the tenant's databases may hold this much (`None`: the global limit).
+    pub tenant_cache_limit: Option<u64>,
     /// Blob uploads in flight at once.
     pub upload_concurrency: usize,
     /// Blob downloads in flight at once during restore and verify; a restore composes up
@@ -148,6 +155,8 @@ impl Config {
             scratch_limit: 8 * 1024 * 1024 * 1024,
             tenant_scratch_limit: None,
             job_scratch_limit: None,
+            cache_limit: 4 * 1024 * 1024 * 1024,
+            tenant_cache_limit: None,
             upload_concurrency: 4,
             download_concurrency: 8,
             restore_memory: DEFAULT_RESTORE_MEMORY,

@@ -34,19 +34,23 @@ impl Checkpointer {
     }
 
     /// The byte budgets in force and their use, outermost first: the global scratch
-    /// budget, then the tenant's. Per-job budgets are children of the tenant's that live
-    /// only while their job stages.
+    /// budget, then the tenant's, then the same for the local cache (`cache`,
+    /// `cache/tenant:NAME`). Per-job scratch budgets are children of the tenant's that
+    /// live only while their job stages.
     pub fn quota_levels(&self) -> Vec<QuotaLevel> {
-        let mut levels = self.scratch.budget().levels();
-        levels.reverse();
-        levels
+        [self.scratch.budget().levels(), self.cache.levels()]
             .into_iter()
-            .zip(["global", "tenant"])
-            .map(|((name, used, limit), level)| QuotaLevel {
-                level,
-                name,
-                used,
-                limit,
+            .flat_map(|mut levels| {
+                levels.reverse();
+                levels
+                    .into_iter()
+                    .zip(["global", "tenant"])
+                    .map(|((name, used, limit), level)| QuotaLevel {
+                        level,
+                        name,
+                        used,
+                        limit,
+                    })
             })
             .collect()
     }

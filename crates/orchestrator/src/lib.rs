@@ -79,6 +79,8 @@ pub struct Checkpointer {
     state: Arc<StateDb>,
     store: RemoteStore,
     scratch: Scratch,
+    /// The local cache budget (the tenant's node): replication spools.
+    cache: Budget,
     writer: String,
     cancels: queue::Cancels,
     /// Serialises publications per database within this process (a checkpoint from its
@@ -165,6 +167,11 @@ impl Checkpointer {
             cfg.tenant_scratch_limit.unwrap_or(cfg.scratch_limit),
         );
         let job_limit = cfg.job_scratch_limit.unwrap_or(tenant.limit());
+        let cache = Budget::root("cache", cfg.cache_limit);
+        let cache = cache.child(
+            format!("tenant:{}", cfg.tenant),
+            cfg.tenant_cache_limit.unwrap_or(cfg.cache_limit),
+        );
         let scratch = Scratch::open(&cfg.state_dir.join("scratch"), tenant)?
             .with_job_limit(job_limit)
             .with_compression(cfg.compression_level);
@@ -174,6 +181,7 @@ impl Checkpointer {
             state,
             store,
             scratch,
+            cache,
             writer,
             cancels: queue::Cancels::default(),
             db_locks: dashmap::DashMap::new(),

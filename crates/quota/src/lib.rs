@@ -186,6 +186,20 @@ impl Budget {
         self.reserve_locked(bytes)
     }
 
+    /// Charges `bytes` here and at every ancestor whatever the limits: for bytes that
+    /// already exist (files a restarted process finds on disk), which count against the
+    /// budget but cannot be refused. Reservations fail until usage is back under limits.
+    pub fn charge(&self, bytes: u64) -> Reservation {
+        let _guard = self.node.tree.lock();
+        for n in self.node.chain() {
+            n.used.fetch_add(bytes, Ordering::Relaxed);
+        }
+        Reservation {
+            budget: self.clone(),
+            bytes,
+        }
+    }
+
     /// Checks and charges the whole chain; caller holds the tree lock.
     fn reserve_locked(&self, bytes: u64) -> Result<Reservation, QuotaError> {
         if let Some(n) = self.node.chain().find(|n| bytes > n.limit) {
@@ -269,6 +283,18 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicBool;
     use std::thread;
+
+    #[test]
+    fn existing_bytes_are_charged_past_the_limit_and_block_new_reservations() {
+        let (global, tenant, _) = tree();
+        let held = tenant.charge(700);
+        assert_eq!((tenant.used(), global.used()), (700, 700));
+        let e = tenant.try_reserve(1).unwrap_err();
+        assert_eq!(e.budget(), "global/tenant:acme");
+        drop(held);
+        assert_eq!(global.used(), 0);
+        assert!(tenant.try_reserve(600).is_ok());
+    }
 
     fn tree() -> (Budget, Budget, Budget) {
         let global = Budget::root("global", 1000);

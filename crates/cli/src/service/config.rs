@@ -55,6 +55,10 @@ pub struct Quota {
     pub tenant_scratch: Option<ByteSize>,
     /// ... and each job this much.
     pub job_scratch: Option<ByteSize>,
+    /// Local cache (replication spools) all databases may hold.
+    pub cache: Option<ByteSize>,
+    /// ... of which the tenant's databases this much.
+    pub tenant_cache: Option<ByteSize>,
 }
 
 /// `[janitor]`.
@@ -202,24 +206,30 @@ pub fn parse(path: &Path, text: &str) -> Result<ServiceFile, CairnError> {
         }
     }
     let q = &f.quota;
-    let levels = [
-        ("quota.scratch", q.scratch),
-        ("quota.tenant_scratch", q.tenant_scratch),
-        ("quota.job_scratch", q.job_scratch),
+    let trees = [
+        vec![
+            ("quota.scratch", q.scratch),
+            ("quota.tenant_scratch", q.tenant_scratch),
+            ("quota.job_scratch", q.job_scratch),
+        ],
+        vec![
+            ("quota.cache", q.cache),
+            ("quota.tenant_cache", q.tenant_cache),
+        ],
     ];
-    let mut outer: Option<(&str, ByteSize)> = None;
-    for (inner, v) in levels {
-        let Some(i) = v else { continue };
-        if let Some((outer, o)) = outer {
-            if i > o {
-                return Err(bad(format!("{inner} ({i}) exceeds {outer} ({o})")));
+    for levels in trees {
+        let mut outer: Option<(&str, ByteSize)> = None;
+        for (inner, v) in levels {
+            let Some(i) = v else { continue };
+            if i == ByteSize(0) {
+                return Err(bad(format!("{inner} is zero")));
             }
-        }
-        outer = Some((inner, i));
-    }
-    for (what, v) in levels {
-        if v == Some(ByteSize(0)) {
-            return Err(bad(format!("{what} is zero")));
+            if let Some((outer, o)) = outer {
+                if i > o {
+                    return Err(bad(format!("{inner} ({i}) exceeds {outer} ({o})")));
+                }
+            }
+            outer = Some((inner, i));
         }
     }
     for d in &f.databases {
@@ -322,6 +332,8 @@ mod tests {
         scratch = "4GiB"
         tenant_scratch = "2GiB"
         job_scratch = 1073741824
+        cache = "2GiB"
+        tenant_cache = "1GiB"
 
         [janitor]
         every = "5m"
@@ -365,6 +377,7 @@ mod tests {
         let f = p(GOOD).unwrap();
         assert_eq!(f.quota.scratch, Some(ByteSize::gib(4)));
         assert_eq!(f.quota.job_scratch, Some(ByteSize::gib(1)));
+        assert_eq!(f.quota.tenant_cache, Some(ByteSize::gib(1)));
         assert_eq!(f.janitor.every, Duration::from_secs(300));
         let plans: Vec<DbPlan> = f.databases.iter().map(|d| d.plan().unwrap()).collect();
         match &plans[0].plan {
@@ -441,6 +454,17 @@ mod tests {
                     db("")
                 ),
                 "quota.job_scratch (2.0 GiB) exceeds quota.tenant_scratch (1.0 GiB)",
+            ),
+            (
+                format!(
+                    "[quota]\ncache = \"1MiB\"\ntenant_cache = \"2MiB\"\n{}",
+                    db("")
+                ),
+                "quota.tenant_cache (2.0 MiB) exceeds quota.cache (1.0 MiB)",
+            ),
+            (
+                format!("[quota]\ncache = 0\n{}", db("")),
+                "quota.cache is zero",
             ),
             (db("").replace("\"app\"", "\"a/b\""), "database \"a/b\""),
             (db("").replace("sqlite", "oracle"), "unknown variant"),

@@ -211,7 +211,8 @@ impl Checkpointer {
                 .join("spool")
                 .join(self.cfg.tenant.as_str())
                 .join(db.as_str()),
-        )?;
+        )?
+        .with_budget(self.cache.clone())?;
         let mut run = Run {
             cp: self,
             db: db.clone(),
