@@ -47,8 +47,17 @@ fn pages(path: &Path) -> Source {
 
 fn assert_budgets_empty(cp: &Checkpointer) {
     let levels = cp.quota_levels();
-    assert_eq!(levels.len(), 2, "global and tenant: {levels:?}");
-    assert_eq!(levels[1].name, "scratch/tenant:default");
+    let names: Vec<&str> = levels.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "scratch",
+            "scratch/tenant:default",
+            "cache",
+            "cache/tenant:default"
+        ],
+        "global and tenant, of scratch and of the local cache"
+    );
     for l in &levels {
         assert_eq!(l.used, 0, "budget {} still holds bytes", l.name);
     }
