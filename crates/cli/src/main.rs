@@ -168,6 +168,7 @@ enum Cmd {
         deep: bool,
     },
     /// List a database's generations (or, without --db, the databases in the store).
+    /// Reads the state read-only, so it works while `cairn replicate` runs.
     Ls {
         /// Database name.
         #[arg(long)]
@@ -273,9 +274,11 @@ enum Cmd {
         generation: u64,
     },
     /// List jobs with kind, database, state, phase, progress, attempts and last error.
-    /// (The only command that does not resume unfinished jobs first.)
+    /// Reads the state read-only, so it works while `cairn replicate` runs; like ls, it
+    /// does not resume unfinished jobs first.
     Status,
-    /// Run unfinished jobs now (every other command also runs them first).
+    /// Run unfinished jobs now (every other command but status and ls also runs them
+    /// first).
     Resume,
     /// Run the end-to-end demonstration on the embedded default store.
     Demo {
@@ -524,7 +527,13 @@ async fn run(cli: Cli) -> Result<ExitCode, CairnError> {
             })
         }
         Cmd::Ls { db } => {
-            let cp = open(config(&cli)?).await?;
+            // Read-only, beside a running service, resuming nothing (decision 0028); a
+            // state directory with no state yet has no jobs and opens as before.
+            let cfg = config(&cli)?;
+            let cp = match Checkpointer::open_read_only(cfg.clone()) {
+                Err(e) if e.is_no_state() => open(cfg).await?.into_read_only(),
+                r => r?,
+            };
             match db {
                 Some(db) => output::generations(json, &cp.list(&DbId::new(db.clone())?).await?),
                 None => output::databases(json, &cp.databases().await?),
@@ -574,8 +583,12 @@ async fn run(cli: Cli) -> Result<ExitCode, CairnError> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status => {
-            let cp = Checkpointer::open(config(&cli)?)?;
-            output::status(json, &cp.jobs()?);
+            // Read-only, beside a running service (decision 0028); no state, no jobs.
+            let jobs = match Checkpointer::open_read_only(config(&cli)?) {
+                Err(e) if e.is_no_state() => Vec::new(),
+                r => r?.jobs()?,
+            };
+            output::status(json, &jobs);
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Resume => {
