@@ -527,13 +527,8 @@ async fn run(cli: Cli) -> Result<ExitCode, CairnError> {
             })
         }
         Cmd::Ls { db } => {
-            // Read-only, beside a running service, resuming nothing (decision 0028); a
-            // state directory with no state yet has no jobs and opens as before.
-            let cfg = config(&cli)?;
-            let cp = match Checkpointer::open_read_only(cfg.clone()) {
-                Err(e) if e.is_no_state() => open(cfg).await?.into_read_only(),
-                r => r?,
-            };
+            // Read-only, beside a running service, resuming nothing (decision 0028).
+            let cp = Checkpointer::open_read_only(config(&cli)?)?;
             match db {
                 Some(db) => output::generations(json, &cp.list(&DbId::new(db.clone())?).await?),
                 None => output::databases(json, &cp.databases().await?),
@@ -583,12 +578,9 @@ async fn run(cli: Cli) -> Result<ExitCode, CairnError> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status => {
-            // Read-only, beside a running service (decision 0028); no state, no jobs.
-            let jobs = match Checkpointer::open_read_only(config(&cli)?) {
-                Err(e) if e.is_no_state() => Vec::new(),
-                r => r?.jobs()?,
-            };
-            output::status(json, &jobs);
+            // Read-only, beside a running service (decision 0028).
+            let cp = Checkpointer::open_read_only(config(&cli)?)?;
+            output::status(json, &cp.jobs()?);
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Resume => {

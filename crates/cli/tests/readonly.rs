@@ -94,6 +94,14 @@ fn still_running(rep: &mut Child) {
 fn status_and_ls_read_the_state_while_replicate_holds_it() {
     let dir = tempfile::tempdir().unwrap();
     let (state, src) = (dir.path().join("state"), dir.path().join("app.db"));
+    // Before anything ran: no jobs, no databases, and the readers create no state (which
+    // would take the lock a starting service needs). (Opening the embedded default store
+    // creates its empty directory, as for any command.)
+    assert_eq!(ok(&state, &["status"]), serde_json::json!([]));
+    assert_eq!(ok(&state, &["ls"]), serde_json::json!([]));
+    for part in ["lock", "db", "scratch"] {
+        assert!(!state.join(part).exists(), "a reader created {part}");
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let w = writer(src.clone(), Arc::clone(&stop));
     wait_for("the writer created its database", || src.exists());

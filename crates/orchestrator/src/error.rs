@@ -286,18 +286,6 @@ impl CairnError {
         }
     }
 
-    /// Whether this is another process holding the state directory
-    /// ([`cairn_state::StateError::Locked`]).
-    pub fn is_state_locked(&self) -> bool {
-        matches!(self, CairnError::State(StateError::Locked { .. }))
-    }
-
-    /// Whether this is a read-only open of a state directory that holds no state yet
-    /// ([`cairn_state::StateError::NoState`]).
-    pub fn is_no_state(&self) -> bool {
-        matches!(self, CairnError::State(StateError::NoState { .. }))
-    }
-
     /// Whether retrying the same operation could succeed.
     pub fn is_retryable(&self) -> bool {
         self.class().is_transient()

@@ -4,7 +4,9 @@
 //! Contract: [`Checkpointer::open_read_only`] opens the local state as a RocksDB
 //! secondary ([`cairn_state::StateDb::open_read_only`]) and the configured store, and
 //! returns a [`ReadOnlyCheckpointer`], which offers only reads: the job list, the
-//! databases in the store and a database's generations. Opening it never resumes a job,
+//! databases in the store and a database's generations. A state directory that holds no
+//! state yet reads as empty state (no jobs; generations from the store alone) and is not
+//! created ([`cairn_state::StateDb::read_only_empty`]). Opening it never resumes a job,
 //! never sweeps scratch (it does not even create the scratch directory), never creates a
 //! writer identity and takes no lock, so it neither waits for the owner nor keeps the
 //! owner from starting. Nothing it does writes the state directory (every local write is
@@ -21,7 +23,7 @@
 use cairn_core::{DbId, Generation, JobId};
 use cairn_executor::Scratch;
 use cairn_remote_store::RemoteStore;
-use cairn_state::StateDb;
+use cairn_state::{StateDb, StateError};
 
 use crate::config::{Config, Env};
 use crate::history::GenerationInfo;
@@ -29,9 +31,7 @@ use crate::queue::JobRecord;
 use crate::{configured_store, scratch_budget, CairnError, Checkpointer};
 
 /// The reading half of a [`Checkpointer`]: jobs, databases and generations, nothing that
-/// writes. Made by [`Checkpointer::open_read_only`] (a secondary open: nothing can be
-/// written) or by [`Checkpointer::into_read_only`] (from a checkpointer that owns the
-/// state, whose reads keep recording the manifests they fetch, as the owner's always do).
+/// writes (made by [`Checkpointer::open_read_only`]).
 #[derive(Debug)]
 pub struct ReadOnlyCheckpointer {
     cp: Checkpointer,
@@ -39,8 +39,7 @@ pub struct ReadOnlyCheckpointer {
 
 impl Checkpointer {
     /// Opens the state directory read-only beside its owner, and the configured store
-    /// (see the module documentation). A state directory without a state database is
-    /// [`cairn_state::StateError::NoState`] (see [`CairnError::is_no_state`]).
+    /// (see the module documentation).
     pub fn open_read_only(cfg: Config) -> Result<ReadOnlyCheckpointer, CairnError> {
         let store = configured_store(&cfg)?;
         Self::open_read_only_with(cfg, store, Env::system())
@@ -53,7 +52,10 @@ impl Checkpointer {
         env: Env,
     ) -> Result<ReadOnlyCheckpointer, CairnError> {
         cfg.validate()?;
-        let state = StateDb::open_read_only(&cfg.state_dir)?;
+        let state = match StateDb::open_read_only(&cfg.state_dir) {
+            Err(StateError::NoState { .. }) => StateDb::read_only_empty(&cfg.state_dir)?,
+            opened => opened?,
+        };
         // The owner creates the identity at its first open; a reader never does.
         let writer = state.stored_writer_id()?.unwrap_or_default();
         let tenant = scratch_budget(&cfg);
@@ -61,19 +63,9 @@ impl Checkpointer {
         let cp = Self::assemble(cfg, env, std::sync::Arc::new(state), store, scratch, writer);
         Ok(ReadOnlyCheckpointer { cp })
     }
-
-    /// This checkpointer's reads alone (for a caller that may hold either kind).
-    pub fn into_read_only(self) -> ReadOnlyCheckpointer {
-        ReadOnlyCheckpointer { cp: self }
-    }
 }
 
 impl ReadOnlyCheckpointer {
-    /// Whether the state is open beside its owner (a secondary), not owned.
-    pub fn is_secondary(&self) -> bool {
-        self.cp.state.is_read_only()
-    }
-
     /// Catches up with the owner's latest writes (every read does this first).
     pub fn catch_up(&self) -> Result<(), CairnError> {
         Ok(self.cp.state.catch_up()?)
@@ -158,7 +150,6 @@ mod tests {
             Env::fixed(1_000, 2),
         )
         .unwrap();
-        assert!(reader.is_secondary());
         assert!(leftover.is_dir(), "the reader swept scratch");
         assert_eq!(reader.databases().await.unwrap(), vec![db.clone()]);
         let listed = reader.list(&db).await.unwrap();
@@ -183,21 +174,32 @@ mod tests {
         assert!(reader.cp.state.is_read_only());
     }
 
-    #[test]
-    fn a_state_directory_without_state_is_named_and_left_alone() {
+    #[tokio::test]
+    async fn a_fresh_machine_lists_the_store_and_creates_no_state() {
         let dir = tempfile::tempdir().unwrap();
-        let state = dir.path().join("state");
-        let err = Checkpointer::open_read_only_with(
-            Config::new(&state).unwrap(),
+        let segs = dir.path().join("segs");
+        std::fs::create_dir_all(&segs).unwrap();
+        std::fs::write(segs.join("000001.seg"), vec![1u8; 5000]).unwrap();
+        let db = DbId::new("d").unwrap();
+        Checkpointer::open_with(
+            Config::new(dir.path().join("a")).unwrap(),
+            store(dir.path()),
+            Env::fixed(1_000, 1),
+        )
+        .unwrap()
+        .checkpoint(&db, &Source::Segments(segs))
+        .await
+        .unwrap();
+        let fresh = dir.path().join("fresh");
+        let reader = Checkpointer::open_read_only_with(
+            Config::new(&fresh).unwrap(),
             store(dir.path()),
             Env::fixed(1_000, 2),
         )
-        .unwrap_err();
-        assert!(err.is_no_state(), "{err}");
-        assert!(
-            err.to_string().contains(&state.display().to_string()),
-            "{err}"
-        );
-        assert!(!state.exists(), "nothing is created");
+        .unwrap();
+        assert!(reader.jobs().unwrap().is_empty());
+        assert_eq!(reader.databases().await.unwrap(), vec![db.clone()]);
+        assert_eq!(reader.list(&db).await.unwrap().len(), 1);
+        assert!(!fresh.exists(), "nothing is created");
     }
 }

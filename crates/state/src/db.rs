@@ -57,6 +57,14 @@ pub(crate) enum Mode {
         /// The secondary's directory.
         _own: tempfile::TempDir,
     },
+    /// Reads only, of a state directory that holds no state yet: an empty database in a
+    /// fresh temporary directory stands in, removed when the handle drops.
+    Empty {
+        /// The state directory named by the caller (for messages); nothing is created.
+        state_dir: PathBuf,
+        /// The stand-in's directory.
+        _own: tempfile::TempDir,
+    },
 }
 
 impl std::fmt::Debug for StateDb {
@@ -150,15 +158,19 @@ impl StateDb {
 
     /// Whether this handle is a read-only one ([`StateDb::open_read_only`]).
     pub fn is_read_only(&self) -> bool {
-        matches!(self.mode, Mode::Secondary { .. })
+        !matches!(self.mode, Mode::Primary { .. })
     }
 
     /// Refuses `op` on a read-only handle with [`StateError::ReadOnly`].
     fn writable(&self, op: &'static str) -> Result<(), StateError> {
-        match self.mode {
+        match &self.mode {
             Mode::Primary { .. } => Ok(()),
             Mode::Secondary { .. } => Err(StateError::ReadOnly {
                 path: self.state_dir(),
+                op,
+            }),
+            Mode::Empty { state_dir, .. } => Err(StateError::ReadOnly {
+                path: state_dir.display().to_string(),
                 op,
             }),
         }
