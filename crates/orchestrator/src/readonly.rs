@@ -11,7 +11,8 @@
 //! writer identity and takes no lock, so it neither waits for the owner nor keeps the
 //! owner from starting. Nothing it does writes the state directory (every local write is
 //! refused by the state crate with a typed error) or the store (it only lists and reads
-//! manifests). Each read first catches up with the owner's latest writes, so it sees
+//! manifests; opening the embedded local store creates its empty directory if missing,
+//! as for any command). Each read first catches up with the owner's latest writes, so it sees
 //! every batch the owner had committed when the read began; a job the owner is running
 //! shows the progress of its last durable step.
 //!
