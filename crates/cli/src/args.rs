@@ -211,6 +211,7 @@ pub enum Cmd {
         deep: bool,
     },
     /// List a database's generations (or, without --db, the databases in the store).
+    /// Reads the state read-only, so it works while `cairn replicate` runs.
     Ls {
         /// Database name.
         #[arg(long)]
@@ -316,9 +317,11 @@ pub enum Cmd {
         generation: u64,
     },
     /// List jobs with kind, database, state, phase, progress, attempts and last error.
-    /// (The only command that does not resume unfinished jobs first.)
+    /// Reads the state read-only, so it works while `cairn replicate` runs; like ls, it
+    /// does not resume unfinished jobs first.
     Status,
-    /// Run unfinished jobs now (every other command also runs them first).
+    /// Run unfinished jobs now (every other command but status and ls also runs them
+    /// first).
     Resume,
     /// Run the end-to-end demonstration on the embedded default store.
     Demo {

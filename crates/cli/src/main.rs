@@ -337,7 +337,8 @@ async fn run(cli: Cli) -> Result<ExitCode, CairnError> {
             })
         }
         Cmd::Ls { db } => {
-            let cp = open(config(&cli)?).await?;
+            // Read-only, beside a running service, resuming nothing (decision 0028).
+            let cp = Checkpointer::open_read_only(config(&cli)?)?;
             match db {
                 Some(db) => output::generations(json, &cp.list(&DbId::new(db.clone())?).await?),
                 None => output::databases(json, &cp.databases().await?),
@@ -387,7 +388,8 @@ async fn run(cli: Cli) -> Result<ExitCode, CairnError> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status => {
-            let cp = Checkpointer::open(config(&cli)?)?;
+            // Read-only, beside a running service (decision 0028).
+            let cp = Checkpointer::open_read_only(config(&cli)?)?;
             output::status(json, &cp.jobs()?);
             Ok(ExitCode::SUCCESS)
         }

@@ -167,6 +167,18 @@ impl Scratch {
         })
     }
 
+    /// A handle on the scratch root that neither creates nor touches it: for a reader
+    /// that stages nothing (a read-only checkpointer beside the state's owner).
+    pub fn detached(root: &Path, budget: Budget) -> Self {
+        Self {
+            root: root.to_path_buf(),
+            budget,
+            compression: None,
+            live: Arc::default(),
+            job_limit: u64::MAX,
+        }
+    }
+
     /// Caps each job's own scratch budget at `limit` bytes (below the root's).
     pub fn with_job_limit(mut self, limit: u64) -> Self {
         self.job_limit = limit;

@@ -28,6 +28,7 @@ mod history;
 mod janitor;
 mod publication;
 mod queue;
+mod readonly;
 mod replicate;
 mod restore;
 mod runner;
@@ -63,6 +64,7 @@ pub use history::{GenerationInfo, GenerationState};
 pub use janitor::SweepReport;
 pub use publication::MAX_DIFF_CHAIN;
 pub use queue::{CancelHandle, JobEvent, JobRecord, JobSpec, JobState, JobStatus, Phase, Progress};
+pub use readonly::ReadOnlyCheckpointer;
 pub use replicate::{
     NoObserver, ReplicateObserver, ReplicateOptions, ReplicateReport, ReplicateStatus,
 };
@@ -111,16 +113,7 @@ impl std::fmt::Debug for Checkpointer {
 impl Checkpointer {
     /// Opens the state directory and the configured store with the system clock.
     pub fn open(cfg: Config) -> Result<Self, CairnError> {
-        let url = match &cfg.store_url {
-            Some(u) => u.clone(),
-            None => default_store_url(&cfg.state_dir)?,
-        };
-        let mut store_cfg = match &cfg.store_config {
-            Some(path) => StoreConfig::from_file(path)?,
-            None => StoreConfig::from_env()?,
-        };
-        store_cfg.single_writer |= cfg.single_writer;
-        let store = RemoteStore::open_with(&url, store_cfg)?;
+        let store = configured_store(&cfg)?;
         Self::open_with(cfg, store, Env::system())
     }
 
@@ -161,21 +154,30 @@ impl Checkpointer {
         })?;
         let state = Arc::new(StateDb::open(&cfg.state_dir)?);
         let writer = state.writer_id(|| env.next_u64())?;
-        let global = Budget::root("scratch", cfg.scratch_limit);
-        let tenant = global.child(
-            format!("tenant:{}", cfg.tenant),
-            cfg.tenant_scratch_limit.unwrap_or(cfg.scratch_limit),
-        );
+        let tenant = scratch_budget(&cfg);
         let job_limit = cfg.job_scratch_limit.unwrap_or(tenant.limit());
-        let cache = Budget::root("cache", cfg.cache_limit);
-        let cache = cache.child(
-            format!("tenant:{}", cfg.tenant),
-            cfg.tenant_cache_limit.unwrap_or(cfg.cache_limit),
-        );
         let scratch = Scratch::open(&cfg.state_dir.join("scratch"), tenant)?
             .with_job_limit(job_limit)
             .with_compression(cfg.compression_level);
-        let cp = Self {
+        let cp = Self::assemble(cfg, env, state, store, scratch, writer);
+        cp.sweep_finished_jobs()?;
+        Ok(cp)
+    }
+
+    /// The checkpointer over opened parts; nothing is read or written.
+    fn assemble(
+        cfg: Config,
+        env: Env,
+        state: Arc<StateDb>,
+        store: RemoteStore,
+        scratch: Scratch,
+        writer: String,
+    ) -> Self {
+        let cache = Budget::root("cache", cfg.cache_limit).child(
+            format!("tenant:{}", cfg.tenant),
+            cfg.tenant_cache_limit.unwrap_or(cfg.cache_limit),
+        );
+        Self {
             cfg,
             env,
             state,
@@ -190,9 +192,7 @@ impl Checkpointer {
             lent: dashmap::DashMap::new(),
             store_checked: tokio::sync::OnceCell::new(),
             janitor: janitor::JanitorTotals::default(),
-        };
-        cp.sweep_finished_jobs()?;
-        Ok(cp)
+        }
     }
 
     /// Refuses a store that does not honour conditional create (publication depends on
@@ -229,6 +229,30 @@ impl Checkpointer {
     pub fn writer_id(&self) -> &str {
         &self.writer
     }
+}
+
+/// The store `cfg` names (its URL, or the state directory's default; its settings file,
+/// or the environment's).
+fn configured_store(cfg: &Config) -> Result<RemoteStore, CairnError> {
+    let url = match &cfg.store_url {
+        Some(u) => u.clone(),
+        None => default_store_url(&cfg.state_dir)?,
+    };
+    let mut store_cfg = match &cfg.store_config {
+        Some(path) => StoreConfig::from_file(path)?,
+        None => StoreConfig::from_env()?,
+    };
+    store_cfg.single_writer |= cfg.single_writer;
+    Ok(RemoteStore::open_with(&url, store_cfg)?)
+}
+
+/// The tenant's scratch budget under the global one (see [`Config::scratch_limit`]).
+fn scratch_budget(cfg: &Config) -> Budget {
+    let global = Budget::root("scratch", cfg.scratch_limit);
+    global.child(
+        format!("tenant:{}", cfg.tenant),
+        cfg.tenant_scratch_limit.unwrap_or(cfg.scratch_limit),
+    )
 }
 
 /// The embedded default store of a state directory: `file://<state>/store`.

@@ -3,7 +3,7 @@
 //!
 //! Contract: [`materialize`] reads at most one full manifest and the diffs after it (their
 //! number is bounded by the publisher), from the local state or, for objects it lacks,
-//! from the store (verified, then recorded locally). A chain that does not fit together
+//! from the store (verified, then recorded locally, unless the state is open read-only). A chain that does not fit together
 //! (a diff that does not apply, a "full" generation that is a diff) is
 //! [`StateError::Corrupt`] naming the object. Nothing is written but imported objects, so
 //! a crash leaves only what was imported. Retries: the store's. Cancellation: dropping the

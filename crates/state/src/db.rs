@@ -4,7 +4,9 @@
 //! Contract: every change is one synced [`WriteBatch`], so after a crash each batch is
 //! either wholly present or absent. A state directory is owned by one process: `open`
 //! takes an exclusive advisory lock on `<state>/lock` before it opens RocksDB, and a second
-//! process gets [`StateError::Locked`]. Nothing here retries or is cancellable: each call
+//! process gets [`StateError::Locked`]. Other processes may read beside the owner through
+//! [`StateDb::open_read_only`] (module [`crate::readonly`]): such a handle refuses every
+//! write with [`StateError::ReadOnly`]. Nothing here retries or is cancellable: each call
 //! is one local RocksDB operation.
 
 use std::fs::File;
@@ -33,12 +35,36 @@ const OBSOLETE_CFS: &[&str] = &["changelog", "pins"];
 
 /// The local state database.
 pub struct StateDb {
+    // Declared first so RocksDB closes before `mode` (a secondary's log directory) goes.
     pub(crate) db: DB,
     pub(crate) path: PathBuf,
     /// Serialises read-modify-write sequences (counters, the latest generation).
-    seq_lock: Mutex<()>,
-    /// The advisory lock that makes this process the state directory's only user.
-    _lock: File,
+    pub(crate) seq_lock: Mutex<()>,
+    /// How this handle holds the directory: owner, or reader beside the owner.
+    pub(crate) mode: Mode,
+}
+
+/// How a [`StateDb`] holds its state directory.
+pub(crate) enum Mode {
+    /// This process owns the directory: the advisory lock on `<state>/lock`.
+    Primary {
+        /// Held for the handle's life; unlocked when the file closes.
+        _lock: File,
+    },
+    /// A RocksDB secondary instance beside the owner: reads only. Its own files (the
+    /// info log) live in a fresh temporary directory, removed when the handle drops.
+    Secondary {
+        /// The secondary's directory.
+        _own: tempfile::TempDir,
+    },
+    /// Reads only, of a state directory that holds no state yet: an empty database in a
+    /// fresh temporary directory stands in, removed when the handle drops.
+    Empty {
+        /// The state directory named by the caller (for messages); nothing is created.
+        state_dir: PathBuf,
+        /// The stand-in's directory.
+        _own: tempfile::TempDir,
+    },
 }
 
 impl std::fmt::Debug for StateDb {
@@ -126,8 +152,37 @@ impl StateDb {
             db,
             path,
             seq_lock: Mutex::new(()),
-            _lock: lock,
+            mode: Mode::Primary { _lock: lock },
         })
+    }
+
+    /// Whether this handle is a read-only one ([`StateDb::open_read_only`]).
+    pub fn is_read_only(&self) -> bool {
+        !matches!(self.mode, Mode::Primary { .. })
+    }
+
+    /// Refuses `op` on a read-only handle with [`StateError::ReadOnly`].
+    fn writable(&self, op: &'static str) -> Result<(), StateError> {
+        match &self.mode {
+            Mode::Primary { .. } => Ok(()),
+            Mode::Secondary { .. } => Err(StateError::ReadOnly {
+                path: self.state_dir(),
+                op,
+            }),
+            Mode::Empty { state_dir, .. } => Err(StateError::ReadOnly {
+                path: state_dir.display().to_string(),
+                op,
+            }),
+        }
+    }
+
+    /// The state directory (the parent of the RocksDB directory), for messages.
+    pub(crate) fn state_dir(&self) -> String {
+        self.path
+            .parent()
+            .unwrap_or(&self.path)
+            .display()
+            .to_string()
     }
 
     pub(crate) fn cf(&self, name: &'static str) -> Result<&ColumnFamily, StateError> {
@@ -153,6 +208,7 @@ impl StateDb {
 
     /// Writes `batch` with `sync = true`: durable when this returns.
     pub(crate) fn write(&self, batch: WriteBatch) -> Result<(), StateError> {
+        self.writable("write batch")?;
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
         self.db
@@ -165,6 +221,7 @@ impl StateDb {
     /// with later unsynced batches, never an earlier synced one; the next synced write
     /// makes it durable too.
     pub(crate) fn write_relaxed(&self, batch: WriteBatch) -> Result<(), StateError> {
+        self.writable("write batch")?;
         self.db.write(batch).map_err(self.rocks("write batch"))
     }
 
@@ -176,17 +233,26 @@ impl StateDb {
 
     /// This state directory's writer identity, created from `fresh` on first use.
     pub fn writer_id(&self, fresh: impl FnOnce() -> u64) -> Result<String, StateError> {
-        if let Some(v) = self.get("meta", b"writer_id")? {
-            return String::from_utf8(v).map_err(|_| StateError::Corrupt {
-                key: "meta/writer_id".into(),
-                reason: "not UTF-8".into(),
-            });
+        if let Some(id) = self.stored_writer_id()? {
+            return Ok(id);
         }
         let id = format!("{:016x}", fresh());
         let mut b = WriteBatch::default();
         b.put_cf(self.cf("meta")?, b"writer_id", id.as_bytes());
         self.write(b)?;
         Ok(id)
+    }
+
+    /// This state directory's writer identity, if one was created.
+    pub fn stored_writer_id(&self) -> Result<Option<String>, StateError> {
+        self.get("meta", b"writer_id")?
+            .map(|v| {
+                String::from_utf8(v).map_err(|_| StateError::Corrupt {
+                    key: "meta/writer_id".into(),
+                    reason: "not UTF-8".into(),
+                })
+            })
+            .transpose()
     }
 
     /// The next value of a named counter (1, 2, 3 …), durable across restarts.

@@ -12,6 +12,22 @@ pub enum StateError {
         /// The state directory.
         path: String,
     },
+    /// A write through a read-only handle ([`crate::StateDb::open_read_only`]).
+    #[error(
+        "state directory {path} is open read-only (beside the process that owns it): cannot {op}"
+    )]
+    ReadOnly {
+        /// The state directory.
+        path: String,
+        /// The refused operation.
+        op: &'static str,
+    },
+    /// A read-only open of a state directory that holds no state database.
+    #[error("state directory {path} holds no state database (no cairn command has used it yet)")]
+    NoState {
+        /// The state directory.
+        path: String,
+    },
     /// The state directory cannot be created.
     #[error("cannot create state directory {path}: {source}")]
     CreateDir {
@@ -87,7 +103,10 @@ impl StateError {
                 _ => ErrorClass::Permanent,
             },
             StateError::Corrupt { .. } => ErrorClass::Corrupt,
-            StateError::CreateDir { .. } | StateError::Encode { .. } => ErrorClass::Permanent,
+            StateError::CreateDir { .. }
+            | StateError::Encode { .. }
+            | StateError::ReadOnly { .. }
+            | StateError::NoState { .. } => ErrorClass::Permanent,
         }
     }
 }

@@ -16,8 +16,9 @@
 //! | `leases` | tenant `\0` db `\0` lease id | [`Lease`] (JSON) |
 //!
 //! Contract: every state change that must be atomic is one synced RocksDB write batch, and
-//! one process owns a state directory at a time. Module by module: [`db`] (opening, the
-//! lock, batches, counters), [`catalog`] (generations and blobs), [`digests`] (page
+//! one process owns a state directory at a time; others may read it beside the owner
+//! through a read-only handle that cannot write ([`readonly`]). Module by module: [`db`]
+//! (opening, the lock, batches, counters), [`catalog`] (generations and blobs), [`digests`] (page
 //! digests), [`jobs`] (the queue's storage), [`leases`] (WAL leases), [`mod@publish`]
 //! (conditional create, then the local batch; importing others' generations) and
 //! [`chain`] (materialising a generation from its full manifest and diffs). What a crash leaves and what is retried is
@@ -31,6 +32,7 @@ mod error;
 pub mod jobs;
 pub mod leases;
 pub mod publish;
+pub mod readonly;
 
 pub use catalog::{BlobLookup, DbRecord, LocalUpdates};
 pub use chain::{materialize, Walk};

@@ -4,7 +4,7 @@
 //! only then records it locally, so the local state never claims a generation the store
 //! lacks; the loser of a race gets [`StateError::Fenced`] and records nothing.
 //! [`fetch_manifest`] reads a generation from the store and records it when the local
-//! state lacks it; [`remote_generations`] lists what the store holds.
+//! state lacks it (unless the state is open read-only); [`remote_generations`] lists what the store holds.
 //!
 //! Crash: after the remote create and before the local batch, the store holds a generation
 //! the local state does not; whoever next needs it (the orchestrator looks for the latest
@@ -97,7 +97,8 @@ pub async fn remote_generations(
 }
 
 /// Generation `g`'s manifest: from the local state, or read from the store (verified,
-/// checked against its key) and recorded locally.
+/// checked against its key) and recorded locally (not through a read-only handle,
+/// [`StateDb::open_read_only`], which records nothing).
 pub async fn fetch_manifest(
     state: &StateDb,
     store: &RemoteStore,
@@ -123,7 +124,10 @@ pub async fn fetch_manifest(
             ),
         });
     }
-    state.record_generation(&m)?;
+    // A read-only handle imports nothing: the manifest is read again next time.
+    if !state.is_read_only() {
+        state.record_generation(&m)?;
+    }
     Ok(m)
 }
 
