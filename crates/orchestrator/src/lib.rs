@@ -26,6 +26,7 @@ mod gauges;
 mod gc;
 mod history;
 mod janitor;
+mod job_run;
 mod publication;
 mod queue;
 mod replicate;
@@ -60,6 +61,7 @@ pub use gauges::QuotaLevel;
 pub use gc::{Count, GcOptions, GcReport, KeptBlob, Pin};
 pub use history::{GenerationInfo, GenerationState};
 pub use janitor::SweepReport;
+pub use job_run::JobRun;
 pub use publication::MAX_DIFF_CHAIN;
 pub use queue::{CancelHandle, JobEvent, JobRecord, JobSpec, JobState, JobStatus, Phase, Progress};
 pub use replicate::{
