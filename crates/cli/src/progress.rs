@@ -8,7 +8,7 @@ use std::future::IntoFuture;
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use cairn_orchestrator::{JobEvent, Progress};
+use cairn_orchestrator::{JobEvent, Phase, Progress};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::sync::watch;
 
@@ -57,10 +57,12 @@ impl Shape {
     fn template(self) -> &'static str {
         match self {
             Shape::Bytes { .. } => {
-                "{prefix} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec}, ETA {eta} ({msg})"
+                "{prefix} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec}, ETA {eta} {msg}"
             }
-            Shape::Units { .. } => "{prefix} [{bar:30}] {human_pos}/{human_len} {per_sec}, ETA {eta} ({msg})",
-            Shape::Spinner => "{spinner} {prefix} ({msg}) {elapsed}",
+            Shape::Units { .. } => {
+                "{prefix} [{bar:30}] {human_pos}/{human_len} {per_sec}, ETA {eta} {msg}"
+            }
+            Shape::Spinner => "{spinner} {prefix} {msg} {elapsed}",
         }
     }
 
@@ -76,22 +78,27 @@ struct Drawer {
 }
 
 impl Drawer {
-    fn new(bar: ProgressBar, what: &'static str) -> Self {
+    /// A drawer whose bar shows `first`, set up while hidden (so nothing half-styled is
+    /// drawn), then drawn on `target` and ticking.
+    fn new(
+        bar: ProgressBar,
+        target: ProgressDrawTarget,
+        what: &'static str,
+        first: &JobEvent,
+    ) -> Self {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
         bar.set_prefix(what);
-        bar.enable_steady_tick(Duration::from_millis(120));
-        Self { bar, shape: None }
+        let mut d = Self { bar, shape: None };
+        d.apply(first);
+        d.bar.set_draw_target(target);
+        d.bar.enable_steady_tick(Duration::from_millis(120));
+        d
     }
 
-    /// Shows `ev`: the style when the shape changes, then length, position and phase.
+    /// Shows `ev`: length and position, the style when the shape changes, then the phase
+    /// (the one draw that sees all of it).
     fn apply(&mut self, ev: &JobEvent) {
         let shape = Shape::of(&ev.progress);
-        let restyle = !self.shape.is_some_and(|s| s.same_kind(shape));
-        if restyle {
-            let style = ProgressStyle::with_template(shape.template())
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> ");
-            self.bar.set_style(style);
-        }
         match shape.extent() {
             Some((len, pos)) => {
                 let replanned = self.bar.length() != Some(len);
@@ -104,10 +111,27 @@ impl Drawer {
             }
             None => self.bar.unset_length(),
         }
-        self.bar
-            .set_message(format!("{:?}", ev.phase).to_lowercase());
+        if !self.shape.is_some_and(|s| s.same_kind(shape)) {
+            self.bar.set_style(style(shape));
+        }
+        self.bar.set_message(phase(ev.phase));
         self.shape = Some(shape);
     }
+}
+
+/// The phase a job reached, as the bar shows it (nothing before its first step).
+fn phase(p: Phase) -> String {
+    match p {
+        Phase::New => String::new(),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+/// The bar's style for `shape`.
+fn style(shape: Shape) -> ProgressStyle {
+    ProgressStyle::with_template(shape.template())
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ")
 }
 
 /// Awaits `run`, drawing `progress` on stderr meanwhile when a bar is [`enabled`]; the bar
@@ -120,22 +144,23 @@ pub async fn show<F: IntoFuture>(
 ) -> F::Output {
     match (enabled(json, std::io::stderr().is_terminal()), progress) {
         (true, Some(rx)) => {
-            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-            drive(bar, what, rx, run).await
+            let target = ProgressDrawTarget::stderr();
+            drive(ProgressBar::hidden(), target, what, rx, run).await
         }
         _ => run.await,
     }
 }
 
-/// Awaits `run` while `bar` follows `rx`, then clears the bar.
+/// Awaits `run` while `bar`, drawn on `target`, follows `rx`; then clears the bar.
 async fn drive<F: IntoFuture>(
     bar: ProgressBar,
+    target: ProgressDrawTarget,
     what: &'static str,
     mut rx: watch::Receiver<JobEvent>,
     run: F,
 ) -> F::Output {
-    let mut drawer = Drawer::new(bar, what);
-    drawer.apply(&rx.borrow_and_update());
+    let first = rx.borrow_and_update().clone();
+    let mut drawer = Drawer::new(bar, target, what, &first);
     let run = run.into_future();
     tokio::pin!(run);
     let mut open = true;
@@ -156,7 +181,7 @@ async fn drive<F: IntoFuture>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cairn_orchestrator::{JobId, JobState, Phase};
+    use cairn_orchestrator::{JobId, JobState};
 
     fn event(phase: Phase, progress: Progress) -> JobEvent {
         JobEvent {
@@ -223,9 +248,14 @@ mod tests {
 
     #[test]
     fn events_set_length_position_and_phase() {
-        let mut d = Drawer::new(ProgressBar::hidden(), "restore");
-        d.apply(&event(Phase::New, Progress::default()));
+        let mut d = Drawer::new(
+            ProgressBar::hidden(),
+            ProgressDrawTarget::hidden(),
+            "restore",
+            &event(Phase::New, Progress::default()),
+        );
         assert_eq!(d.bar.length(), None);
+        assert_eq!(d.bar.message(), "");
         d.apply(&event(Phase::Planned, progress(0, 4, 0, 4096)));
         assert_eq!((d.bar.length(), d.bar.position()), (Some(4096), 0));
         d.apply(&event(Phase::Planned, progress(2, 4, 2048, 4096)));
@@ -249,7 +279,7 @@ mod tests {
             at
         };
         let bar_after = bar.clone();
-        let at = drive(bar, "checkpoint", rx, run).await;
+        let at = drive(bar, ProgressDrawTarget::hidden(), "checkpoint", rx, run).await;
         assert_eq!(at, (Some(20), 10));
         assert!(bar_after.is_finished());
     }
