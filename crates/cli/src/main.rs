@@ -5,6 +5,7 @@ mod args;
 mod demo;
 mod http;
 mod output;
+mod progress;
 mod replicate;
 mod service;
 mod wal;
@@ -153,9 +154,8 @@ async fn run(cli: Cli) -> Result<ExitCode, CairnError> {
                 segment_lsns: ranges.as_deref().map(wal::read_ranges).transpose()?,
                 ..Default::default()
             };
-            let r = cp
-                .checkpoint_with(&DbId::new(db.clone())?, &src, &opts)
-                .await?;
+            let run = cp.checkpoint_with(&DbId::new(db.clone())?, &src, &opts);
+            let r = progress::show("checkpoint", json, run.progress(), run).await?;
             output::checkpoint(json, &r);
             Ok(ExitCode::SUCCESS)
         }
@@ -184,7 +184,8 @@ async fn run(cli: Cli) -> Result<ExitCode, CairnError> {
                 lsn: lsn.map(Lsn),
                 overwrite: *force,
             };
-            let r = cp.restore_with(&db, to, &opts).await?;
+            let run = cp.restore_job(&db, to, &opts);
+            let r = progress::show("restore", json, run.progress(), run).await?;
             output::restore(json, &r);
             Ok(ExitCode::SUCCESS)
         }
@@ -326,9 +327,8 @@ async fn run(cli: Cli) -> Result<ExitCode, CairnError> {
             deep,
         } => {
             let cp = open(config(&cli)?).await?;
-            let r = cp
-                .verify(&DbId::new(db.clone())?, generation.map(Generation), *deep)
-                .await?;
+            let run = cp.verify_job(&DbId::new(db.clone())?, generation.map(Generation), *deep);
+            let r = progress::show("verify", json, run.progress(), run).await?;
             output::verify(json, &r);
             Ok(if r.ok {
                 ExitCode::SUCCESS
@@ -361,7 +361,11 @@ async fn run(cli: Cli) -> Result<ExitCode, CairnError> {
                 dry_run: *dry_run,
                 explain: *explain,
             };
-            output::gc(json, &cp.gc(&DbId::new(db.clone())?, &opts).await?);
+            let run = cp.gc_job(&DbId::new(db.clone())?, &opts);
+            output::gc(
+                json,
+                &progress::show("gc", json, run.progress(), run).await?,
+            );
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Pin {

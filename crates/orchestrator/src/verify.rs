@@ -6,8 +6,9 @@
 //!
 //! Contract: problems are collected, not raised: each names the object key, and the report
 //! is `ok` only without any. Nothing is written but the deep SQLite check's scratch copy,
-//! removed when the check ends. Crash: a verify job resumes by running again from the
-//! start. Retries: the store's. Cancellation: dropping the future.
+//! removed when the check ends. Progress (blobs checked, and in deep mode their payload
+//! bytes) is recorded in the job after each blob, unsynced. Crash: a verify job resumes by
+//! running again from the start. Retries: the store's. Cancellation: dropping the future.
 
 use std::time::Instant;
 
@@ -17,7 +18,7 @@ use futures::stream::{self, StreamExt};
 use serde::Serialize;
 
 use crate::queue::{Job, Phase, Progress};
-use crate::{CairnError, Checkpointer, JobOutcome};
+use crate::{CairnError, Checkpointer, JobOutcome, JobRun};
 
 /// What a verify found.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -56,18 +57,27 @@ impl Checkpointer {
         generation: Option<Generation>,
         deep: bool,
     ) -> Result<VerifyReport, CairnError> {
-        let id = self.enqueue(crate::queue::JobSpec::Verify {
+        self.verify_job(db, generation, deep).await
+    }
+
+    /// [`Checkpointer::verify`] as a handle: the job is enqueued at once, its progress can
+    /// be watched (blobs checked, and in deep mode their bytes), and it runs when the
+    /// handle is awaited.
+    pub fn verify_job(
+        &self,
+        db: &DbId,
+        generation: Option<Generation>,
+        deep: bool,
+    ) -> JobRun<'_, VerifyReport> {
+        let job = self.enqueue(crate::queue::JobSpec::Verify {
             db: db.clone(),
             generation: generation.map(|g| g.0),
             deep,
-        })?;
-        match self.run_job(id).await? {
-            JobOutcome::Verify(r) => Ok(r),
-            _ => Err(CairnError::UnexpectedOutcome {
-                job: id.to_string(),
-                expected: "verify",
-            }),
-        }
+        });
+        JobRun::new(self, job, "verify", |o| match o {
+            JobOutcome::Verify(r) => Some(r),
+            _ => None,
+        })
     }
 
     pub(crate) async fn run_verify(
@@ -82,27 +92,24 @@ impl Checkpointer {
         let g = gs.manifest.generation.0;
         let lease = self.take_store_lease(db, job.id().0, vec![g]).await?;
         self.check_live(db, &[g]).await?;
-        let result = self.verify_now(db, Some(Generation(g)), deep).await;
+        let result = self.verify_now(job, db, Some(Generation(g)), deep).await;
         lease.release().await;
         let report = result?;
         job.update(
             |r| {
                 r.generation = Some(report.generation);
                 r.phase = Phase::Checked;
-                r.progress = Progress {
-                    done: report.blobs_checked,
-                    total: report.blobs_checked,
-                    bytes_done: report.bytes_read,
-                    bytes_total: report.bytes_read,
-                };
             },
             &[],
         )?;
         Ok(report)
     }
 
+    /// Checks every blob of the generation, recording progress in `job` after each: blobs,
+    /// and in deep mode their payload bytes (the report counts the bytes as stored).
     pub(crate) async fn verify_now(
         &self,
+        job: &mut Job<'_>,
         db: &DbId,
         generation: Option<Generation>,
         deep: bool,
@@ -131,11 +138,22 @@ impl Checkpointer {
         blobs.sort_by_key(|(b, _)| b.name());
         blobs.dedup_by_key(|(b, _)| b.name());
         let blobs = &blobs;
-        let checks = stream::iter(0..blobs.len())
+        let progress = Progress {
+            done: 0,
+            total: blobs.len() as u64,
+            bytes_done: 0,
+            bytes_total: match deep {
+                true => blobs.iter().map(|(b, _)| b.len).sum(),
+                false => 0,
+            },
+        };
+        job.progress(|r| r.progress = progress, &[])?;
+        let mut checks = stream::iter(0..blobs.len())
             .map(|i| async move {
                 let (b, delta) = &blobs[i];
                 let key = keys::blob_key(tenant, db, b);
-                if deep {
+                let read = if deep { b.len } else { 0 };
+                let check = if deep {
                     match delta {
                         None => match self.store.get_blob(&key, b, |_, _| Ok(())).await {
                             Ok(d) => Ok(d.object_len),
@@ -169,11 +187,22 @@ impl Checkpointer {
                         Ok(None) => Err(format!("{key}: missing")),
                         Err(e) => Err(format!("{key}: {e}")),
                     }
-                }
+                };
+                (read, check)
             })
-            .buffer_unordered(self.cfg.download_concurrency)
-            .collect::<Vec<_>>()
-            .await;
+            .buffer_unordered(self.cfg.download_concurrency);
+        let mut results = Vec::with_capacity(blobs.len());
+        while let Some((read, check)) = checks.next().await {
+            job.progress(
+                |r| {
+                    r.progress.done += 1;
+                    r.progress.bytes_done += read;
+                },
+                &[],
+            )?;
+            results.push(check);
+        }
+        drop(checks);
         let mut report = VerifyReport {
             db: db.to_string(),
             generation: gs.manifest.generation.0,
@@ -181,7 +210,7 @@ impl Checkpointer {
             blobs_checked: blobs.len() as u64,
             ..Default::default()
         };
-        for c in checks {
+        for c in results {
             match c {
                 Ok(n) => report.bytes_read += n,
                 Err(e) => report.errors.push(e),

@@ -36,7 +36,7 @@ pub use holds::Pin;
 
 use crate::publication::Publisher;
 use crate::queue::{Item, Job, JobSpec, Phase, Progress};
-use crate::{CairnError, Checkpointer, GenerationState, JobOutcome};
+use crate::{CairnError, Checkpointer, GenerationState, JobOutcome, JobRun};
 
 /// Attempts to publish a collection's generation when writers keep winning the race.
 const PUBLISH_ATTEMPTS: usize = 5;
@@ -141,21 +141,25 @@ impl Checkpointer {
     /// Applies the retention policy of `opts` to `db` and deletes the blobs nothing uses,
     /// as a job.
     pub async fn gc(&self, db: &DbId, opts: &GcOptions) -> Result<GcReport, CairnError> {
-        let id = self.enqueue(JobSpec::Gc {
+        self.gc_job(db, opts).await
+    }
+
+    /// [`Checkpointer::gc`] as a handle: the job is enqueued at once, its progress can be
+    /// watched (the deletions, once they are planned), and it runs when the handle is
+    /// awaited.
+    pub fn gc_job(&self, db: &DbId, opts: &GcOptions) -> JobRun<'_, GcReport> {
+        let job = self.enqueue(JobSpec::Gc {
             db: db.clone(),
             keep_last: opts.keep_last,
             keep_within_ms: opts.keep_within.map(|d| d.as_millis() as u64),
             grace_ms: opts.grace.as_millis() as u64,
             dry_run: opts.dry_run,
             explain: opts.explain,
-        })?;
-        match self.run_job(id).await? {
-            JobOutcome::Gc(r) => Ok(r),
-            _ => Err(CairnError::UnexpectedOutcome {
-                job: id.to_string(),
-                expected: "gc",
-            }),
-        }
+        });
+        JobRun::new(self, job, "gc", |o| match o {
+            JobOutcome::Gc(r) => Some(r),
+            _ => None,
+        })
     }
 
     pub(crate) async fn run_gc(

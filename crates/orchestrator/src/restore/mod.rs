@@ -23,7 +23,7 @@ pub(crate) use chunk::fetch_blob_decoded;
 use std::path::Path;
 use std::time::Instant;
 
-use cairn_core::{DbId, Generation, Lsn, PagesState, SegmentEntry};
+use cairn_core::{DbId, Generation, JobId, Lsn, PagesState, SegmentEntry};
 use cairn_executor::{DirAssembler, FileAssembler, PointAssembler};
 use cairn_planner::wal::restore_point;
 use serde::Serialize;
@@ -38,7 +38,7 @@ fn occupied(path: &Path) -> bool {
         Ok(_) => true,
     }
 }
-use crate::{CairnError, Checkpointer, GenerationState, JobOutcome};
+use crate::{CairnError, Checkpointer, GenerationState, JobOutcome, JobRun};
 pub use sqlite::{SqlitePoint, SqliteRestoreReport};
 
 /// What a restore did.
@@ -153,6 +153,31 @@ impl Checkpointer {
         to: &Path,
         opts: &RestoreOptions,
     ) -> Result<RestoreReport, CairnError> {
+        self.restore_job(db, to, opts).await
+    }
+
+    /// [`Checkpointer::restore_with`] as a handle: the job is enqueued at once (an existing
+    /// target is refused first, unless `opts` allows it), its progress can be watched, and
+    /// it runs when the handle is awaited.
+    pub fn restore_job(
+        &self,
+        db: &DbId,
+        to: &Path,
+        opts: &RestoreOptions,
+    ) -> JobRun<'_, RestoreReport> {
+        let job = self.enqueue_restore(db, to, opts);
+        JobRun::new(self, job, "restore", |o| match o {
+            JobOutcome::Restore(r) => Some(r),
+            _ => None,
+        })
+    }
+
+    fn enqueue_restore(
+        &self,
+        db: &DbId,
+        to: &Path,
+        opts: &RestoreOptions,
+    ) -> Result<JobId, CairnError> {
         let to = std::path::absolute(to).map_err(|e| CairnError::Config {
             what: format!("restore target {}", to.display()),
             reason: e.to_string(),
@@ -163,19 +188,12 @@ impl Checkpointer {
             });
         }
         let (generation, lsn) = (opts.generation.map(|g| g.0), opts.lsn.map(|l| l.0));
-        let id = self.enqueue(JobSpec::Restore {
+        self.enqueue(JobSpec::Restore {
             db: db.clone(),
             generation,
             to,
             lsn,
-        })?;
-        match self.run_job(id).await? {
-            JobOutcome::Restore(r) => Ok(r),
-            _ => Err(CairnError::UnexpectedOutcome {
-                job: id.to_string(),
-                expected: "restore",
-            }),
-        }
+        })
     }
 
     pub(crate) async fn run_restore(
