@@ -347,9 +347,10 @@ impl Checkpointer {
         };
         let was_written = job
             .as_deref()
-            .is_some_and(|j| j.rec().phase == Phase::Written);
+            .is_some_and(|j| matches!(j.rec().phase, Phase::Written | Phase::Committed));
         if was_written && cairn_executor::assemble::committed(to) {
-            // Killed after renaming the assembly into place, before recording it.
+            // Killed after renaming the assembly into place, before recording it (written),
+            // or after recording it, before the job was marked done (committed).
             report.bytes_written = parts.pages.map_or(0, |p| p.len)
                 + parts.segments.iter().map(|s| s.len).sum::<u64>();
             if let Some(j) = job {
