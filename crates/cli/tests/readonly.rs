@@ -6,42 +6,17 @@
 //! bound that only keeps a broken build from hanging.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::{writer, PATIENCE};
 use serde_json::Value;
-
-/// A bound on each wait, so a broken build fails instead of hanging.
-const PATIENCE: Duration = Duration::from_secs(120);
-
-/// Commits to `db` until `stop` is set.
-fn writer(db: PathBuf, stop: Arc<AtomicBool>) -> JoinHandle<u64> {
-    std::thread::spawn(move || {
-        let c = rusqlite::Connection::open(&db).unwrap();
-        c.busy_timeout(Duration::from_secs(5)).unwrap();
-        c.pragma_update(None, "journal_mode", "wal").unwrap();
-        c.execute_batch("create table if not exists t(n integer primary key, v text)")
-            .unwrap();
-        let mut n = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            if c.execute(
-                "insert into t(v) values (?1)",
-                [format!("row {n} {}", "x".repeat(200))],
-            )
-            .is_ok()
-            {
-                n += 1;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        n
-    })
-}
 
 fn cairn(state: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_cairn"))
