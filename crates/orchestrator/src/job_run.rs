@@ -47,6 +47,11 @@ impl<'a, R> JobRun<'a, R> {
         }
     }
 
+    /// The checkpointer that runs it.
+    pub(crate) fn checkpointer(&self) -> &'a Checkpointer {
+        self.cp
+    }
+
     /// The job's id (or why it could not be enqueued).
     pub fn id(&self) -> Result<JobId, &CairnError> {
         self.job.as_ref().copied()

@@ -164,12 +164,12 @@ pub struct CheckpointReport {
 }
 
 /// A checkpoint job that was enqueued: its id, a cancel handle and a watch of its
-/// progress; awaiting it runs the job to its end.
+/// progress (those of [`crate::JobRun`]); awaiting it runs the job to its end and settles
+/// the engine's dirty pages by its outcome.
 #[must_use = "a checkpoint runs only when it is awaited"]
 pub struct CheckpointRun<'a> {
-    cp: &'a Checkpointer,
+    run: crate::JobRun<'a, CheckpointReport>,
     db: DbId,
-    job: Result<JobId, CairnError>,
     /// The tracker and the pages drained from it, given back if the job fails.
     give_back: Option<(Arc<DirtyTracker>, DirtySet)>,
     /// The identity of a tracker whose dirty pages this checkpoint did not use: once it
@@ -180,44 +180,37 @@ pub struct CheckpointRun<'a> {
 impl CheckpointRun<'_> {
     /// The job's id (or why it could not be enqueued).
     pub fn id(&self) -> Result<JobId, &CairnError> {
-        self.job.as_ref().copied()
+        self.run.id()
     }
 
     /// A handle that cancels the job from any task.
     pub fn cancel_handle(&self) -> Option<CancelHandle> {
-        self.job.as_ref().ok().map(|id| self.cp.cancel_handle(*id))
+        self.run.cancel_handle()
     }
 
     /// A watch of the job's state, phase and progress.
     pub fn progress(&self) -> Option<watch::Receiver<JobEvent>> {
-        self.job
-            .as_ref()
-            .ok()
-            .and_then(|id| self.cp.watch_job(*id).ok())
+        self.run.progress()
     }
 }
 
 impl<'a> CheckpointRun<'a> {
     /// Runs the job to its end (what awaiting the run does).
     pub async fn wait(self) -> Result<CheckpointReport, CairnError> {
-        let id = self.job?;
-        let result = match self.cp.run_job(id).await {
-            Ok(JobOutcome::Checkpoint(r)) => Ok(r),
-            Ok(_) => Err(CairnError::UnexpectedOutcome {
-                job: id.to_string(),
-                expected: "checkpoint",
-            }),
-            Err(e) => Err(e),
+        let Ok(id) = self.run.id() else {
+            return self.run.wait().await;
         };
+        let cp = self.run.checkpointer();
+        let result = self.run.wait().await;
         // A lent snapshot not taken by a plan (the job failed first) ends its read
         // transaction here.
-        self.cp.lent.remove(&id);
+        cp.lent.remove(&id);
         if let (Ok(_), Some(id)) = (&result, self.trust) {
-            self.cp.trackers.insert(self.db.clone(), id);
+            cp.trackers.insert(self.db.clone(), id);
         }
         if let (Err(_), Some((tracker, pages))) = (&result, &self.give_back) {
             // Failed or cancelled for good: the pages it drained are dirty still.
-            let unfinished = matches!(self.cp.job(id), Ok(r) if r.state.is_unfinished());
+            let unfinished = matches!(cp.job(id), Ok(r) if r.state.is_unfinished());
             if !unfinished {
                 tracker.restore(pages);
             }
@@ -274,9 +267,11 @@ impl Checkpointer {
             }
         }
         CheckpointRun {
-            cp: self,
+            run: crate::JobRun::new(self, job, "checkpoint", |o| match o {
+                JobOutcome::Checkpoint(r) => Some(r),
+                _ => None,
+            }),
             db: db.clone(),
-            job,
             give_back,
             trust,
         }
