@@ -68,7 +68,7 @@ pub use publication::MAX_DIFF_CHAIN;
 pub use queue::{CancelHandle, JobEvent, JobRecord, JobSpec, JobState, JobStatus, Phase, Progress};
 pub use readonly::ReadOnlyCheckpointer;
 pub use replicate::{
-    NoObserver, ReplicateObserver, ReplicateOptions, ReplicateReport, ReplicateStatus,
+    step_backoff, NoObserver, ReplicateObserver, ReplicateOptions, ReplicateReport, ReplicateStatus,
 };
 pub use restore::{RestoreOptions, RestoreReport, SqlitePoint, SqliteRestoreReport};
 pub use runner::JobOutcome;

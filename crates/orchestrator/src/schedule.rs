@@ -30,7 +30,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::checkpoint::FileStamp;
-use crate::replicate::observe::{published_status, step_backoff};
+use crate::replicate::observe::{failed_step, pause, published_status};
 use crate::{CairnError, CheckpointReport, Checkpointer, ReplicateObserver, Source};
 use crate::{CheckpointOptions, ReplicateStatus};
 
@@ -194,20 +194,11 @@ impl Checkpointer {
                 }
                 Err(e) if e.is_retryable() && !*stop.borrow() => {
                     s.report.steps_failed += 1;
-                    s.failures = s.failures.saturating_add(1);
-                    let wait = step_backoff(s.opts.interval, s.opts.max_backoff, s.failures);
-                    tracing::warn!(
-                        db = %s.db,
-                        error = %e,
-                        failures = s.failures,
-                        retry_in = ?wait,
-                        "scheduled checkpoint failed; retrying after a backoff"
-                    );
+                    let limits = (s.opts.interval, s.opts.max_backoff);
+                    let wait =
+                        failed_step(&mut s.failures, &s.db, &e, "scheduled checkpoint", limits);
                     s.observe(Some(&e), Some(wait));
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = stop.changed() => {}
-                    }
+                    pause(wait, &mut stop).await;
                     tick.reset();
                     continue;
                 }

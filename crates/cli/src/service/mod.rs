@@ -221,10 +221,7 @@ async fn supervised(
             Plan::Sqlite(o) => o.max_backoff,
             Plan::Scheduled { opts, .. } => opts.max_backoff,
         };
-        let wait = plan
-            .interval()
-            .saturating_mul(1 << restarts.min(16))
-            .min(max.max(plan.interval()));
+        let wait = cairn_orchestrator::step_backoff(plan.interval(), max, restarts + 1);
         tracing::error!(
             db = %db,
             error = %e,

@@ -49,8 +49,8 @@ use tokio::sync::watch;
 
 use crate::{CairnError, CheckpointOptions, CheckpointReport, Checkpointer, Source};
 
-use observe::step_backoff;
-pub use observe::{NoObserver, ReplicateObserver, ReplicateStatus};
+use observe::{failed_step, pause};
+pub use observe::{step_backoff, NoObserver, ReplicateObserver, ReplicateStatus};
 
 /// How `cairn replicate` runs.
 #[derive(Clone, Debug)]
@@ -253,20 +253,11 @@ impl Checkpointer {
                 }
                 Err(e) if e.is_retryable() && !stopping => {
                     run.report.steps_failed += 1;
-                    run.failures = run.failures.saturating_add(1);
-                    let wait = step_backoff(run.opts.interval, run.opts.max_backoff, run.failures);
-                    tracing::warn!(
-                        db = %run.db,
-                        error = %e,
-                        failures = run.failures,
-                        retry_in = ?wait,
-                        "replication step failed; retrying after a backoff"
-                    );
+                    let limits = (run.opts.interval, run.opts.max_backoff);
+                    let wait =
+                        failed_step(&mut run.failures, &run.db, &e, "replication step", limits);
                     run.observe(Some(&e), Some(wait));
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = stop.changed() => {}
-                    }
+                    pause(wait, &mut stop).await;
                     tick.reset();
                     continue;
                 }

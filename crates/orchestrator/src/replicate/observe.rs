@@ -122,9 +122,38 @@ pub(crate) fn published_status(cp: &Checkpointer, db: &cairn_core::DbId) -> Publ
     }
 }
 
+/// Counts a failed step of `db` that will be retried (`failures`: in a row, this one
+/// included), logs it as `what` failed, and returns the wait before the next step.
+pub(crate) fn failed_step(
+    failures: &mut u32,
+    db: &cairn_core::DbId,
+    e: &CairnError,
+    what: &str,
+    (interval, max): (Duration, Duration),
+) -> Duration {
+    *failures = failures.saturating_add(1);
+    let wait = step_backoff(interval, max, *failures);
+    tracing::warn!(
+        db = %db,
+        error = %e,
+        failures = *failures,
+        retry_in = ?wait,
+        "{what} failed; retrying after a backoff"
+    );
+    wait
+}
+
+/// Waits `wait`, or less if `stop` changes first.
+pub(crate) async fn pause(wait: Duration, stop: &mut tokio::sync::watch::Receiver<bool>) {
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => {}
+        _ = stop.changed() => {}
+    }
+}
+
 /// The wait after `failures` failed steps in a row: the interval, doubled per further
 /// failure, capped at `max` (never below the interval).
-pub(crate) fn step_backoff(interval: Duration, max: Duration, failures: u32) -> Duration {
+pub fn step_backoff(interval: Duration, max: Duration, failures: u32) -> Duration {
     let factor = 1u32 << failures.saturating_sub(1).min(16);
     interval.saturating_mul(factor).min(max.max(interval))
 }
