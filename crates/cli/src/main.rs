@@ -197,16 +197,6 @@ async fn run(cli: Cli) -> Result<ExitCode, CairnError> {
             ..
         } => {
             let f = service::config::read(file)?;
-            let plans = f
-                .databases
-                .iter()
-                .map(|d| {
-                    d.plan().map_err(|reason| CairnError::Config {
-                        what: format!("service config {}, database {}", file.display(), d.name),
-                        reason,
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
             let cp = std::sync::Arc::new(open(service_config(&cli, &f)?).await?);
             let opts = service::ServiceOptions {
                 listen: listen.clone().or(f.listen.clone()),
@@ -216,7 +206,7 @@ async fn run(cli: Cli) -> Result<ExitCode, CairnError> {
                 },
                 supervise: true,
             };
-            let reports = service::run(cp, plans, &opts).await?;
+            let reports = service::run(cp, f.plans.clone(), &opts).await?;
             service::print_reports(json, false, &reports);
             Ok(ExitCode::SUCCESS)
         }

@@ -6,10 +6,11 @@
 //! step first looks at the source ([`Look`]: a page file's length, inode and modification
 //! time; a segment directory's segment names and lengths). If it looks as it did when the
 //! last successful checkpoint of this run read it, the step publishes nothing (no empty
-//! generation) and everything the source holds counts as durable. A look is trusted to
-//! stand for the bytes only once the modification time it saw is at least [`SETTLE`]
-//! older than the look, so a write in the same coarse timestamp tick as the look still
-//! makes the next step checkpoint. With [`Trigger::Interval`] every step checkpoints. The
+//! generation) and everything the source holds counts as durable. A page file's look is
+//! trusted to stand for its bytes only once the modification time it saw is at least
+//! [`SETTLE`] older than the look, so a write in the same coarse timestamp tick as the look
+//! still makes the next step checkpoint; a segment directory's always is (sealed segments
+//! never change, so their names and lengths are the contents). With [`Trigger::Interval`] every step checkpoints. The
 //! observer is told of every checkpoint and step, as replication tells it
 //! ([`ReplicateStatus::durable_ms`] is when the newest durable look was taken).
 //!
@@ -100,22 +101,24 @@ enum Look {
 }
 
 impl Look {
-    /// How `source` looks now, and the newest modification time seen (for [`SETTLE`]).
-    fn of(source: &Source) -> Result<(Self, Option<std::time::SystemTime>), CairnError> {
+    /// How `source` looks now, at `look_ms`, and whether the look can be trusted to stand
+    /// for the contents (see the module docs).
+    fn of(source: &Source, look_ms: u64) -> Result<(Self, bool), CairnError> {
         match source {
             Source::Pages { path, .. } => {
-                let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-                Ok((Look::Pages(FileStamp::of(path)), mtime))
+                let stamp = FileStamp::of(path);
+                let look_at = std::time::UNIX_EPOCH + Duration::from_millis(look_ms);
+                let settled = stamp.is_some_and(|s| {
+                    look_at
+                        .duration_since(s.modified())
+                        .is_ok_and(|age| age >= SETTLE)
+                });
+                Ok((Look::Pages(stamp), settled))
             }
             Source::Segments(dir) => {
                 let files = cairn_executor::list_segments(dir)?;
-                let mut newest = None;
-                for f in &files {
-                    let m = std::fs::metadata(&f.path).and_then(|m| m.modified()).ok();
-                    newest = newest.max(m);
-                }
                 let names = files.into_iter().map(|f| (f.name, f.len)).collect();
-                Ok((Look::Segments(names), newest))
+                Ok((Look::Segments(names), true))
             }
             Source::Sqlite(p) => Err(not_scheduled(p)),
         }
@@ -236,7 +239,7 @@ impl Schedule<'_> {
     async fn step(&mut self, stop: &mut watch::Receiver<bool>) -> Result<(), CairnError> {
         let look_ms = self.cp.env.now_ms();
         let src = self.source.clone();
-        let (look, mtime) = tokio::task::spawn_blocking(move || Look::of(&src))
+        let (look, settled) = tokio::task::spawn_blocking(move || Look::of(&src, look_ms))
             .await
             .map_err(|source| CairnError::Join {
                 job: "schedule".into(),
@@ -248,10 +251,6 @@ impl Schedule<'_> {
             self.durable_ms = Some(look_ms);
             return Ok(());
         }
-        let settled = mtime.is_some_and(|m| {
-            let look_at = std::time::UNIX_EPOCH + Duration::from_millis(look_ms);
-            look_at.duration_since(m).is_ok_and(|age| age >= SETTLE)
-        });
         self.checkpoint(stop).await?;
         self.report.checkpoints += 1;
         self.durable_ms = Some(look_ms);

@@ -29,6 +29,8 @@ pub mod chain;
 pub mod db;
 pub mod digests;
 mod error;
+#[cfg(test)]
+mod fixtures;
 pub mod jobs;
 pub mod leases;
 pub mod publish;

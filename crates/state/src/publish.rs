@@ -155,30 +155,9 @@ pub async fn remote_databases(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cairn_core::{Content, DbState, WalState};
 
     fn m(writer: &str) -> Manifest {
-        Manifest {
-            format: 2,
-            tenant: TenantId::new("t").unwrap(),
-            db: DbId::new("d").unwrap(),
-            generation: Generation(1),
-            parent: None,
-            writer: writer.into(),
-            created_unix_ms: 1,
-            job: None,
-            content: Content::Full(DbState {
-                pages: None,
-                wal: Some(WalState {
-                    start: cairn_core::Lsn(0),
-                    end: cairn_core::Lsn(0),
-                    last_name: None,
-                    segments: vec![],
-                }),
-                gc: Default::default(),
-            }),
-            gc: false,
-        }
+        crate::fixtures::manifest(1, writer, 1)
     }
 
     #[tokio::test]

@@ -144,30 +144,10 @@ fn own_dir(prefix: &str) -> Result<tempfile::TempDir, StateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cairn_core::{Content, DbId, DbState, Generation, Manifest, TenantId, WalState};
+    use cairn_core::{DbId, Generation, Manifest, TenantId};
 
     fn manifest(g: u64) -> Manifest {
-        Manifest {
-            format: 2,
-            tenant: TenantId::new("t").unwrap(),
-            db: DbId::new("d").unwrap(),
-            generation: Generation(g),
-            parent: (g > 1).then(|| Generation(g - 1)),
-            writer: "w".into(),
-            created_unix_ms: g,
-            job: None,
-            content: Content::Full(DbState {
-                pages: None,
-                wal: Some(WalState {
-                    start: cairn_core::Lsn(0),
-                    end: cairn_core::Lsn(0),
-                    last_name: None,
-                    segments: vec![],
-                }),
-                gc: Default::default(),
-            }),
-            gc: false,
-        }
+        crate::fixtures::manifest(g, "w", g)
     }
 
     #[test]

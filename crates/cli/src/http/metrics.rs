@@ -236,7 +236,7 @@ impl Metrics {
     ) -> Arc<DbObserver> {
         let f = &self.families;
         for kind in kinds {
-            let k = kind_labels(&labels, kind_name(*kind));
+            let k = kind_labels(&labels, kind.as_str());
             drop(f.checkpoints_started.get_or_create(&k));
             drop(f.checkpoints_succeeded.get_or_create(&k));
             drop(f.checkpoints_failed.get_or_create(&k));
@@ -272,16 +272,11 @@ impl Metrics {
         })
     }
 
-    /// A handle that feeds the GC series of this registry's databases.
-    pub fn gc_recorder(&self) -> GcRecorder {
+    /// A handle that feeds the GC series of `tenant`'s databases.
+    pub fn gc_recorder(&self, tenant: &str) -> GcRecorder {
         GcRecorder {
             families: self.families.clone(),
-            tenant: self
-                .dbs
-                .read()
-                .ok()
-                .and_then(|d| d.first().map(|e| e.labels.tenant.clone()))
-                .unwrap_or_default(),
+            tenant: tenant.to_string(),
         }
     }
 
@@ -298,14 +293,6 @@ fn kind_labels(l: &DbLabels, kind: &str) -> KindLabels {
         tenant: l.tenant.clone(),
         db: l.db.clone(),
         kind: kind.to_string(),
-    }
-}
-
-fn kind_name(kind: SourceKind) -> &'static str {
-    match kind {
-        SourceKind::Sqlite => "sqlite",
-        SourceKind::Pages => "pages",
-        SourceKind::Segments => "segments",
     }
 }
 
@@ -343,7 +330,7 @@ pub struct DbObserver {
 
 impl ReplicateObserver for DbObserver {
     fn checkpoint_started(&self, kind: SourceKind) {
-        let k = kind_labels(&self.labels, kind_name(kind));
+        let k = kind_labels(&self.labels, kind.as_str());
         self.families.checkpoints_started.get_or_create(&k).inc();
     }
 
@@ -354,7 +341,7 @@ impl ReplicateObserver for DbObserver {
         outcome: Result<&CheckpointReport, &CairnError>,
     ) {
         let f = &self.families;
-        let k = kind_labels(&self.labels, kind_name(kind));
+        let k = kind_labels(&self.labels, kind.as_str());
         f.checkpoint_seconds
             .get_or_create(&k)
             .observe(elapsed.as_secs_f64());

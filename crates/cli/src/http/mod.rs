@@ -66,9 +66,9 @@ impl Service {
         self.metrics.add_db(labels, lag_bound, kinds)
     }
 
-    /// Feeds the GC series (call after adding the databases).
-    pub fn gc_recorder(&self) -> GcRecorder {
-        self.metrics.gc_recorder()
+    /// Feeds the GC series of `tenant`'s databases.
+    pub fn gc_recorder(&self, tenant: &str) -> GcRecorder {
+        self.metrics.gc_recorder(tenant)
     }
 
     /// Binds `addr` (`HOST:PORT`).

@@ -43,6 +43,9 @@ pub struct ServiceFile {
     /// The databases.
     #[serde(default, rename = "database")]
     pub databases: Vec<DatabaseFile>,
+    /// How each database runs, in file order (filled by [`parse`] once checked).
+    #[serde(skip)]
+    pub plans: Vec<DbPlan>,
 }
 
 /// `[quota]`: scratch budgets, nesting global, tenant, job.
@@ -193,7 +196,7 @@ pub fn parse(path: &Path, text: &str) -> Result<ServiceFile, CairnError> {
         what: format!("service config {}", path.display()),
         reason,
     };
-    let f: ServiceFile = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
+    let mut f: ServiceFile = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
     if f.databases.is_empty() {
         return Err(bad("no [[database]] is configured".into()));
     }
@@ -232,10 +235,14 @@ pub fn parse(path: &Path, text: &str) -> Result<ServiceFile, CairnError> {
             outer = Some((inner, i));
         }
     }
-    for d in &f.databases {
-        d.plan()
-            .map_err(|reason| bad(format!("database {}: {reason}", d.name)))?;
-    }
+    f.plans = f
+        .databases
+        .iter()
+        .map(|d| {
+            d.plan()
+                .map_err(|reason| bad(format!("database {}: {reason}", d.name)))
+        })
+        .collect::<Result<_, _>>()?;
     Ok(f)
 }
 
@@ -379,7 +386,7 @@ mod tests {
         assert_eq!(f.quota.job_scratch, Some(ByteSize::gib(1)));
         assert_eq!(f.quota.tenant_cache, Some(ByteSize::gib(1)));
         assert_eq!(f.janitor.every, Duration::from_secs(300));
-        let plans: Vec<DbPlan> = f.databases.iter().map(|d| d.plan().unwrap()).collect();
+        let plans = &f.plans;
         match &plans[0].plan {
             Plan::Sqlite(o) => {
                 assert_eq!(o.interval, Duration::from_secs(1));

@@ -101,7 +101,7 @@ pub async fn run(
         for p in &plans {
             observers.push(service.add_db(&tenant, &p.name, p.lag_bound, kinds(p.kind)));
         }
-        http = Some(service.gc_recorder());
+        http = Some(service.gc_recorder(&tenant));
         let bound = service.bind(addr).await?;
         // Tests and operators read the bound address from this line.
         eprintln!("listening on http://{}", bound.addr());

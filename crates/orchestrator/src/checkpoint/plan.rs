@@ -12,6 +12,7 @@
 //! Retries: none here. Cancellation: checked before planning.
 
 use std::path::Path;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -53,6 +54,15 @@ impl FileStamp {
             mtime: m.mtime(),
             mtime_nsec: m.mtime_nsec(),
         })
+    }
+
+    /// The modification time it records.
+    pub(crate) fn modified(&self) -> std::time::SystemTime {
+        let nanos = Duration::from_nanos(self.mtime_nsec.clamp(0, 999_999_999) as u64);
+        match u64::try_from(self.mtime) {
+            Ok(secs) => std::time::UNIX_EPOCH + Duration::from_secs(secs) + nanos,
+            Err(_) => std::time::UNIX_EPOCH,
+        }
     }
 }
 
