@@ -54,6 +54,14 @@ fn touch_pages(path: &Path, round: u64) {
     f.sync_all().unwrap();
 }
 
+/// Restores database `db` of `state` to `to`; `to`.
+fn restore(state: &Path, db: &str, to: &Path) -> PathBuf {
+    let mut c = cairn(state);
+    c.args(["restore", "--db", db, "--to"]).arg(to);
+    run_ok(c);
+    to.to_path_buf()
+}
+
 fn until(what: &str, mut done: impl FnMut() -> bool) {
     let t = Instant::now();
     while !done() {
@@ -208,18 +216,12 @@ interval = "200ms"
     assert!(dbs[2]["unchanged"].as_u64().unwrap() >= 5, "{out}");
 
     // Each database restores to exactly its source.
-    let heap_out = dir.path().join("heap.restored");
-    let mut c = cairn(&state);
-    c.args(["restore", "--db", "heap", "--to"]).arg(&heap_out);
-    run_ok(c);
+    let heap_out = restore(&state, "heap", &dir.path().join("heap.restored"));
     assert_eq!(
         std::fs::read(&heap_out).unwrap(),
         std::fs::read(&heap).unwrap()
     );
-    let log_out = dir.path().join("log.restored");
-    let mut c = cairn(&state);
-    c.args(["restore", "--db", "log", "--to"]).arg(&log_out);
-    run_ok(c);
+    let log_out = restore(&state, "log", &dir.path().join("log.restored"));
     for e in std::fs::read_dir(&wal).unwrap() {
         let e = e.unwrap();
         assert_eq!(
@@ -227,10 +229,7 @@ interval = "200ms"
             std::fs::read(e.path()).unwrap()
         );
     }
-    let app_out = dir.path().join("app.restored.db");
-    let mut c = cairn(&state);
-    c.args(["restore", "--db", "app", "--to"]).arg(&app_out);
-    run_ok(c);
+    let app_out = restore(&state, "app", &dir.path().join("app.restored.db"));
     assert_eq!(count_rows(&app_out), count_rows(&app));
     // Only the two newest data generations of the page file are retained.
     let mut c = cairn(&state);
@@ -447,17 +446,11 @@ max_backoff = "1s"
     svc.stop_with("-TERM");
 
     // Nothing durable was lost: both restore exactly.
-    let heap_out = dir.path().join("heap.restored");
-    let mut c = cairn(&state);
-    c.args(["restore", "--db", "heap", "--to"]).arg(&heap_out);
-    run_ok(c);
+    let heap_out = restore(&state, "heap", &dir.path().join("heap.restored"));
     assert_eq!(
         std::fs::read(&heap_out).unwrap(),
         std::fs::read(&heap).unwrap()
     );
-    let app_out = dir.path().join("app.restored.db");
-    let mut c = cairn(&state);
-    c.args(["restore", "--db", "app", "--to"]).arg(&app_out);
-    run_ok(c);
+    let app_out = restore(&state, "app", &dir.path().join("app.restored.db"));
     assert_eq!(count_rows(&app_out), count_rows(&app));
 }
