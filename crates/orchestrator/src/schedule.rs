@@ -10,8 +10,9 @@
 //! trusted to stand for its bytes only once the modification time it saw is at least
 //! [`SETTLE`] older than the look, so a write in the same coarse timestamp tick as the look
 //! still makes the next step checkpoint; a segment directory's always is (sealed segments
-//! never change, so their names and lengths are the contents). With [`Trigger::Interval`] every step checkpoints. The
-//! observer is told of every checkpoint and step, as replication tells it
+//! never change, so their names and lengths are the contents). With [`Trigger::Interval`]
+//! every step checkpoints. The observer is told of every checkpoint and step, as
+//! replication tells it
 //! ([`ReplicateStatus::durable_ms`] is when the newest durable look was taken).
 //!
 //! Crash: a checkpoint is a durable job (resumed by the next open); the schedule itself

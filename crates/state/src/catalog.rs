@@ -305,27 +305,18 @@ pub(crate) mod tests {
             })
             .collect();
         let segments: Vec<SegmentEntry> = segments;
-        Manifest {
-            format: 2,
-            tenant: TenantId::new("t").unwrap(),
-            db: DbId::new("d").unwrap(),
-            generation: Generation(g),
-            parent: (g > 1).then(|| Generation(g - 1)),
-            writer: "w".into(),
-            created_unix_ms: 0,
-            job: None,
-            content: Content::Full(DbState {
-                pages: None,
-                wal: Some(WalState {
-                    start: cairn_core::Lsn(0),
-                    end: cairn_core::Lsn(lsn),
-                    last_name: segments.last().map(|s| s.name.clone()),
-                    segments,
-                }),
-                gc: Default::default(),
+        let mut m = crate::fixtures::manifest(g, "w", 0);
+        m.content = Content::Full(DbState {
+            pages: None,
+            wal: Some(WalState {
+                start: cairn_core::Lsn(0),
+                end: cairn_core::Lsn(lsn),
+                last_name: segments.last().map(|s| s.name.clone()),
+                segments,
             }),
-            gc: false,
-        }
+            gc: Default::default(),
+        });
+        m
     }
 
     /// Scheme-1 blobs; XXH3 values below 2^64 share their name's XXH3 part, so payloads
