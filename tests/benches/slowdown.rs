@@ -116,15 +116,26 @@ fn populate(db: &Path, rows: i64) {
     tx.commit().unwrap();
 }
 
-/// Commits as fast as it can for `secs`; commits per second.
-fn write_for(c: &mut rusqlite::Connection, secs: f64, rng: &mut SmallRng) -> f64 {
+/// What a writer did in one window.
+#[derive(Clone, Copy)]
+struct Written {
+    /// Commits per second.
+    rate: f64,
+    /// The longest commit (BEGIN to COMMIT), seconds: a stall of the writer.
+    worst: f64,
+}
+
+/// Commits as fast as it can for `secs`.
+fn write_for(c: &mut rusqlite::Connection, secs: f64, rng: &mut SmallRng) -> Written {
     let mut next: i64 = c
         .query_row("select coalesce(max(n), 0) from t", [], |r| r.get(0))
         .unwrap();
     let t = Instant::now();
     let mut commits = 0u64;
+    let mut worst = Duration::ZERO;
     while t.elapsed().as_secs_f64() < secs {
         next += 1;
+        let began = Instant::now();
         let tx = c
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .unwrap();
@@ -144,9 +155,13 @@ fn write_for(c: &mut rusqlite::Connection, secs: f64, rng: &mut SmallRng) -> f64
             ])
             .unwrap();
         tx.commit().unwrap();
+        worst = worst.max(began.elapsed());
         commits += 1;
     }
-    commits as f64 / t.elapsed().as_secs_f64()
+    Written {
+        rate: commits as f64 / t.elapsed().as_secs_f64(),
+        worst: worst.as_secs_f64(),
+    }
 }
 
 /// What the replicator did during one window with Cairn.
@@ -158,7 +173,7 @@ struct Shipped {
 }
 
 /// One window with the replicator running: started, one step finished, then the writer
-/// for `secs`, then stopped (its final step ships the rest). Commits per second.
+/// for `secs`, then stopped (its final step ships the rest).
 fn with_replicator(
     rt: &tokio::runtime::Runtime,
     cp: &Arc<Checkpointer>,
@@ -166,7 +181,7 @@ fn with_replicator(
     c: &mut rusqlite::Connection,
     secs: f64,
     rng: &mut SmallRng,
-) -> (f64, Shipped) {
+) -> (Written, Shipped) {
     let steps = Arc::new(Steps::default());
     let (tx, rx) = tokio::sync::watch::channel(false);
     // The replicate future is not `Send` (it holds a SQLite connection), so it runs on a
@@ -192,12 +207,12 @@ fn with_replicator(
         std::thread::sleep(Duration::from_millis(10));
     }
     let before = steps.0.load(Ordering::Relaxed);
-    let rate = write_for(c, secs, rng);
+    let written = write_for(c, secs, rng);
     let during = steps.0.load(Ordering::Relaxed) - before;
     tx.send(true).unwrap();
     let report = task.join().unwrap().unwrap();
     (
-        rate,
+        written,
         Shipped {
             steps: during,
             mib: report.bytes_shipped as f64 / 1048576.0,
@@ -239,16 +254,20 @@ fn sqlite_part(dir: &Path, secs: f64, runs: usize) {
         };
         let s = shipped.unwrap();
         println!(
-            "run {}: alone {a:.0} commits/s, with Cairn {w:.0} commits/s (ratio {:.3}; {} steps finished in the window; the replicator's whole run, catch-up and last step included: {:.1} MiB of WAL shipped, {} page generations, {} WAL resets)",
+            "run {}: alone {:.0} commits/s (longest commit {:.0} ms), with Cairn {:.0} commits/s (longest commit {:.0} ms; ratio {:.3}; {} steps finished in the window; the replicator's whole run, catch-up and last step included: {:.1} MiB of WAL shipped, {} page generations, {} WAL resets)",
             run + 1,
-            w / a,
+            a.rate,
+            a.worst * 1e3,
+            w.rate,
+            w.worst * 1e3,
+            w.rate / a.rate,
             s.steps,
             s.mib,
             s.page_generations,
             s.wal_truncations
         );
-        alone.push(a);
-        with.push(w);
+        alone.push(a.rate);
+        with.push(w.rate);
     }
     table("SQLite commits", "commits/s", &alone, &with);
 }

@@ -5,9 +5,14 @@
 //! them: the main file, with the newest committed WAL frame of each page laid over it.
 //! To know exactly which frames the transaction sees, it begins the transaction while a
 //! second connection holds the write lock (`BEGIN IMMEDIATE`, waiting up to
-//! [`WRITE_LOCK_WAIT`] for the application's writer), parses and validates the WAL up to
-//! its last commit frame (salts and cumulative checksums; uncommitted frames after it are
-//! ignored), checks that against the WAL index's `mxFrame`, and then lets writers go on.
+//! [`WRITE_LOCK_WAIT`] for the application's writer) and reads the WAL index's `mxFrame`,
+//! then lets writers go on, and parses and validates the WAL up to that frame (salts and
+//! cumulative checksums; it must be a commit frame). Frames up to `mxFrame` cannot change
+//! while the read transaction holds them (see below), so writers wait only for the
+//! transaction to begin, not for the parse; a snapshot whose frames may be reused (every
+//! one backfilled) is parsed before the lock is let go. [`SqliteSnapshot::open_after`]
+//! parses only the frames committed after an earlier snapshot of the same WAL, so a step
+//! costs what was written since the last one, not the whole WAL.
 //! While the read transaction is held SQLite neither restarts the WAL nor copies frames
 //! past the snapshot into the main file, so the pages read are the snapshot's whatever
 //! the application does meanwhile. The one exception is a snapshot whose every frame was
@@ -104,8 +109,8 @@ impl std::fmt::Debug for SqliteSnapshot {
     }
 }
 
-/// What parsing the WAL under the write lock found.
-struct WalScan {
+/// What parsing the WAL found.
+pub(crate) struct WalScan {
     header: WalHeader,
     /// Last commit frame (0: none) and its checksum.
     last_commit: (u32, (u32, u32)),
@@ -143,17 +148,28 @@ impl Read for PosReader<'_> {
     }
 }
 
-/// Parses the WAL at `wal_path` (held stable by the write lock) up to its last commit
-/// frame; `None` if it has no valid header.
+/// How far [`scan_wal`] reads, and where it may start.
+struct ScanBounds {
+    /// Pages changed after this position are collected (see [`WalScan::changed`]).
+    since: Option<WalPosition>,
+    /// Stop after this frame (the snapshot's `mxFrame`); `None`: at the last valid frame.
+    upto: Option<u32>,
+    /// An earlier scan of the same WAL (same header) whose committed frames are taken as
+    /// they are; only used without `since`.
+    from: Option<WalScan>,
+}
+
+/// Parses the WAL at `wal_path` up to its last commit frame, or up to `bounds.upto`
+/// (frames up to it are held stable by the caller's read transaction or the write lock);
+/// `None` if it has no valid header.
 fn scan_wal(
     wal_path: &Path,
     file: &File,
-    since: Option<WalPosition>,
+    bounds: ScanBounds,
 ) -> Result<Option<WalScan>, ExecError> {
-    // Positional reads: the descriptor is shared (see `crate::kept`), its offset is not ours.
-    let mut r = BufReader::with_capacity(IO_BUF, PosReader { file, pos: 0 });
+    let since = bounds.since;
     let mut head = [0u8; WAL_HEADER_LEN];
-    match r.read_exact(&mut head) {
+    match FileExt::read_exact_at(file, &mut head, 0) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(ExecError::io("read WAL", wal_path)(e)),
@@ -162,12 +178,21 @@ fn scan_wal(
         return Ok(None);
     };
     let ps = header.page_size as usize;
+    let frame_len = (FRAME_HEADER_LEN + ps) as u64;
+    // Committed frames never change while their WAL lives (same header: not restarted).
+    let from = bounds.from.filter(|f| {
+        since.is_none() && f.header == header && bounds.upto.is_none_or(|u| u >= f.last_commit.0)
+    });
     let mut frame = vec![0u8; FRAME_HEADER_LEN + ps];
-    let (mut prev, mut n) = (header.checksum, 0u32);
-    let mut last_commit = (0u32, header.checksum);
-    let mut overlay = BTreeMap::new();
+    let (mut overlay, mut committed, mut last_commit) = match from {
+        Some(f) => (f.overlay, f.committed, f.last_commit),
+        None => (BTreeMap::new(), Vec::new(), (0u32, header.checksum)),
+    };
+    let (mut prev, mut n) = (last_commit.1, last_commit.0);
+    // Positional reads: the descriptor is shared (see `crate::kept`), its offset is not ours.
+    let start = WAL_HEADER_LEN as u64 + u64::from(n) * frame_len;
+    let mut r = BufReader::with_capacity(IO_BUF, PosReader { file, pos: start });
     let mut pending: Vec<(u64, u64)> = Vec::new();
-    let mut committed = Vec::new();
     let mut pending_frames = Vec::new();
     let mut changed = Vec::new();
     let mut pending_changed = Vec::new();
@@ -180,6 +205,9 @@ fn scan_wal(
         Some(_) => Ok(false),
     };
     loop {
+        if bounds.upto.is_some_and(|u| n >= u) {
+            break;
+        }
         match r.read_exact(&mut frame) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
@@ -190,9 +218,7 @@ fn scan_wal(
         };
         n += 1;
         prev = f.checksum;
-        let at = WAL_HEADER_LEN as u64
-            + u64::from(n - 1) * (FRAME_HEADER_LEN + ps) as u64
-            + FRAME_HEADER_LEN as u64;
+        let at = WAL_HEADER_LEN as u64 + u64::from(n - 1) * frame_len + FRAME_HEADER_LEN as u64;
         let page = u64::from(f.page - 1);
         pending.push((page, at));
         pending_frames.push((at - FRAME_HEADER_LEN as u64, f.checksum));
@@ -234,6 +260,24 @@ fn scan_wal(
     }))
 }
 
+/// Fails if the WAL's header is no longer the one `scan` parsed: the WAL restarted while
+/// it was parsed (a restart writes the header before any frame), so frames read may be
+/// the next WAL's.
+fn same_wal(wal_path: &Path, file: &File, scan: Option<&WalScan>) -> Result<(), ExecError> {
+    let Some(scan) = scan else {
+        return Ok(());
+    };
+    let mut head = [0u8; WAL_HEADER_LEN];
+    FileExt::read_exact_at(file, &mut head, 0).map_err(ExecError::io("read WAL", wal_path))?;
+    if WalHeader::parse(&head) == Some(scan.header) {
+        return Ok(());
+    }
+    Err(ExecError::SourceChanged {
+        path: wal_path.display().to_string(),
+        detail: "the WAL was restarted while it was being read".into(),
+    })
+}
+
 /// The WAL index's `nBackfill` and `mxFrame` (`-shm`, native byte order), if readable.
 fn wal_index(shm: &Path) -> Option<(u32, u32)> {
     let f = crate::kept::open(shm).ok()?;
@@ -251,7 +295,29 @@ impl SqliteSnapshot {
     /// Opens a snapshot of the SQLite database at `src` and finds the pages changed since
     /// `since` (the previous snapshot's position), see the module docs.
     pub fn open(src: &Path, since: Option<WalPosition>) -> Result<Self, ExecError> {
-        Self::open_locked(src, since, None)
+        Self::open_locked(src, since, None, None)
+    }
+
+    /// [`SqliteSnapshot::open`] (without changed pages) that parses only the WAL frames
+    /// committed after `earlier`, a snapshot of the same WAL still held (or any earlier
+    /// snapshot: if the WAL was restarted since, it is parsed whole).
+    pub fn open_after(src: &Path, earlier: &SqliteSnapshot) -> Result<Self, ExecError> {
+        Self::open_locked(src, None, None, earlier.resume())
+    }
+
+    /// What a later scan of the same WAL can start from: this snapshot's committed frames.
+    /// (A backfilled snapshot has no overlay: its frames' pages are all in the main file,
+    /// where a later snapshot of the same WAL finds them too.)
+    pub(crate) fn resume(&self) -> Option<WalScan> {
+        let header = self.header?;
+        let position = self.position?;
+        Some(WalScan {
+            header,
+            last_commit: (position.frame, position.checksum),
+            overlay: self.overlay.clone(),
+            changed: Err(FullScanReason::NoPosition),
+            committed: self.committed.clone(),
+        })
     }
 
     /// [`SqliteSnapshot::open`] while `held` (a connection of the caller's, see
@@ -260,6 +326,7 @@ impl SqliteSnapshot {
         src: &Path,
         since: Option<WalPosition>,
         held: Option<&Connection>,
+        from: Option<WalScan>,
     ) -> Result<Self, ExecError> {
         let sql = sql_err(src);
         let meta = std::fs::metadata(src).map_err(ExecError::io("open source", src))?;
@@ -308,17 +375,36 @@ impl SqliteSnapshot {
                     Some(w)
                 }
             };
+            let mut writer = writer;
             let pages = begin(&reader)?;
+            let index = wal_index(&side_file(src, "-shm"));
+            // Frames up to mxFrame are held by our read transaction, so writers may go on
+            // while they are parsed; unless every one was backfilled (read mark 0): the
+            // WAL may then restart under us, which its header tells after the parse.
+            let mut unheld = false;
+            if index.is_some() {
+                if let Some(w) = writer.take() {
+                    w.execute_batch("ROLLBACK").map_err(&sql)?;
+                    unheld = index.is_some_and(|(b, mx)| b >= mx);
+                }
+            }
             let wal_path = side_file(src, "-wal");
+            let bounds = ScanBounds {
+                since,
+                upto: index.map(|(_, mx)| mx),
+                from,
+            };
             let (wal, scan) = match crate::kept::open(&wal_path) {
                 Ok(f) => {
-                    let scan = scan_wal(&wal_path, &f, since)?;
+                    let scan = scan_wal(&wal_path, &f, bounds)?;
+                    if unheld {
+                        same_wal(&wal_path, &f, scan.as_ref())?;
+                    }
                     (Some((wal_path, f)), scan)
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => (None, None),
                 Err(e) => return Err(ExecError::io("open WAL", &wal_path)(e)),
             };
-            let index = wal_index(&side_file(src, "-shm"));
             if let Some(w) = writer {
                 w.execute_batch("ROLLBACK").map_err(&sql)?;
             }
@@ -473,6 +559,17 @@ impl SqliteSnapshot {
         let mut out = vec![0u8; frames.len() * step as usize];
         FileExt::read_exact_at(&**wal, &mut out, start).map_err(ExecError::io("read WAL", path))?;
         Ok(out)
+    }
+
+    /// Writes the WAL's dirty pages to disk (`fdatasync`). The shipper calls it before it
+    /// lets SQLite checkpoint what it shipped: a checkpoint syncs the WAL first, and
+    /// would otherwise write back, inside the application's commit that runs it, every
+    /// frame written since the last sync (gigabytes, after a fast writer's long step).
+    pub fn sync_wal(&self) -> Result<(), ExecError> {
+        match &self.wal {
+            Some((path, f)) => f.sync_data().map_err(ExecError::io("sync WAL", path)),
+            None => Ok(()),
+        }
     }
 
     /// Pages (from 0, ascending) changed since the position given to

@@ -261,7 +261,7 @@ impl SqliteControl {
         lock.busy_timeout(WRITE_LOCK_WAIT).map_err(&sql)?;
         lock.execute_batch("BEGIN IMMEDIATE").map_err(&sql)?;
         let inner = || -> Result<(Shipped, SqliteSnapshot), E> {
-            let snap = SqliteSnapshot::open_locked(&self.path, None, Some(&lock))?;
+            let snap = SqliteSnapshot::open_locked(&self.path, None, Some(&lock), held.resume())?;
             let frames = frames_to_ship(shipped, &snap).map_err(|r| ExecError::SourceChanged {
                 path: self.path.display().to_string(),
                 detail: format!(
@@ -274,10 +274,11 @@ impl SqliteControl {
             })?;
             durable(&snap, frames)?;
             let locked = Shipped::at(&snap, Some(shipped));
+            let resume = snap.resume();
             drop(snap);
             drop(held);
             self.passive()?;
-            let next = SqliteSnapshot::open_locked(&self.path, None, Some(&lock))?;
+            let next = SqliteSnapshot::open_locked(&self.path, None, Some(&lock), resume)?;
             let locked = Shipped {
                 backfilled: next.backfilled(),
                 ..locked

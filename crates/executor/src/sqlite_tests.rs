@@ -177,3 +177,46 @@ fn a_database_not_in_wal_mode_is_read_from_its_file() {
     let e = SqliteSnapshot::open(&junk, None).unwrap_err();
     assert!(e.to_string().contains("junk"), "{e}");
 }
+
+/// Everything a snapshot knows of its WAL, to compare two ways of opening one.
+type WalView = (Option<WalPosition>, u32, Vec<Option<(u32, u32)>>, bool);
+
+fn wal_view(s: &SqliteSnapshot) -> WalView {
+    let checksums = (1..=s.frames()).map(|n| s.frame_checksum(n)).collect();
+    (s.position(), s.frames(), checksums, s.backfilled())
+}
+
+#[test]
+fn a_snapshot_opened_after_another_parses_only_new_frames_and_sees_what_a_whole_parse_sees() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("a.db");
+    let c = app(&db);
+    fill(&c, 0, 2000, "a");
+    let first = SqliteSnapshot::open(&db, None).unwrap();
+    // Backfilled up to the first snapshot, then more commits.
+    c.execute_batch("PRAGMA wal_checkpoint(PASSIVE)").unwrap();
+    fill(&c, 1000, 1500, "b");
+    fill(&c, 3000, 100, "c");
+    let want = rows_of(&db);
+    let after = SqliteSnapshot::open_after(&db, &first).unwrap();
+    let whole = SqliteSnapshot::open(&db, None).unwrap();
+    assert!(after.frames() > first.frames());
+    assert_eq!(wal_view(&after), wal_view(&whole));
+    assert_eq!(bytes(&after), bytes(&whole));
+    check_restores(dir.path(), "after.db", &bytes(&after), &want);
+    let old_salts = first.position().unwrap().salts;
+    drop((first, after, whole));
+
+    // The WAL restarts (new salts) once everything is backfilled and no one reads it: an
+    // earlier snapshot of the old WAL is no starting point, the new WAL is parsed whole.
+    let earlier = SqliteSnapshot::open(&db, None).unwrap();
+    let resume = earlier.resume();
+    drop(earlier);
+    c.execute_batch("PRAGMA wal_checkpoint(RESTART)").unwrap();
+    fill(&c, 0, 10, "d");
+    let whole = SqliteSnapshot::open(&db, None).unwrap();
+    let after = SqliteSnapshot::open_locked(&db, None, None, resume).unwrap();
+    assert_ne!(after.position().unwrap().salts, old_salts);
+    assert_eq!(wal_view(&after), wal_view(&whole));
+    assert_eq!(bytes(&after), bytes(&whole));
+}

@@ -374,6 +374,7 @@ impl Run<'_> {
         match to_ship {
             Ok((first, last)) if first <= last => {
                 let frames = snap.read_frames(first, last)?;
+                snap.sync_wal()?;
                 if let Some(c) = &mut self.changed {
                     c.extend(frame_pages(&frames, snap.page_size()));
                 }
@@ -442,13 +443,18 @@ impl Run<'_> {
         }
         let src = self.src.clone();
         let opened_ms = self.cp.env.now_ms();
-        let mut snap = tokio::task::spawn_blocking(move || SqliteSnapshot::open(&src, None))
-            .await
-            .map_err(|source| CairnError::Join {
-                job: "replicate".into(),
-                what: "SQLite snapshot",
-                source,
-            })??;
+        // Only the frames committed since the held snapshot are parsed.
+        let earlier = self.held.as_ref().map(|(s, _)| Arc::clone(s));
+        let mut snap = tokio::task::spawn_blocking(move || match earlier {
+            Some(e) => SqliteSnapshot::open_after(&src, &e),
+            None => SqliteSnapshot::open(&src, None),
+        })
+        .await
+        .map_err(|source| CairnError::Join {
+            job: "replicate".into(),
+            what: "SQLite snapshot",
+            source,
+        })??;
         let before = match &self.held {
             Some((_, s)) => Some(*s),
             None => self.resume_point().await?,
@@ -470,6 +476,13 @@ impl Run<'_> {
         // The new snapshot is held before the old one goes.
         self.held = Some((Arc::clone(&snap), now));
         self.held_ms = Some(opened_ms);
+        if maintain {
+            // At once, while the application's own checkpoints would find nothing new: the
+            // frames the old snapshot held back are copied by us, without holding writers
+            // off, instead of by the application's next commit, which would stall it for
+            // as long as the copy of everything since the last step takes.
+            self.control.passive()?;
+        }
         self.publish().await?;
         if page {
             self.page_generation(&snap).await?;
@@ -525,6 +538,11 @@ impl Run<'_> {
         if self.control.wal_len() <= self.opts.wal_limit {
             return Ok(());
         }
+        if !self.precopy().await? {
+            // The writer outpaces the rounds: holding it off for what is left would stall
+            // it for longer than a step; the reset waits for a step that catches up.
+            return Ok(());
+        }
         let Some((held, shipped)) = self.held.take() else {
             return Ok(());
         };
@@ -569,4 +587,49 @@ impl Run<'_> {
         self.held = Some((Arc::new(t.snapshot), t.locked));
         self.publish().await
     }
+
+    /// Before a WAL reset takes the write lock: ships, publishes and checkpoints what was
+    /// committed since the held snapshot, without holding the application's writers off,
+    /// until fewer than [`LOCKED_FRAMES`] are left; false if more still are after
+    /// [`PRECOPY_ROUNDS`] rounds. What remains is all the reset ships and copies with
+    /// writers held off, so a writer committing at full speed waits for a few MiB, not for
+    /// everything it wrote during the step.
+    async fn precopy(&mut self) -> Result<bool, CairnError> {
+        for round in 0..=PRECOPY_ROUNDS {
+            let Some((held, shipped)) = self.held.clone() else {
+                return Ok(true);
+            };
+            let opened_ms = self.cp.env.now_ms();
+            let src = self.src.clone();
+            let snap = tokio::task::spawn_blocking(move || SqliteSnapshot::open_after(&src, &held))
+                .await
+                .map_err(|source| CairnError::Join {
+                    job: "replicate".into(),
+                    what: "SQLite snapshot",
+                    source,
+                })??;
+            match frames_to_ship(&shipped, &snap) {
+                Ok((first, last)) if last >= first && last - first >= LOCKED_FRAMES => {}
+                // Little left, or a lost position (which the reset reports).
+                _ => return Ok(true),
+            }
+            if round == PRECOPY_ROUNDS {
+                return Ok(false);
+            }
+            self.ship(&snap, Some(&shipped)).await?;
+            let now = Shipped::at(&snap, Some(&shipped));
+            self.held = Some((Arc::new(snap), now));
+            self.held_ms = Some(opened_ms);
+            self.control.passive()?;
+            self.publish().await?;
+        }
+        Ok(false)
+    }
 }
+
+/// A WAL reset takes the write lock once fewer than this many frames are left to ship
+/// (see [`Run::precopy`]).
+const LOCKED_FRAMES: u32 = 4096;
+
+/// The most rounds of shipping before a WAL reset takes the write lock anyway.
+const PRECOPY_ROUNDS: usize = 3;
