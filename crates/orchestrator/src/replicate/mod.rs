@@ -12,10 +12,18 @@
 //! application's `wal_checkpoint(TRUNCATE)` between two runs), the step ships a *gap*
 //! segment and then a page generation at the end of the stream, taken from the same
 //! snapshot, so every LSN outside the gap restores exactly. A page generation at an LSN
-//! is always taken from the snapshot the frames up to that LSN came from. The WAL is
-//! checkpointed by us: PASSIVE every step (it copies only frames our snapshot already
-//! shipped), and a TRUNCATE reset when the WAL file passes [`ReplicateOptions::wal_limit`]
-//! and the watermark says everything in it is published.
+//! is always taken from the snapshot the frames up to that LSN came from.
+//!
+//! The application's writers are held off as little as we can: a snapshot takes the write
+//! lock only to begin and to fix its last frame, and parses only the frames committed
+//! since the held snapshot ([`SqliteSnapshot::open_after`]). The WAL is checkpointed by
+//! us: PASSIVE right after each snapshot swap (it copies only frames our snapshot already
+//! shipped, before the application's next commit would copy them inside its own fsync),
+//! with the shipped frames `fdatasync`ed by us, and a TRUNCATE reset when the WAL file
+//! passes [`ReplicateOptions::wal_limit`] and the watermark says everything in it is
+//! published. Before the reset takes the write lock, rounds of shipping and PASSIVE
+//! outside it leave fewer than `LOCKED_FRAMES` for the lock; a writer that outpaces
+//! `PRECOPY_ROUNDS` rounds defers the reset to a later step instead of being stalled.
 //!
 //! Crash: at any point, the spool holds every frame that may have left the WAL; the next
 //! run publishes what it holds, and continues from its newest header. Uncommitted frames
