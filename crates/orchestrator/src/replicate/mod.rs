@@ -495,6 +495,10 @@ impl Run<'_> {
         if page {
             self.page_generation(&snap).await?;
         }
+        // Only `held` may hold the snapshot now: a reset replaces it, and a second handle
+        // would keep its read mark, so that the reset's checkpoint could never copy the
+        // frames after it and the WAL could never be reset.
+        drop(snap);
         if maintain {
             self.checkpoint_wal().await?;
         }
@@ -549,6 +553,7 @@ impl Run<'_> {
         if !self.precopy().await? {
             // The writer outpaces the rounds: holding it off for what is left would stall
             // it for longer than a step; the reset waits for a step that catches up.
+            tracing::debug!(db = %self.db, wal_len = self.control.wal_len(), "WAL reset deferred: the writer outpaces the pre-copy");
             return Ok(());
         }
         let Some((held, shipped)) = self.held.take() else {
@@ -558,6 +563,7 @@ impl Run<'_> {
         // (and no lease holds the stream back).
         let w = self.cp.watermark(&self.db).await?;
         if self.unpublished || Some(w.watermark) != w.wal_end {
+            tracing::debug!(db = %self.db, unpublished = self.unpublished, watermark = w.watermark, wal_end = ?w.wal_end, "WAL reset deferred: the watermark is behind");
             self.held = Some((held, shipped));
             return Ok(());
         }
@@ -592,6 +598,7 @@ impl Run<'_> {
         if t.truncated {
             self.report.wal_truncations += 1;
         }
+        tracing::debug!(db = %self.db, truncated = t.truncated, backfilled = t.snapshot.backfilled(), wal_len = self.control.wal_len(), "WAL reset tried");
         self.held = Some((Arc::new(t.snapshot), t.locked));
         self.publish().await
     }
