@@ -4,6 +4,7 @@
 mod args;
 mod demo;
 mod http;
+mod memory;
 mod output;
 mod progress;
 mod replicate;

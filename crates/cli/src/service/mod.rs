@@ -137,6 +137,10 @@ pub async fn run(
         let (cp, stop, j) = (Arc::clone(&cp), stop.clone(), opts.janitor);
         side.spawn(async move { cp.run_janitor(j.every, j.min_age, stop).await });
     }
+    side.spawn(crate::memory::run_trimmer(
+        crate::memory::TRIM_EVERY,
+        stop.clone(),
+    ));
     let mut reports: Vec<Option<DbReport>> = vec![None; plans.len()];
     let mut failure = None;
     while let Some(joined) = dbs.join_next().await {
