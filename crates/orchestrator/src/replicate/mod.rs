@@ -178,6 +178,24 @@ fn header_of(
     }
 }
 
+/// A snapshot of `src` on a blocking thread, parsing only the frames after `earlier`'s.
+async fn snapshot(
+    src: PathBuf,
+    earlier: Option<Arc<SqliteSnapshot>>,
+) -> Result<SqliteSnapshot, CairnError> {
+    tokio::task::spawn_blocking(move || match earlier {
+        Some(e) => SqliteSnapshot::open_after(&src, &e),
+        None => SqliteSnapshot::open(&src, None),
+    })
+    .await
+    .map_err(|source| CairnError::Join {
+        job: "replicate".into(),
+        what: "SQLite snapshot",
+        source,
+    })?
+    .map_err(CairnError::from)
+}
+
 fn frame_pages(frames: &[u8], page_size: u32) -> impl Iterator<Item = u64> + '_ {
     frames
         .chunks_exact(FRAME_HEADER_LEN + page_size as usize)
@@ -453,16 +471,7 @@ impl Run<'_> {
         let opened_ms = self.cp.env.now_ms();
         // Only the frames committed since the held snapshot are parsed.
         let earlier = self.held.as_ref().map(|(s, _)| Arc::clone(s));
-        let mut snap = tokio::task::spawn_blocking(move || match earlier {
-            Some(e) => SqliteSnapshot::open_after(&src, &e),
-            None => SqliteSnapshot::open(&src, None),
-        })
-        .await
-        .map_err(|source| CairnError::Join {
-            job: "replicate".into(),
-            what: "SQLite snapshot",
-            source,
-        })??;
+        let mut snap = snapshot(src, earlier).await?;
         let before = match &self.held {
             Some((_, s)) => Some(*s),
             None => self.resume_point().await?,
@@ -615,14 +624,7 @@ impl Run<'_> {
                 return Ok(true);
             };
             let opened_ms = self.cp.env.now_ms();
-            let src = self.src.clone();
-            let snap = tokio::task::spawn_blocking(move || SqliteSnapshot::open_after(&src, &held))
-                .await
-                .map_err(|source| CairnError::Join {
-                    job: "replicate".into(),
-                    what: "SQLite snapshot",
-                    source,
-                })??;
+            let snap = snapshot(self.src.clone(), Some(held)).await?;
             match frames_to_ship(&shipped, &snap) {
                 Ok((first, last)) if last >= first && last - first >= LOCKED_FRAMES => {}
                 // Little left, or a lost position (which the reset reports).
