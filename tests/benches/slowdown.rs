@@ -33,6 +33,8 @@
 //! (seconds per side per run, default 5), `CAIRN_BENCH_SLOWDOWN_THREADS`,
 //! `CAIRN_BENCH_SLOWDOWN_MIB`, `CAIRN_BENCH_SLOWDOWN_CHECKPOINT_MS`,
 //! `CAIRN_BENCH_SLOWDOWN_PARTS` (`sqlite`, `tracker` or both, default both),
+//! `CAIRN_BENCH_SLOWDOWN_AUTOCHECKPOINT` (the writer's `wal_autocheckpoint`, default 1000;
+//! 0 leaves every checkpoint of the alone side undone, so both sides skip the copy work),
 //! `CAIRN_BENCH_RUNS`, `CAIRN_BENCH_DIR` (work directory, default the system temp dir).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -97,7 +99,15 @@ fn open_writer(db: &Path) -> rusqlite::Connection {
     c.busy_timeout(Duration::from_secs(30)).unwrap();
     c.pragma_update(None, "journal_mode", "wal").unwrap();
     c.pragma_update(None, "synchronous", "normal").unwrap();
+    c.pragma_update(None, "wal_autocheckpoint", autocheckpoint())
+        .unwrap();
     c
+}
+
+/// The writer's `wal_autocheckpoint` (pages; 0 turns SQLite's own checkpoints off):
+/// `CAIRN_BENCH_SLOWDOWN_AUTOCHECKPOINT`, default SQLite's 1000.
+fn autocheckpoint() -> i64 {
+    env_or("CAIRN_BENCH_SLOWDOWN_AUTOCHECKPOINT", 1000)
 }
 
 /// Creates the table with `rows` rows.
@@ -225,7 +235,8 @@ fn with_replicator(
 fn sqlite_part(dir: &Path, secs: f64, runs: usize) {
     println!();
     println!(
-        "(a) SQLite writer: small transactions (insert a row, update another), WAL, synchronous=NORMAL, {secs} s per side, replicate --interval 1s to a local file:// store in the same process"
+        "(a) SQLite writer: small transactions (insert a row, update another), WAL, synchronous=NORMAL, wal_autocheckpoint={}, {secs} s per side, replicate --interval 1s to a local file:// store in the same process",
+        autocheckpoint()
     );
     let db = dir.join("app.db");
     populate(&db, 10_000);
