@@ -94,7 +94,7 @@ pub(crate) fn sub_key(tenant: &TenantId, db: &DbId, rest: &[u8]) -> Vec<u8> {
 }
 
 /// Bytes all memtables of a state directory may hold together before one is flushed.
-const MEMTABLE_BUDGET: usize = 16 << 20;
+const MEMTABLE_BUDGET: usize = 4 << 20;
 
 /// Bytes of the block cache all column families share.
 const BLOCK_CACHE: usize = 8 << 20;
@@ -102,12 +102,16 @@ const BLOCK_CACHE: usize = 8 << 20;
 /// Options of each column family: small memtables (the state is small; see
 /// [`MEMTABLE_BUDGET`]) and one small block cache shared by all of them (RocksDB's
 /// default gives each table reader its own larger one, which a service's RSS shows
-/// growing as the catalog is read).
+/// growing as the catalog is read), which also holds the tables' index and filter
+/// blocks, so that more tables on disk do not mean more memory outside it. Measured in a
+/// 600 s soak beside the earlier 16 MiB budget and 4 MiB memtables: 2.37 against 3.04
+/// MiB/min of RSS growth, about 10 MiB less resident (decision 0031).
 fn family_options(cache: &Cache) -> Options {
     let mut o = Options::default();
-    o.set_write_buffer_size(4 << 20);
+    o.set_write_buffer_size(1 << 20);
     let mut table = BlockBasedOptions::default();
     table.set_block_cache(cache);
+    table.set_cache_index_and_filter_blocks(true);
     o.set_block_based_table_factory(&table);
     o
 }
