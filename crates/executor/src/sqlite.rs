@@ -362,7 +362,7 @@ impl SqliteSnapshot {
         let main = crate::kept::open(src).map_err(ExecError::io("open source", src))?;
         let mut backfilled = true;
         let (pages, wal, scan) = if wal_mode {
-            let writer = match held {
+            let mut writer = match held {
                 Some(_) => None,
                 None => {
                     let w = Connection::open_with_flags(
@@ -375,7 +375,6 @@ impl SqliteSnapshot {
                     Some(w)
                 }
             };
-            let mut writer = writer;
             let pages = begin(&reader)?;
             let index = wal_index(&side_file(src, "-shm"));
             // Frames up to mxFrame are held by our read transaction, so writers may go on
